@@ -1,0 +1,163 @@
+"""``fanlora <command>``: parse arguments, call one library function, print where the results went.
+
+Bad input surfaces as :class:`fanlora.errors.UserError`: one line on stderr, exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from fanlora import __version__
+from fanlora.config import Config, load_config
+from fanlora.errors import UserError
+
+SECTIONS = {
+    "search": ["backbone", "search"],
+    "score": ["backbone", "search", "score"],
+    "finetune": ["backbone", "finetune", "evaluate"],
+    "demo": ["backbone", "search", "score", "select", "finetune", "evaluate"],
+}
+
+
+def _common(p: argparse.ArgumentParser, run_dir: str | None) -> None:
+    p.add_argument("--config", help="YAML recipe: a path, or a bundled name (demo, paper)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set search.train.max_steps=20 (repeatable)")
+    p.add_argument("--backbone", help="shortcut for --set backbone.name=...: 'embedded', HF id, directory or .gguf")
+    p.add_argument("--module-map", help="kind→path map for unrecognised architectures: 'Q=self_attn.q_proj,...'")
+    if run_dir is not None:
+        p.add_argument("--run-dir", default=run_dir, help=f"run directory (default {run_dir})")
+        p.add_argument("--resume", action="store_true", help="continue a run with its stored config")
+        p.add_argument("--overwrite", action="store_true", help="delete the run directory's previous run first")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fanlora", description="FanLoRA: find where LoRA should go, then adapt.")
+    parser.add_argument("--version", action="version", version=f"fanlora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("search", help="stage a: LoRA on every module, fine-tuned on instruction data")
+    _common(p, "runs/fanlora")
+    p = sub.add_parser("score", help="stage b: exact AB-score of every (module, layer)")
+    _common(p, "runs/fanlora")
+
+    p = sub.add_parser("select", help="stage c: keep the top K_max modules per layer → setting.json")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--scores", help="scores.json from `fanlora score`")
+    src.add_argument("--run-dir", help="a run directory holding scores.json")
+    p.add_argument("--k-max", type=int, default=2, help="modules kept per layer at most (paper: 2)")
+    p.add_argument("--out", help="setting path (default: setting.json next to the scores)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+
+    p = sub.add_parser("finetune", help="stage d: fresh LoRA on the setting's modules, trained on a task")
+    _common(p, None)
+    p.add_argument("--setting", required=True, help="setting.json from `fanlora select`")
+    p.add_argument("--task", help="task name (copa, boolq); default from the config")
+    p.add_argument("--run-dir", help="output directory (default runs/<task>)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("evaluate", help="evaluate the base model or an adapter on a task")
+    _common(p, None)
+    p.add_argument("--task", required=True, help="task name (copa, boolq)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--adapter", help="a PEFT adapter directory")
+    who.add_argument("--base", action="store_true", help="evaluate the bare backbone")
+    p.add_argument("--split", help="dev or test (default from the config: test)")
+    p.add_argument("--limit", type=int, help="evaluate the first N examples only")
+    p.add_argument("--out", help="output directory (default: <adapter>/../eval-<task> or runs/eval-<task>-base)")
+
+    p = sub.add_parser("demo", help="the whole method on the embedded backbone, then COPA before/after")
+    _common(p, "runs/demo")
+    return parser
+
+
+def _config(args: argparse.Namespace, stored_dir: Path | None = None) -> Config:
+    overrides = list(args.overrides)
+    if getattr(args, "backbone", None):
+        overrides.insert(0, f"backbone.name={args.backbone}")
+    if getattr(args, "module_map", None):
+        overrides.insert(0, f"backbone.module_map={json.dumps(args.module_map)}")
+    source = args.config
+    if source is None and stored_dir is not None and (stored_dir / "run.json").is_file():
+        source = json.loads((stored_dir / "run.json").read_text()).get("config")
+    if source is None and args.command == "demo":
+        source = "demo"
+    return load_config(source, overrides)
+
+
+def _prepared(args: argparse.Namespace, cfg: Config, run_dir: Path, sections: list[str]) -> Config:
+    from fanlora import rundir
+
+    def prep() -> dict:
+        return rundir.prepare(run_dir, cfg.to_dict(), sections, args.resume, args.overwrite)
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        with state.main_process_first():
+            data = prep() if state.is_main_process else rundir.prepare(run_dir, cfg.to_dict(), sections, True)
+    else:
+        data = prep()
+    return load_config(data)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fanlora import pipeline
+
+    cmd = args.command
+    if cmd in ("search", "score", "demo"):
+        run_dir = Path(args.run_dir)
+        cfg = _prepared(args, _config(args, run_dir), run_dir, SECTIONS[cmd])
+        if cmd == "search":
+            pipeline.run_search(cfg, run_dir)
+        elif cmd == "score":
+            pipeline.run_score(cfg, run_dir)
+        else:
+            s = pipeline.run_demo(cfg, run_dir)
+            t = s["task"]
+            print(f"RESULT run_dir={s['run_dir']} minutes={s['minutes']:.2f} modules_kept={s['modules_kept']} "
+                  f"{t}_acc_base={s[f'{t}_acc_base']:.4f} {t}_acc_fanlora={s[f'{t}_acc_fanlora']:.4f}", flush=True)
+        return 0
+    if cmd == "select":
+        scores = Path(args.scores) if args.scores else Path(args.run_dir) / "scores.json"
+        out = Path(args.out) if args.out else scores.parent / "setting.json"
+        pipeline.run_select(scores, args.k_max, out, None if args.no_plots else out.parent / "plots")
+        return 0
+    if cmd == "finetune":
+        cfg = _config(args)
+        if args.task:
+            cfg.finetune.task = args.task
+        run_dir = Path(args.run_dir or f"runs/{cfg.finetune.task}")
+        cfg = _prepared(args, cfg, run_dir, SECTIONS["finetune"])
+        adapter = pipeline.run_finetune(cfg, args.setting, run_dir)
+        pipeline.run_evaluate(cfg, cfg.finetune.task, run_dir, adapter=adapter)
+        return 0
+    if cmd == "evaluate":
+        cfg = _config(args)
+        if args.split:
+            cfg.evaluate.split = args.split
+        if args.limit:
+            cfg.evaluate.limit = args.limit
+        default_out = (Path(args.adapter).parent / f"eval-{args.task}") if args.adapter else Path(
+            f"runs/eval-{args.task}-base")
+        pipeline.run_evaluate(cfg, args.task, Path(args.out) if args.out else default_out, adapter=args.adapter)
+        return 0
+    raise AssertionError(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr, flush=True)
+        return 130

@@ -1,0 +1,181 @@
+"""Recipes: nested dataclasses read from YAML, with ``section.key=value`` overrides from the command line.
+
+Defaults are the paper's (DESIGN.md §1); ``configs/demo.yaml`` shrinks the sizes to fit a 2-core CPU.
+Unknown keys are refused by name, so a typo in a recipe never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from fanlora.errors import UserError
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "embedded"  # 'embedded', an HF id, a local directory or a .gguf file
+    dtype: str = "float32"  # weights dtype; scoring should stay float32 (DESIGN.md: bf16 noise ~ a module's effect)
+    module_map: Any = None  # e.g. "Q=self_attn.q_proj,..." when the architecture is not recognised
+
+
+@dataclass
+class LoraParams:
+    r: int = 12
+    alpha: int = 24
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainParams:
+    learning_rate: float = 1e-4
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.0
+    eval_steps: int = 200
+    patience: int = 10
+    bf16: bool = False  # bf16 autocast (CPUs with avx512_bf16 and recent GPUs); weights stay fp32
+    seed: int = 42
+    logging_steps: int = 10
+    eval_batch_size: int = 16
+
+
+@dataclass
+class DataParams:
+    sources: list[str] = field(
+        default_factory=lambda: ["bundled:instruct/gpteacher_codegen", "bundled:instruct/gpteacher_roleplay"]
+    )
+    max_length: int = 1024
+    val_fraction: float = 0.01
+    split_seed: int = 0
+    max_train_examples: Any = None  # int or null: cap on train examples after the split
+
+
+@dataclass
+class SearchConfig:
+    data: DataParams = field(default_factory=DataParams)
+    lora: LoraParams = field(default_factory=LoraParams)
+    train: TrainParams = field(default_factory=TrainParams)
+
+
+@dataclass
+class ScoreConfig:
+    max_val_examples: Any = None  # int or null: score on the first N val examples
+    batch_size: int = 8
+
+
+@dataclass
+class SelectConfig:
+    k_max: int = 2
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "copa"
+    max_length: int = 1024
+    lora: LoraParams = field(default_factory=LoraParams)
+    train: TrainParams = field(default_factory=lambda: TrainParams(epochs=10.0))
+    max_train_examples: Any = None
+
+
+@dataclass
+class EvaluateConfig:
+    split: str = "test"
+    limit: Any = None  # int or null: evaluate the first N examples
+    batch_size: int = 16
+
+
+@dataclass
+class Config:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"config {where or 'root'} must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"unknown config key {where + '.' if where else ''}{unknown[0]}: "
+                        f"valid keys here are {', '.join(sorted(names))}")
+    obj = cls()
+    for key, value in data.items():
+        typ = hints[key]
+        path = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(typ):
+            base = dataclasses.asdict(getattr(obj, key))
+            base.update(value or {})
+            value = _build(typ, base, path)
+        elif typ is int and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise UserError(f"config {path} must be an integer, got {value!r}")
+        elif typ is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise UserError(f"config {path} must be a number, got {value!r}")
+            value = float(value)
+        elif typ is bool and not isinstance(value, bool):
+            raise UserError(f"config {path} must be true or false, got {value!r}")
+        elif typ is str and not isinstance(value, str):
+            raise UserError(f"config {path} must be a string, got {value!r}")
+        setattr(obj, key, value)
+    return obj
+
+
+def recipe_path(name: str) -> Path:
+    """A recipe by path, or by name among the bundled ones (``demo`` → ``fanlora/configs/demo.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = Path(str(resources.files("fanlora") / "configs")) / f"{name}.yaml"
+    if bundled.is_file():
+        return bundled
+    known = sorted(p.stem for p in bundled.parent.glob("*.yaml"))
+    raise UserError(f"config {name} not found: give a YAML file or one of {', '.join(known)}")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value: write e.g. search.train.max_steps=20")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {key}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def load_config(source: str | dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults ← recipe (a file, a bundled name, or a dict) ← overrides."""
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = recipe_path(source)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = apply_overrides(data, list(overrides or []))
+    return _build(Config, data, "")

@@ -1,0 +1,1 @@
+"""Instruction corpora and tokenised training examples."""

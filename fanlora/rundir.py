@@ -1,0 +1,56 @@
+"""A run directory is the unit of output; ``run.json`` records the config that made it.
+
+Re-running a command on a directory whose relevant config sections match continues the run (finished stages
+are skipped, training resumes from its last checkpoint). A directory holding a *different* run is refused
+unless ``--resume`` (continue with the stored config) or ``--overwrite`` (start again) is given.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fanlora import __version__, atomic
+from fanlora.errors import UserError
+
+RUN_FORMAT = "fanlora-run/1"
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if a == b else [prefix]
+
+
+def prepare(path: str | Path, config: dict[str, Any], sections: list[str], resume: bool = False,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Create or re-open ``path``; return the config to use (the stored one under ``--resume``)."""
+    path = Path(path)
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: pass one")
+    meta_path = path / "run.json"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run directory {path} is a file: choose another --run-dir")
+    if path.is_dir() and any(path.iterdir()) and not meta_path.is_file():
+        # never delete a directory fanlora did not make, even under --overwrite
+        raise UserError(f"{path} is not empty and is not a fanlora run: choose another --run-dir")
+    if meta_path.is_file() and not overwrite:
+        try:
+            stored = json.loads(meta_path.read_text())["config"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{meta_path} is unreadable: pass --overwrite to start this run again") from None
+        diffs = [d for d in _differences(stored, config) if d.split(".")[0] in sections]
+        if diffs and not resume:
+            raise UserError(f"{path} holds a different run (config differs in {', '.join(diffs[:4])}): pass --resume "
+                            "to continue it with its stored config, --overwrite to replace it, or another --run-dir")
+        config = stored if resume else {**stored, **{s: config[s] for s in sections if s in config}}
+    elif overwrite and path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(meta_path, {"format": RUN_FORMAT, "fanlora_version": __version__, "config": config})
+    return config

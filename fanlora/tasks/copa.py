@@ -1,0 +1,42 @@
+"""COPA (SuperGLUE): choose the cause or effect of a premise.
+
+Prompt as lm-evaluation-harness: the premise without its final period, then " because" (cause) or
+" therefore" (effect); each choice follows with a lower-cased first letter.
+Splits as the paper (its test labels were not public): train = the 400 train items; the 100-item validation
+set is halved in file order into dev (first 50) and test (last 50).
+"""
+
+from __future__ import annotations
+
+from fanlora.data.records import bundled_path, iter_jsonl
+from fanlora.errors import UserError
+from fanlora.tasks.base import MCExample, MCTask, register
+
+
+def _choice(text: str) -> str:
+    return " " + text[0].lower() + text[1:]
+
+
+@register
+class Copa(MCTask):
+    name = "copa"
+    description = "COPA: causal reasoning, 2 choices, accuracy"
+
+    def load_split(self, split: str) -> list[MCExample]:
+        file = "copa/train" if split == "train" else "copa/val"
+        path = bundled_path(file)
+        rows = []
+        for lineno, r in iter_jsonl(path):
+            where = f"{path}:{lineno}"
+            premise = self.field(r, "premise", str, where).strip()
+            question = self.field(r, "question", str, where)
+            connector = {"cause": "because", "effect": "therefore"}.get(question)
+            if connector is None:
+                raise UserError(f"{where}: field 'question' must be 'cause' or 'effect', got {question!r}")
+            choices = [_choice(self.field(r, "choice1", str, where)), _choice(self.field(r, "choice2", str, where))]
+            context = (premise[:-1] if premise.endswith(".") else premise) + f" {connector}"
+            rows.append(MCExample(str(r.get("idx", lineno)), context, choices, int(self.field(r, "label", int, where))))
+        if split == "train":
+            return rows
+        half = len(rows) // 2
+        return rows[:half] if split == "dev" else rows[half:]

@@ -1,0 +1,124 @@
+"""One fine-tuning routine for stage a and stage d, on HF Trainer.
+
+Trainer already does what we need and does it well: AdamW, linear decay with warm-up, periodic evaluation,
+early stopping, best-checkpoint reload, checkpoint resume and DDP/FSDP under ``accelerate launch``/``torchrun``.
+This module only maps our :class:`TrainParams` onto it and saves the final adapter atomically in PEFT format.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from fanlora.config import TrainParams
+from fanlora.data.collate import Collator, ExampleDataset
+from fanlora.data.instruct import Example
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    best_eval_loss: float | None
+    train_loss: float | None
+    resumed_from: str | None
+
+
+def _arguments(params: TrainParams, output_dir: Path, n_train: int, world: int) -> TrainingArguments:
+    per_step = params.batch_size * params.grad_accum * world
+    steps = params.max_steps if params.max_steps > 0 else math.ceil(params.epochs * math.ceil(n_train / per_step))
+    eval_steps = max(1, min(params.eval_steps, steps))
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        learning_rate=params.learning_rate,
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps,
+        per_device_train_batch_size=params.batch_size,
+        per_device_eval_batch_size=params.eval_batch_size,
+        gradient_accumulation_steps=params.grad_accum,
+        lr_scheduler_type="linear",
+        warmup_steps=params.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=params.weight_decay,
+        optim="adamw_torch",
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=params.logging_steps,
+        bf16=params.bf16,
+        seed=params.seed,
+        data_seed=params.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+    )
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def train_adapter(
+    model,
+    train: Sequence[Example],
+    val: Sequence[Example],
+    params: TrainParams,
+    output_dir: str | Path,
+    pad_id: int,
+) -> TrainResult:
+    """Fine-tune the trainable (LoRA) parameters of ``model``; resume from the newest checkpoint if any.
+
+    The best checkpoint by validation loss is reloaded at the end and saved to ``output_dir/adapter`` with
+    ``save_pretrained``, so plain ``PeftModel.from_pretrained`` loads it.
+    """
+    output_dir = Path(output_dir)
+    ckpt_dir = output_dir / "checkpoints"
+    args = _arguments(params, ckpt_dir, len(train), world_size())
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=ExampleDataset(train),
+        eval_dataset=ExampleDataset(val),
+        data_collator=Collator(pad_id),
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=params.patience)],
+    )
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if last:
+        log.info("resuming from %s", last)
+    out = trainer.train(resume_from_checkpoint=last)
+    best = trainer.state.best_metric
+    adapter_dir = output_dir / "adapter"
+    if trainer.is_world_process_zero():
+        tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=output_dir))
+        try:
+            trainer.model.save_pretrained(str(tmp))
+            if adapter_dir.exists():
+                shutil.rmtree(adapter_dir)
+            tmp.rename(adapter_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return TrainResult(
+        adapter_dir=adapter_dir,
+        steps=trainer.state.global_step,
+        best_eval_loss=float(best) if best is not None else None,
+        train_loss=float(out.training_loss) if out.training_loss is not None else None,
+        resumed_from=last,
+    )

@@ -1,0 +1,53 @@
+"""Tiny randomly initialised models of the real architectures, saved with the embedded tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from fanlora.backbone import embedded_gguf
+from fanlora.backbone import _converted_dir as converted_dir
+
+VOCAB = 49152
+
+
+def embedded_dir() -> Path:
+    return converted_dir(embedded_gguf())
+
+
+def make_tiny(path: Path, arch: str = "llama", layers: int = 2, seed: int = 0) -> Path:
+    """Save a ~2M-parameter random model of ``arch`` plus the embedded tokenizer into ``path``."""
+    from transformers import (
+        GemmaConfig,
+        GemmaForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common))
+    elif arch == "gemma":
+        model = GemmaForCausalLM(GemmaConfig(**common, head_dim=8))
+    elif arch == "opt":
+        model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=layers,
+                                         num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=512))
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_dir()).save_pretrained(path)
+    return path
