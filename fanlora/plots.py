@@ -8,13 +8,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from fanlora import atomic  # noqa: E402
-from fanlora.backbone import KIND_NAMES  # noqa: E402
-from fanlora.scoring import ScoreTable  # noqa: E402
-from fanlora.setting import Setting  # noqa: E402
+from fanlora import atomic
+from fanlora.backbone import KIND_NAMES
+from fanlora.scoring import ScoreTable
+from fanlora.setting import Setting
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -61,5 +61,8 @@ def kind_distribution(setting: Setting, path: str | Path) -> Path:
 
 def write_all(table: ScoreTable, setting: Setting, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
-    return [score_heatmap(table, out / "scores_heatmap.png"), setting_heatmap(setting, out / "setting_heatmap.png"),
-            kind_distribution(setting, out / "kinds_distribution.png")]
+    return [
+        score_heatmap(table, out / "scores_heatmap.png"),
+        setting_heatmap(setting, out / "setting_heatmap.png"),
+        kind_distribution(setting, out / "kinds_distribution.png"),
+    ]

@@ -27,8 +27,9 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix]
 
 
-def prepare(path: str | Path, config: dict[str, Any], sections: list[str], resume: bool = False,
-            overwrite: bool = False) -> dict[str, Any]:
+def prepare(
+    path: str | Path, config: dict[str, Any], sections: list[str], resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
     """Create or re-open ``path``; return the config to use (the stored one under ``--resume``)."""
     path = Path(path)
     if resume and overwrite:
@@ -46,8 +47,10 @@ def prepare(path: str | Path, config: dict[str, Any], sections: list[str], resum
             raise UserError(f"{meta_path} is unreadable: pass --overwrite to start this run again") from None
         diffs = [d for d in _differences(stored, config) if d.split(".")[0] in sections]
         if diffs and not resume:
-            raise UserError(f"{path} holds a different run (config differs in {', '.join(diffs[:4])}): pass --resume "
-                            "to continue it with its stored config, --overwrite to replace it, or another --run-dir")
+            raise UserError(
+                f"{path} holds a different run (config differs in {', '.join(diffs[:4])}): pass --resume "
+                "to continue it with its stored config, --overwrite to replace it, or another --run-dir"
+            )
         config = stored if resume else {**stored, **{s: config[s] for s in sections if s in config}}
     elif overwrite and path.exists():
         shutil.rmtree(path)

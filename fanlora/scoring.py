@@ -93,14 +93,31 @@ class ScoreTable:
             for kind in self.kinds:
                 key = f"{kind}.{layer}"
                 without, only = self.parts[key]
-                out.append({"kind": kind, "layer": layer, "module": self.module_names[key],
-                            "score": self.score(kind, layer), "s_without": without, "s_only": only})
+                out.append(
+                    {
+                        "kind": kind,
+                        "layer": layer,
+                        "module": self.module_names[key],
+                        "score": self.score(kind, layer),
+                        "s_without": without,
+                        "s_only": only,
+                    }
+                )
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": SCORES_FORMAT, "method": self.method, "metric": self.metric, "backbone": self.backbone,
-                "num_layers": self.num_layers, "kinds": self.kinds, "s_all": self.s_all, "s_null": self.s_null,
-                **self.meta, "scores": self.rows()}
+        return {
+            "format": SCORES_FORMAT,
+            "method": self.method,
+            "metric": self.metric,
+            "backbone": self.backbone,
+            "num_layers": self.num_layers,
+            "kinds": self.kinds,
+            "s_all": self.s_all,
+            "s_null": self.s_null,
+            **self.meta,
+            "scores": self.rows(),
+        }
 
     def write(self, json_path: str | Path, csv_path: str | Path) -> None:
         atomic.write_json(json_path, self.to_dict())
@@ -127,11 +144,23 @@ class ScoreTable:
             key = f"{row['kind']}.{row['layer']}"
             parts[key] = (float(row["s_without"]), float(row["s_only"]))
             names[key] = row["module"]
-        meta = {k: v for k, v in data.items() if k not in {"format", "method", "metric", "backbone", "num_layers",
-                                                            "kinds", "s_all", "s_null", "scores"}}
-        return cls(backbone=data["backbone"], kinds=list(data["kinds"]), num_layers=int(data["num_layers"]),
-                   module_names=names, s_all=float(data["s_all"]), s_null=float(data["s_null"]), parts=parts,
-                   method=data.get("method", "ab-exact"), metric=data.get("metric", ""), meta=meta)
+        meta = {
+            k: v
+            for k, v in data.items()
+            if k not in {"format", "method", "metric", "backbone", "num_layers", "kinds", "s_all", "s_null", "scores"}
+        }
+        return cls(
+            backbone=data["backbone"],
+            kinds=list(data["kinds"]),
+            num_layers=int(data["num_layers"]),
+            module_names=names,
+            s_all=float(data["s_all"]),
+            s_null=float(data["s_null"]),
+            parts=parts,
+            method=data.get("method", "ab-exact"),
+            metric=data.get("metric", ""),
+            meta=meta,
+        )
 
 
 def _read_partial(path: Path, header: dict[str, Any]) -> dict[str, Any]:
@@ -145,8 +174,10 @@ def _read_partial(path: Path, header: dict[str, Any]) -> dict[str, Any]:
     except json.JSONDecodeError:
         first = None
     if first != header:
-        raise UserError(f"{path} holds partial scores of another run (backbone, adapter or validation set differ): "
-                        "delete it, or score into another run directory")
+        raise UserError(
+            f"{path} holds partial scores of another run (backbone, adapter or validation set differ): "
+            "delete it, or score into another run directory"
+        )
     for i, line in enumerate(lines[1:], 2):
         try:
             entry = json.loads(line)
@@ -202,12 +233,16 @@ def ab_scores(
             record({"key": f"{kind}.{layer}", "without": without, "only": only})
     bar.close()
     gated.set_all(True)
-    parts = {f"{k}.{l}": (done[f"{k}.{l}"]["without"], done[f"{k}.{l}"]["only"]) for k, l in keys}
+    parts = {f"{k}.{n}": (done[f"{k}.{n}"]["without"], done[f"{k}.{n}"]["only"]) for k, n in keys}
     for value in [done["all"]["S"], done["null"]["S"], *(v for p in parts.values() for v in p)]:
         if not math.isfinite(value):
             raise RuntimeError("a validation pass gave a non-finite loss; the adapter or data is broken")
     return ScoreTable(
-        backbone={}, kinds=gated.layout.kinds, num_layers=gated.layout.num_layers,
-        module_names={f"{k}.{l}": gated.layout.module_name(k, l) for k, l in keys},
-        s_all=done["all"]["S"], s_null=done["null"]["S"], parts=parts,
+        backbone={},
+        kinds=gated.layout.kinds,
+        num_layers=gated.layout.num_layers,
+        module_names={f"{k}.{n}": gated.layout.module_name(k, n) for k, n in keys},
+        s_all=done["all"]["S"],
+        s_null=done["null"]["S"],
+        parts=parts,
     )

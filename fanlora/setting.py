@@ -40,8 +40,11 @@ class Setting:
     @property
     def modules(self) -> list[str]:
         """Full module names, layer-major — exactly PEFT's ``target_modules``."""
-        return [f"{self.layers_path}.{layer}.{self.module_paths[k]}"
-                for layer in range(self.num_layers) for k in self.kept.get(layer, [])]
+        return [
+            f"{self.layers_path}.{layer}.{self.module_paths[k]}"
+            for layer in range(self.num_layers)
+            for k in self.kept.get(layer, [])
+        ]
 
     @property
     def n_modules(self) -> int:
@@ -81,27 +84,44 @@ class Setting:
         for layer, kinds in data["kept"].items():
             for kind in kinds:
                 if kind not in paths:
-                    raise UserError(f"{path}: layer {layer} keeps unknown module kind {kind!r}; "
-                                    f"this setting's kinds are {', '.join(paths)}")
+                    raise UserError(
+                        f"{path}: layer {layer} keeps unknown module kind {kind!r}; "
+                        f"this setting's kinds are {', '.join(paths)}"
+                    )
             kept[int(layer)] = list(kinds)
-        return cls(backbone=data["backbone"], layers_path=data["layers_path"], num_layers=int(data["num_layers"]),
-                   module_paths=dict(paths), k_max=int(data["k_max"]), kept=kept, source=data.get("source", {}))
+        return cls(
+            backbone=data["backbone"],
+            layers_path=data["layers_path"],
+            num_layers=int(data["num_layers"]),
+            module_paths=dict(paths),
+            k_max=int(data["k_max"]),
+            kept=kept,
+            source=data.get("source", {}),
+        )
 
     def validate(self, backbone: Backbone) -> None:
         """Refuse a backbone this setting was not made for (layer count, module names, weights)."""
         layout, ident = backbone.layout, backbone.identity
         if self.num_layers != layout.num_layers:
-            raise UserError(f"the setting is for {self.num_layers} layers but {ident.get('name')} has "
-                            f"{layout.num_layers}: select a setting from scores of this backbone")
-        if self.layers_path != layout.layers_path or any(layout.paths.get(k) != p for k, p in self.module_paths.items()):
-            raise UserError(f"the setting's module names ({self.layers_path}.N.{{{', '.join(self.module_paths.values())}}}) "
-                            f"do not match {ident.get('name')} ({layout.layers_path}.N.{{{', '.join(layout.paths.values())}}}): "
-                            "select a setting from scores of this backbone")
+            raise UserError(
+                f"the setting is for {self.num_layers} layers but {ident.get('name')} has "
+                f"{layout.num_layers}: select a setting from scores of this backbone"
+            )
+        ours = [f"{self.layers_path}.N.{p}" for p in self.module_paths.values()]
+        theirs = [f"{layout.layers_path}.N.{layout.paths[k]}" for k in self.module_paths if k in layout.paths]
+        if ours != theirs:
+            raise UserError(
+                f"the setting's modules ({', '.join(ours)}) do not match {ident.get('name')} "
+                f"({', '.join(theirs) or 'none of those kinds'}): "
+                "select a setting from scores of this backbone"
+            )
         for key in ("model_type", "hidden_size", "weights_digest"):
             if self.backbone.get(key) != ident.get(key):
-                raise UserError(f"the setting was made for backbone {self.backbone.get('name')!r} "
-                                f"({key}={self.backbone.get(key)}) but the model is {ident.get('name')!r} "
-                                f"({key}={ident.get(key)}): select a setting from scores of this backbone")
+                raise UserError(
+                    f"the setting was made for backbone {self.backbone.get('name')!r} "
+                    f"({key}={self.backbone.get(key)}) but the model is {ident.get('name')!r} "
+                    f"({key}={ident.get(key)}): select a setting from scores of this backbone"
+                )
         names = {n for n, _ in backbone.model.named_modules()}
         missing = [m for m in self.modules if m not in names]
         if missing:
@@ -111,8 +131,9 @@ class Setting:
         """A PEFT config whose ``target_modules`` is exactly the selected full module names."""
         if not self.modules:
             raise UserError("the setting keeps no module: nothing to fine-tune (every score was negative)")
-        return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=self.modules,
-                          task_type="CAUSAL_LM")
+        return LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=self.modules, task_type="CAUSAL_LM"
+        )
 
 
 def select(table: ScoreTable, k_max: int = 2, source: dict[str, Any] | None = None) -> Setting:
@@ -135,11 +156,20 @@ def select(table: ScoreTable, k_max: int = 2, source: dict[str, Any] | None = No
     for layer in range(table.num_layers):
         ranked = sorted(table.kinds, key=lambda k: (-table.score(k, layer), table.kinds.index(k)))
         kept[layer] = [k for k in ranked if table.score(k, layer) >= 0][:k_max]
-    setting = Setting(backbone=table.backbone, layers_path=str(layers_path), num_layers=table.num_layers,
-                      module_paths=paths, k_max=k_max, kept=kept, source=dict(source or {}))
+    setting = Setting(
+        backbone=table.backbone,
+        layers_path=str(layers_path),
+        num_layers=table.num_layers,
+        module_paths=paths,
+        k_max=k_max,
+        kept=kept,
+        source=dict(source or {}),
+    )
     if setting.n_modules == 0:
-        raise UserError("every score is negative, so no module can be kept: check that stage a trained "
-                        "(its val loss should fall) and score on more validation data")
+        raise UserError(
+            "every score is negative, so no module can be kept: check that stage a trained "
+            "(its val loss should fall) and score on more validation data"
+        )
     return setting
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -61,6 +62,7 @@ def _arguments(params: TrainParams, output_dir: Path, n_train: int, world: int) 
         greater_is_better=False,
         logging_steps=params.logging_steps,
         bf16=params.bf16,
+        use_cpu=not torch.cuda.is_available(),  # bf16 autocast on CPU needs this said explicitly
         seed=params.seed,
         data_seed=params.seed,
         report_to=[],

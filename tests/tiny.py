@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from fanlora.backbone import embedded_gguf
 from fanlora.backbone import _converted_dir as converted_dir
+from fanlora.backbone import embedded_gguf
 
 VOCAB = 49152
 
@@ -32,8 +32,16 @@ def make_tiny(path: Path, arch: str = "llama", layers: int = 2, seed: int = 0) -
         Qwen2ForCausalLM,
     )
 
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(seed)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
@@ -44,8 +52,17 @@ def make_tiny(path: Path, arch: str = "llama", layers: int = 2, seed: int = 0) -
     elif arch == "gemma":
         model = GemmaForCausalLM(GemmaConfig(**common, head_dim=8))
     elif arch == "opt":
-        model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=layers,
-                                         num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=512))
+        model = OPTForCausalLM(
+            OPTConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                ffn_dim=64,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                word_embed_proj_dim=32,
+                max_position_embeddings=512,
+            )
+        )
     else:
         raise ValueError(arch)
     model.save_pretrained(path)

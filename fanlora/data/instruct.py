@@ -51,8 +51,10 @@ def to_messages(record: dict[str, Any], where: str) -> Messages:
     response = record.get("output", record.get("response"))
     instruction = record.get("instruction")
     if not isinstance(instruction, str) or not isinstance(response, str):
-        raise UserError(f"{where}: needs 'instruction' and 'output' (or 'response') strings, or a 'messages' list; "
-                        f"found fields {', '.join(sorted(record)) or 'none'}")
+        raise UserError(
+            f"{where}: needs 'instruction' and 'output' (or 'response') strings, or a 'messages' list; "
+            f"found fields {', '.join(sorted(record)) or 'none'}"
+        )
     extra = record.get("input") or ""
     user = f"{instruction}\n\n{extra}" if extra else instruction
     return [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
@@ -63,7 +65,8 @@ def _render(tokenizer: Any, messages: Messages, generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     parts = []
     for m in messages:
-        head = {"user": "### Instruction:", "assistant": "### Response:", "system": "### System:"}.get(m["role"], m["role"])
+        heads = {"user": "### Instruction:", "assistant": "### Response:", "system": "### System:"}
+        head = heads.get(m["role"], m["role"])
         parts.append(f"{head}\n{m['content']}\n\n")
     if generation_prompt:
         parts.append("### Response:\n")
@@ -88,8 +91,8 @@ def segments(tokenizer: Any, messages: Messages) -> list[tuple[str, bool]]:
             prompt = _render(tokenizer, messages[:i], True)
             pieces.append((prompt, False))
         else:
-            pieces.append((prompt[len(done):], False))
-        pieces.append((full[len(prompt):], True))
+            pieces.append((prompt[len(done) :], False))
+        pieces.append((full[len(prompt) :], True))
         done = full
     return [(t, r) for t, r in pieces if t]
 
@@ -131,15 +134,8 @@ class InstructionData:
         return h.hexdigest()[:16]
 
 
-def load_instruction_data(
-    tokenizer: Any,
-    sources: Sequence[str],
-    max_length: int = 1024,
-    val_fraction: float = 0.01,
-    split_seed: int = 0,
-    max_records: int | None = None,
-) -> InstructionData:
-    """Read every source, split 99:1 (before any cap, so val never overlaps train), tokenise."""
+def read_conversations(sources: Sequence[str]) -> list[Messages]:
+    """Read and check every record of every source (cheap: fails on bad input before a model is loaded)."""
     if not sources:
         raise UserError("no instruction data sources given: set search.data.sources to files or bundled:<name>")
     records: list[tuple[str, dict[str, Any]]] = []
@@ -147,7 +143,21 @@ def load_instruction_data(
         records.extend(read_source(source))
     if not records:
         raise UserError(f"the instruction corpus {', '.join(sources)} is empty: give a file with at least 2 records")
-    conversations = [to_messages(r, where) for where, r in records]
+    return [to_messages(r, where) for where, r in records]
+
+
+def load_instruction_data(
+    tokenizer: Any,
+    sources: Sequence[str],
+    max_length: int = 1024,
+    val_fraction: float = 0.01,
+    split_seed: int = 0,
+    max_records: int | None = None,
+    conversations: list[Messages] | None = None,
+) -> InstructionData:
+    """Split 99:1 (before any cap, so val never overlaps train), then tokenise."""
+    if conversations is None:
+        conversations = read_conversations(sources)
     train_idx, val_idx = split_indices(len(conversations), val_fraction, split_seed)
     if max_records is not None:
         train_idx = train_idx[:max_records]

@@ -50,7 +50,7 @@ def read_source(source: str, split: str = "train") -> list[tuple[str, dict[str, 
     A source is ``bundled:<name>``, a local ``.jsonl``/``.jsonl.gz`` path, or an HF dataset name (online only).
     """
     if source.startswith(BUNDLED_PREFIX):
-        path = bundled_path(source[len(BUNDLED_PREFIX):])
+        path = bundled_path(source[len(BUNDLED_PREFIX) :])
         return [(f"{path}:{n}", r) for n, r in iter_jsonl(path)]
     path = Path(source).expanduser()
     if path.exists() or source.endswith((".jsonl", ".jsonl.gz", ".gz")):
@@ -63,8 +63,10 @@ def _read_hf(name: str, split: str) -> list[tuple[str, dict[str, Any]]]:
         import datasets
 
         ds = datasets.load_dataset(name, split=split)
-    except Exception as exc:  # noqa: BLE001 - any failure here is "cannot get that dataset"
+    except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot load dataset {name!r} split {split!r} ({first}); give a local .jsonl/.jsonl.gz "
-                        "file, a bundled:<name> source, or an HF dataset name while online") from None
+        raise UserError(
+            f"cannot load dataset {name!r} split {split!r} ({first}); give a local .jsonl/.jsonl.gz "
+            "file, a bundled:<name> source, or an HF dataset name while online"
+        ) from None
     return [(f"{name}[{split}]#{i}", dict(r)) for i, r in enumerate(ds)]

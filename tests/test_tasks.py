@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fanlora.backbone import load_backbone
+from fanlora.errors import UserError
+from fanlora.evaluate import encode_pair, evaluate_mc, training_examples
+from fanlora.tasks import MCExample, get_task
+
+
+def test_copa_prompt_and_splits():
+    copa = get_task("copa")
+    assert [len(copa.examples(s)) for s in ("train", "dev", "test")] == [400, 50, 50]
+    first = copa.examples("dev")[0]
+    assert first.context == "The man turned on the faucet therefore"
+    assert first.choices == [" the toilet filled with water.", " water flowed from the spout."]
+    assert first.label == 1
+    dev_ids = {e.id for e in copa.examples("dev")}
+    assert not dev_ids & {e.id for e in copa.examples("test")}
+
+
+def test_boolq_prompt_and_splits():
+    boolq = get_task("boolq")
+    assert [len(boolq.examples(s)) for s in ("train", "dev", "test")] == [32, 1635, 1635]
+    ex = boolq.examples("dev", limit=1)[0]
+    assert ex.context.endswith("?\nAnswer:") and "\nQuestion: " in ex.context
+    assert ex.choices == [" no", " yes"]
+
+
+def test_unknown_task_and_split():
+    with pytest.raises(UserError, match="known tasks are boolq, copa"):
+        get_task("squad2")
+    with pytest.raises(UserError, match="no split 'validation'"):
+        get_task("copa").examples("validation")
+
+
+def test_mc_scoring_matches_a_hand_computed_loglik(tiny_llama):
+    b = load_backbone(str(tiny_llama))
+    tok = b.tokenizer
+    ex = MCExample("0", "The sky is", [" blue and wide", " green"], 0)
+    result = evaluate_mc(b.model, tok, [ex], batch_size=1, progress=False)
+    for c, got in zip(ex.choices, result.predictions[0]["loglik"], strict=True):
+        ctx = tok(ex.context, add_special_tokens=False)["input_ids"]
+        cont = tok(c, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logp = torch.log_softmax(b.model(input_ids=ids).logits[0].float(), -1)
+        want = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+        assert got == pytest.approx(want, abs=1e-4)
+    ll = result.predictions[0]["loglik"]
+    assert result.predictions[0]["pred"] == max(range(2), key=ll.__getitem__)
+    norm = [v / len(c) for v, c in zip(ll, ex.choices, strict=True)]
+    assert result.predictions[0]["pred_norm"] == max(range(2), key=norm.__getitem__)
+    assert result.metrics["acc"] == float(result.predictions[0]["pred"] == 0)
+    assert math.isfinite(ll[0])
+
+
+def test_training_pairs_label_only_the_answer(tiny_llama):
+    tok = load_backbone(str(tiny_llama)).tokenizer
+    ex = get_task("copa").examples("train", limit=1)[0]
+    pair = training_examples(tok, [ex], 64)[0]
+    answer = tok.decode([t for t in pair.labels if t != -100])
+    assert answer == ex.choices[ex.label]
+    long = encode_pair(tok, "a b c d e f", " g", max_length=3)
+    full = encode_pair(tok, "a b c d e f", " g")
+    assert long.input_ids == full.input_ids[-3:] and long.labels[-1] == full.labels[-1] != -100
