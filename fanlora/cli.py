@@ -83,17 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setting_backbone(args: argparse.Namespace) -> str | None:
+    """The backbone a setting (or an adapter's copy of it) was made for: the default for finetune/evaluate."""
+    path = getattr(args, "setting", None) or (
+        Path(args.adapter) / "setting.json" if getattr(args, "adapter", None) else None
+    )
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        return json.loads(Path(path).read_text())["backbone"]["source"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None  # Setting.read() reports a broken file properly later
+
+
 def _config(args: argparse.Namespace, stored_dir: Path | None = None) -> Config:
     overrides = list(args.overrides)
-    if getattr(args, "backbone", None):
-        overrides.insert(0, f"backbone.name={args.backbone}")
+    backbone = getattr(args, "backbone", None)
+    if backbone is None and args.config is None and args.command in ("finetune", "evaluate"):
+        backbone = _setting_backbone(args)
+    if backbone:
+        overrides.insert(0, f"backbone.name={json.dumps(backbone)}")
     if getattr(args, "module_map", None):
         overrides.insert(0, f"backbone.module_map={json.dumps(args.module_map)}")
     source = args.config
-    if source is None and stored_dir is not None and (stored_dir / "run.json").is_file():
-        source = json.loads((stored_dir / "run.json").read_text()).get("config")
     if source is None and args.command == "demo":
         source = "demo"
+    elif source is None and stored_dir is not None and not getattr(args, "overwrite", False):
+        # later stages of a run reuse the config its first stage stored
+        meta = stored_dir / "run.json"
+        if meta.is_file():
+            source = json.loads(meta.read_text()).get("config")
     return load_config(source, overrides)
 
 
@@ -108,7 +127,8 @@ def _prepared(args: argparse.Namespace, cfg: Config, run_dir: Path, sections: li
 
         state = PartialState()
         with state.main_process_first():
-            data = prep() if state.is_main_process else rundir.prepare(run_dir, cfg.to_dict(), sections, True)
+            # rank 0 checks and writes run.json; the others read the config it settled on
+            data = prep() if state.is_main_process else json.loads((run_dir / "run.json").read_text())["config"]
     else:
         data = prep()
     return load_config(data)

