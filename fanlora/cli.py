@@ -125,7 +125,10 @@ def _prepared(args: argparse.Namespace, cfg: Config, run_dir: Path, sections: li
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        import torch
+
+        # without cpu=True accelerate sees no distributed setup on a CPU-only machine and every rank is "main"
+        state = PartialState(cpu=not torch.cuda.is_available())
         with state.main_process_first():
             # rank 0 checks and writes run.json; the others read the config it settled on
             data = prep() if state.is_main_process else json.loads((run_dir / "run.json").read_text())["config"]
