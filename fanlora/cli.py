@@ -123,9 +123,8 @@ def _prepared(args: argparse.Namespace, cfg: Config, run_dir: Path, sections: li
         return rundir.prepare(run_dir, cfg.to_dict(), sections, args.resume, args.overwrite)
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
         import torch
+        from accelerate import PartialState
 
         # without cpu=True accelerate sees no distributed setup on a CPU-only machine and every rank is "main"
         state = PartialState(cpu=not torch.cuda.is_available())
