@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader (or an interrupted run) never sees a half-written file.
+"""Artifact file I/O. Writes are atomic: a reader (or an interrupted run) never sees a half-written file.
 
 Everything fanlora writes goes to a temporary file in the target's directory and is then renamed over the
 target; ``os.replace`` is atomic on POSIX and Windows when source and target share a file system.
@@ -11,6 +11,22 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+def read_artifact(path: str | Path, fmt: str, what: str, command: str) -> dict[str, Any]:
+    """Read a fanlora JSON artifact of format ``fmt``; every way it can be wrong is one clear UserError."""
+    from fanlora.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file {path} does not exist: run `{command}` first or fix the path")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.msg}): re-run `{command}`") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise UserError(f"{path} is not a fanlora {what} file (format {fmt} expected)")
+    return data
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

@@ -9,7 +9,7 @@ instead of multiplying it by zero.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -61,26 +61,21 @@ class GatedLoRA:
         for layer in self._layers.values():
             layer.enable_adapters(on)
 
-    @contextmanager
-    def only(self, keys: Iterable[Key]) -> Iterator[None]:
+    def only(self, keys: Iterable[Key]) -> AbstractContextManager[None]:
         """M_null with just ``keys`` switched on; restores every gate afterwards."""
-        saved = {k: self.is_on(k) for k in self._layers}
-        try:
-            self.set_all(False)
-            for k in keys:
-                self.set(k, True)
-            yield
-        finally:
-            self._restore(saved)
+        return self._scoped(False, keys)
+
+    def without(self, keys: Iterable[Key]) -> AbstractContextManager[None]:
+        """M_all with ``keys`` switched off; restores every gate afterwards."""
+        return self._scoped(True, keys)
 
     @contextmanager
-    def without(self, keys: Iterable[Key]) -> Iterator[None]:
-        """M_all with ``keys`` switched off; restores every gate afterwards."""
+    def _scoped(self, others: bool, keys: Iterable[Key]) -> Iterator[None]:
         saved = {k: self.is_on(k) for k in self._layers}
         try:
-            self.set_all(True)
+            self.set_all(others)
             for k in keys:
-                self.set(k, False)
+                self.set(k, not others)
             yield
         finally:
             self._restore(saved)

@@ -130,15 +130,7 @@ class ScoreTable:
 
     @classmethod
     def read(cls, path: str | Path) -> ScoreTable:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"scores file {path} does not exist: run `fanlora score` first or fix the path")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} is not valid JSON ({exc.msg}): re-run `fanlora score`") from None
-        if not isinstance(data, dict) or data.get("format") != SCORES_FORMAT:
-            raise UserError(f"{path} is not a fanlora scores file (format {SCORES_FORMAT} expected)")
+        data = atomic.read_artifact(path, SCORES_FORMAT, "scores", "fanlora score")
         parts, names = {}, {}
         for row in data["scores"]:
             key = f"{row['kind']}.{row['layer']}"

@@ -8,7 +8,6 @@ made for; :meth:`Setting.validate` refuses any other backbone before a single we
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,15 +69,7 @@ class Setting:
 
     @classmethod
     def read(cls, path: str | Path) -> Setting:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"setting file {path} does not exist: run `fanlora select` first or fix the path")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} is not valid JSON ({exc.msg}): re-run `fanlora select`") from None
-        if not isinstance(data, dict) or data.get("format") != SETTING_FORMAT:
-            raise UserError(f"{path} is not a fanlora setting (format {SETTING_FORMAT} expected)")
+        data = atomic.read_artifact(path, SETTING_FORMAT, "setting", "fanlora select")
         paths = data["module_paths"]
         kept: dict[int, list[str]] = {}
         for layer, kinds in data["kept"].items():

@@ -26,6 +26,19 @@ def fail(capsys, argv) -> str:
     return err[0]
 
 
+def search_on(data: Path, recipe: Path, tmp_path: Path) -> list[str]:
+    """argv of a stage-a run on the given data file (a new run directory under tmp_path)."""
+    return [
+        "search",
+        "--config",
+        str(recipe),
+        "--run-dir",
+        str(tmp_path / "r"),
+        "--set",
+        f"search.data.sources=[{data}]",
+    ]
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("cli")
@@ -132,30 +145,14 @@ def test_bad_jsonl_line_is_named(tmp_path, recipe_file, capsys):
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "only"}\n')
     msg = fail(
         capsys,
-        [
-            "search",
-            "--config",
-            str(recipe_file),
-            "--run-dir",
-            str(tmp_path / "r"),
-            "--set",
-            f"search.data.sources=[{bad}]",
-        ],
+        search_on(bad, recipe_file, tmp_path),
     )
     assert f"{bad}:2" in msg and "output" in msg
     assert not (tmp_path / "r").exists()  # nothing left behind
     bad.write_text('{"instruction": "a", "output": "b"}\n{oops\n')
     assert f"{bad}:2: not valid JSON" in fail(
         capsys,
-        [
-            "search",
-            "--config",
-            str(recipe_file),
-            "--run-dir",
-            str(tmp_path / "r"),
-            "--set",
-            f"search.data.sources=[{bad}]",
-        ],
+        search_on(bad, recipe_file, tmp_path),
     )
 
 
@@ -164,15 +161,7 @@ def test_empty_dataset(tmp_path, recipe_file, capsys):
     empty.write_text("")
     assert "is empty" in fail(
         capsys,
-        [
-            "search",
-            "--config",
-            str(recipe_file),
-            "--run-dir",
-            str(tmp_path / "r"),
-            "--set",
-            f"search.data.sources=[{empty}]",
-        ],
+        search_on(empty, recipe_file, tmp_path),
     )
 
 
