@@ -47,7 +47,9 @@ def backbone_from(cfg: Config) -> Backbone:
     return load_backbone(b.name, dtype=b.dtype, module_map=b.module_map)
 
 
-def instruction_data(cfg: Config, backbone: Backbone, conversations: list | None = None) -> InstructionData:
+def instruction_data(
+    cfg: Config, backbone: Backbone, conversations: list | None = None, val_only: bool = False
+) -> InstructionData:
     d = cfg.search.data
     return load_instruction_data(
         backbone.tokenizer,
@@ -55,7 +57,7 @@ def instruction_data(cfg: Config, backbone: Backbone, conversations: list | None
         max_length=d.max_length,
         val_fraction=d.val_fraction,
         split_seed=d.split_seed,
-        max_records=d.max_train_examples,
+        max_records=0 if val_only else d.max_train_examples,
         conversations=conversations,
     )
 
@@ -110,7 +112,7 @@ def run_score(cfg: Config, run_dir: str | Path, progress: bool = True) -> ScoreT
     backbone = backbone_from(cfg)
     if backbone.model.dtype != torch.float32:
         say("warning: scoring in a reduced precision; one module moves the loss by ~1e-4, so prefer float32")
-    data = instruction_data(cfg, backbone)
+    data = instruction_data(cfg, backbone, val_only=True)
     val = data.val[: cfg.score.max_val_examples] if cfg.score.max_val_examples else data.val
     gated = GatedLoRA.load(backbone.model, backbone.layout, adapter)
     adapter_sha = file_sha256(adapter / "adapter_model.safetensors")[:16]

@@ -89,5 +89,7 @@ def test_cap_keeps_val_and_empty_corpus_is_refused(tmp_path, tok):
     capped = load_instruction_data(tok, [str(path)], max_length=64, max_records=5)
     assert len(full.val) == 3 and len(capped.train) == 5
     assert full.fingerprint() == capped.fingerprint()
+    val_only = load_instruction_data(tok, [str(path)], max_length=64, max_records=0)
+    assert val_only.train == [] and val_only.fingerprint() == full.fingerprint()
     with pytest.raises(UserError, match="is empty"):
         load_instruction_data(tok, [str(_write(tmp_path / "e.jsonl", []))])

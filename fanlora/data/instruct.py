@@ -155,7 +155,10 @@ def load_instruction_data(
     max_records: int | None = None,
     conversations: list[Messages] | None = None,
 ) -> InstructionData:
-    """Split 99:1 (before any cap, so val never overlaps train), then tokenise."""
+    """Split 99:1 (before any cap, so val never overlaps train), then tokenise.
+
+    ``max_records=0`` tokenises the validation split only (what scoring needs).
+    """
     if conversations is None:
         conversations = read_conversations(sources)
     train_idx, val_idx = split_indices(len(conversations), val_fraction, split_seed)
@@ -171,6 +174,6 @@ def load_instruction_data(
         return out
 
     train, val = build(train_idx), build(val_idx)
-    if not train or not val:
+    if not val or (not train and max_records != 0):
         raise UserError(f"no example keeps a response token within max_length={max_length}: raise max_length")
     return InstructionData(train=train, val=val, sources=list(sources))
