@@ -62,19 +62,17 @@ def choice_logliks(
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
         idx = order[start : start + batch_size]
         batch = pad_batch([pairs[i] for i in idx], tokenizer.pad_token_id)
-        logits = (
-            model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                use_cache=False,
-            )
-            .logits[:, :-1]
-            .float()
-        )
+        logits = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            use_cache=False,
+        ).logits[:, :-1]
         target = batch["labels"][:, 1:].to(device)
         mask = target != IGNORE
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        sums = (logp * mask).sum(dim=1)
+        # normalise only the scored positions (the continuation), not every position of the batch
+        picked = torch.log_softmax(logits[mask].float(), dim=-1).gather(-1, target[mask].unsqueeze(-1)).squeeze(-1)
+        row = mask.nonzero()[:, 0]
+        sums = torch.zeros(len(idx), device=device).index_add_(0, row, picked)
         for j, i in enumerate(idx):
             out[i] = float(sums[j])
     return out

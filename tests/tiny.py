@@ -19,18 +19,7 @@ def embedded_dir() -> Path:
 
 def make_tiny(path: Path, arch: str = "llama", layers: int = 2, seed: int = 0) -> Path:
     """Save a ~2M-parameter random model of ``arch`` plus the embedded tokenizer into ``path``."""
-    from transformers import (
-        GemmaConfig,
-        GemmaForCausalLM,
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        OPTConfig,
-        OPTForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    import transformers as tf
 
     common = dict(
         vocab_size=VOCAB,
@@ -42,29 +31,25 @@ def make_tiny(path: Path, arch: str = "llama", layers: int = 2, seed: int = 0) -
         max_position_embeddings=512,
         tie_word_embeddings=True,
     )
+    opt = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=512,
+    )
+    builders = {  # arch → (model class, config class, config kwargs)
+        "llama": ("LlamaForCausalLM", "LlamaConfig", common),
+        "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", common),
+        "mistral": ("MistralForCausalLM", "MistralConfig", common),
+        "gemma": ("GemmaForCausalLM", "GemmaConfig", {**common, "head_dim": 8}),
+        "opt": ("OPTForCausalLM", "OPTConfig", opt),  # not Llama-shaped: needs a module map
+    }
+    model_cls, config_cls, kwargs = builders[arch]
     torch.manual_seed(seed)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    elif arch == "mistral":
-        model = MistralForCausalLM(MistralConfig(**common))
-    elif arch == "gemma":
-        model = GemmaForCausalLM(GemmaConfig(**common, head_dim=8))
-    elif arch == "opt":
-        model = OPTForCausalLM(
-            OPTConfig(
-                vocab_size=VOCAB,
-                hidden_size=32,
-                ffn_dim=64,
-                num_hidden_layers=layers,
-                num_attention_heads=4,
-                word_embed_proj_dim=32,
-                max_position_embeddings=512,
-            )
-        )
-    else:
-        raise ValueError(arch)
+    model = getattr(tf, model_cls)(getattr(tf, config_cls)(**kwargs))
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(embedded_dir()).save_pretrained(path)
     return path
