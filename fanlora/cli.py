@@ -19,6 +19,7 @@ from fanlora.errors import UserError
 SECTIONS = {
     "search": ["backbone", "search"],
     "score": ["backbone", "search", "score"],
+    "stability": ["backbone", "search", "score", "select"],
     "finetune": ["backbone", "finetune", "evaluate"],
     "demo": ["backbone", "search", "score", "select", "finetune", "evaluate"],
 }
@@ -42,6 +43,13 @@ def _common(p: argparse.ArgumentParser, run_dir: str | None) -> None:
         p.add_argument("--overwrite", action="store_true", help="delete the run directory's previous run first")
 
 
+def _score_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", help="ab-exact (default, the paper's), ab-first-order, sensitivity or shapley")
+    p.add_argument("--budget", type=int, help="shapley: permutations to sample (config score.shapley_budget)")
+    p.add_argument("--seed", type=int, help="shapley: seed of the sampled permutations")
+    p.add_argument("--memory-limit-gb", type=float, help="cache budget (default: a quarter of RAM / GPU memory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fanlora", description="FanLoRA: find where LoRA should go, then adapt.")
     parser.add_argument("--version", action="version", version=f"fanlora {__version__}")
@@ -49,8 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="stage a: LoRA on every module, fine-tuned on instruction data")
     _common(p, "runs/fanlora")
-    p = sub.add_parser("score", help="stage b: exact AB-score of every (module, layer)")
+    p = sub.add_parser("score", help="stage b: score every (module, layer): exact AB-score or another method")
     _common(p, "runs/fanlora")
+    _score_options(p)
+    p.add_argument("--shard", help="compute shard I of N only (e.g. 0/4) → a shard file for `fanlora scores merge`")
+
+    p = sub.add_parser("scores", help="work with score files: compare them, merge shards")
+    ssub = p.add_subparsers(dest="scores_command", required=True)
+    q = ssub.add_parser("compare", help="Spearman ρ, Kendall τ and setting overlap between score files")
+    q.add_argument("files", nargs="+", help="two or more scores*.json of one backbone")
+    q.add_argument("--k-max", type=int, default=2, help="K_max of the settings whose overlap is reported")
+    q.add_argument("--out", help="also write the matrices to this JSON file")
+    q = ssub.add_parser("merge", help="one scores.json from the shard files of `fanlora score --shard I/N`")
+    q.add_argument("files", nargs="+", help="every shard file of the study")
+    q.add_argument("--out", required=True, help="the merged scores file, e.g. runs/x/scores.json")
+
+    p = sub.add_parser("stability", help="stage a + scoring under several seeds, then their Spearman matrix")
+    _common(p, "runs/stability")
+    _score_options(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="stage-a seeds (default 0 1 2)")
 
     p = sub.add_parser("select", help="stage c: keep the top K_max modules per layer → setting.json")
     src = p.add_mutually_exclusive_group(required=True)
@@ -58,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run-dir", help="a run directory holding scores.json")
     p.add_argument("--k-max", type=int, default=2, help="modules kept per layer at most (paper: 2)")
     p.add_argument("--out", help="setting path (default: setting.json next to the scores)")
+    p.add_argument("--backbone", help="the backbone the setting is for; scores of another one are refused")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
 
     p = sub.add_parser("finetune", help="stage d: fresh LoRA on the setting's modules, trained on a task")
@@ -105,6 +131,11 @@ def _config(args: argparse.Namespace, stored_dir: Path | None = None) -> Config:
         overrides.insert(0, f"backbone.name={json.dumps(backbone)}")
     if getattr(args, "module_map", None):
         overrides.insert(0, f"backbone.module_map={json.dumps(args.module_map)}")
+    for flag, key in (("method", "method"), ("budget", "shapley_budget"), ("seed", "seed")):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"score.{key}={json.dumps(getattr(args, flag))}")
+    if getattr(args, "memory_limit_gb", None) is not None:
+        overrides.append(f"score.memory_limit_gb={args.memory_limit_gb}")
     source = args.config
     if source is None and args.command == "demo":
         source = "demo"
@@ -136,6 +167,29 @@ def _prepared(args: argparse.Namespace, cfg: Config, run_dir: Path, sections: li
     return load_config(data)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise UserError(f"--shard {text!r} is not I/N with 0 <= I < N: e.g. --shard 0/4 ... --shard 3/4")
+    return i, n
+
+
+def _intended_backbone(args: argparse.Namespace) -> dict | None:
+    """For `select`: the identity of --backbone if given, else of the run's own stage-a backbone."""
+    if args.backbone:
+        from fanlora.backbone import load_backbone
+
+        return load_backbone(args.backbone).identity
+    if args.run_dir:
+        metrics = Path(args.run_dir) / "search" / "metrics.json"
+        if metrics.is_file():
+            return json.loads(metrics.read_text()).get("backbone")
+    return None
+
+
 def _discard_if_fresh(run_dir: Path) -> None:
     """After bad input on a new run, leave no directory behind that holds only our run.json."""
     if run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == ["run.json"]:
@@ -143,7 +197,9 @@ def _discard_if_fresh(run_dir: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) and args.command != "select" else None
+    run_dir = (
+        Path(args.run_dir) if getattr(args, "run_dir", None) and args.command not in ("select", "scores") else None
+    )
     fresh = run_dir is not None and not (run_dir / "run.json").exists()
     try:
         return _run(args)
@@ -159,11 +215,16 @@ def _run(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd in ("search", "score", "demo"):
         run_dir = Path(args.run_dir)
-        cfg = _prepared(args, _config(args, run_dir), run_dir, SECTIONS[cmd])
+        cfg = _config(args, run_dir)
+        from fanlora.scoring.study import check_method
+
+        check_method(cfg.score.method, cfg.score.shapley_budget)  # before any directory is touched
+        shard = _shard(args.shard) if cmd == "score" and args.shard else None
+        cfg = _prepared(args, cfg, run_dir, SECTIONS[cmd])
         if cmd == "search":
             pipeline.run_search(cfg, run_dir)
         elif cmd == "score":
-            pipeline.run_score(cfg, run_dir)
+            pipeline.run_score(cfg, run_dir, shard=shard)
         else:
             s = pipeline.run_demo(cfg, run_dir)
             t = s["task"]
@@ -176,7 +237,34 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "select":
         scores = Path(args.scores) if args.scores else Path(args.run_dir) / "scores.json"
         out = Path(args.out) if args.out else scores.parent / "setting.json"
-        pipeline.run_select(scores, args.k_max, out, None if args.no_plots else out.parent / "plots")
+        pipeline.run_select(
+            scores, args.k_max, out, None if args.no_plots else out.parent / "plots", _intended_backbone(args)
+        )
+        return 0
+    if cmd == "scores":
+        if args.scores_command == "merge":
+            pipeline.merge_shards(args.files, args.out)
+            return 0
+        from fanlora.scoring.compare import compare_files
+
+        result = compare_files(args.files, args.k_max)
+        print(result.markdown())
+        if args.out:
+            from fanlora import atomic
+
+            atomic.write_json(args.out, result.to_dict())
+        return 0
+    if cmd == "stability":
+        run_dir = Path(args.run_dir)
+        cfg = _config(args, run_dir)
+        from fanlora.scoring.study import check_method
+
+        check_method(cfg.score.method, cfg.score.shapley_budget)
+        cfg = _prepared(args, cfg, run_dir, SECTIONS[cmd])
+        result = pipeline.run_stability(cfg, run_dir, args.seeds)
+        print(result.markdown())
+        off = [result.spearman[i][j] for i in range(len(args.seeds)) for j in range(len(args.seeds)) if i != j]
+        print(f"RESULT seeds={len(args.seeds)} spearman_min={min(off):.4f} spearman_max={max(off):.4f}", flush=True)
         return 0
     if cmd == "finetune":
         cfg = _config(args)

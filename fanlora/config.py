@@ -68,8 +68,12 @@ class SearchConfig:
 
 @dataclass
 class ScoreConfig:
+    method: str = "ab-exact"  # ab-exact (the paper's eq. 3) | ab-first-order | sensitivity | shapley
     max_val_examples: Any = None  # int or null: score on the first N val examples
     batch_size: int = 8
+    shapley_budget: int = 8  # shapley: permutations sampled (each ≈ N·L/2 passes' work)
+    seed: int = 0  # shapley: which permutations
+    memory_limit_gb: Any = None  # number or null: cache budget (null: a quarter of RAM, or of GPU memory)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from fanlora import atomic, plots
 from fanlora.backbone import Backbone, load_backbone
@@ -27,7 +28,9 @@ from fanlora.data.instruct import InstructionData, load_instruction_data, read_c
 from fanlora.errors import UserError
 from fanlora.evaluate import evaluate_mc, training_examples
 from fanlora.gates import GatedLoRA
-from fanlora.scoring import ScoreTable, ab_scores
+from fanlora.scoring import ScoreTable, make_batches, memory
+from fanlora.scoring.progress import Progress
+from fanlora.scoring.study import SHARD_FORMAT, Study, assemble, check_method, compute
 from fanlora.setting import Setting, file_sha256, select
 from fanlora.tasks import get_task
 from fanlora.train import train_adapter
@@ -99,57 +102,203 @@ def run_search(cfg: Config, run_dir: str | Path) -> Path:
     return result.adapter_dir
 
 
-def run_score(cfg: Config, run_dir: str | Path, progress: bool = True) -> ScoreTable:
-    """Stage b: exact AB-score of every (kind, layer) on the val split, resumable."""
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed job this process belongs to, or (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def scores_path(cfg: Config, run_dir: str | Path) -> Path:
+    """Where `fanlora score` writes: scores.json for ab-exact, scores-<method>.json for the other methods."""
+    method = cfg.score.method
+    return Path(run_dir) / ("scores.json" if method == "ab-exact" else f"scores-{method}.json")
+
+
+def run_score(
+    cfg: Config,
+    run_dir: str | Path,
+    progress: bool = True,
+    shard: tuple[int, int] | None = None,
+) -> ScoreTable | Path | None:
+    """Stage b: score every (kind, layer) on the val split with ``cfg.score.method``; resumable, shardable.
+
+    Under torch.distributed the units of work split over the ranks and rank 0 writes the table (the other
+    ranks return None). With ``shard=(i, n)`` this process computes shard i of n and writes a shard file
+    (returned) for `fanlora scores merge`.
+    """
     run_dir = Path(run_dir)
-    json_path, csv_path = run_dir / "scores.json", run_dir / "scores.csv"
-    if json_path.is_file():
+    sc = cfg.score
+    check_method(sc.method, sc.shapley_budget)
+    json_path = scores_path(cfg, run_dir)
+    options = {"budget": sc.shapley_budget, "seed": sc.seed} if sc.method == "shapley" else {}
+    if shard is None and json_path.is_file():
+        table = ScoreTable.read(json_path)
+        if table.meta.get("options", {}) != options:
+            raise UserError(
+                f"{json_path} was made with other options ({table.meta.get('options')}): delete it to re-score"
+            )
         say(f"stage b: done before, scores at {json_path}")
-        return ScoreTable.read(json_path)
+        return table
     adapter = run_dir / "search" / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"no stage-a adapter in {adapter}: run `fanlora search --run-dir {run_dir}` first")
+    rank, world = _world()
+    if shard is not None:
+        if world > 1:
+            raise UserError("--shard splits work across separate runs; under torchrun the ranks split it already")
+        rank, world = shard
     backbone = backbone_from(cfg)
     if backbone.model.dtype != torch.float32:
         say("warning: scoring in a reduced precision; one module moves the loss by ~1e-4, so prefer float32")
     data = instruction_data(cfg, backbone, val_only=True)
-    val = data.val[: cfg.score.max_val_examples] if cfg.score.max_val_examples else data.val
+    val = data.val[: sc.max_val_examples] if sc.max_val_examples else data.val
+    device = _device()
+    batches = make_batches(val, backbone.tokenizer.pad_token_id, sc.batch_size, device)
+    n_tokens = sum(b.n_scored for b in batches)
+    if n_tokens == 0:
+        raise UserError("the validation set has no response tokens: check the data's output/response fields")
     gated = GatedLoRA.load(backbone.model, backbone.layout, adapter)
+    gated.model.to(device)
+    layout = backbone.layout
+    study = Study(
+        method=sc.method,
+        kinds=layout.kinds,
+        num_layers=layout.num_layers,
+        module_names={f"{k}.{n}": layout.module_name(k, n) for k, n in layout.all_modules()},
+        n_batches=len(batches),
+        n_tokens=n_tokens,
+        budget=sc.shapley_budget if sc.method == "shapley" else 0,
+        seed=sc.seed if sc.method == "shapley" else 0,
+    )
     adapter_sha = file_sha256(adapter / "adapter_model.safetensors")[:16]
     val_fp = InstructionData(train=[], val=val, sources=data.sources).fingerprint()
-    n_tokens = sum(e.n_response for e in val)
+    header = {
+        "backbone": backbone.identity["weights_digest"],
+        "adapter": adapter_sha,
+        "val": val_fp,
+        "batch_size": sc.batch_size,
+        "method": sc.method,
+        **options,
+    }
+    limit = int(sc.memory_limit_gb * 2**30) if sc.memory_limit_gb else memory.default_limit(device)
+    units = study.units(rank, world)
     say(
-        f"stage b: AB-score of {len(gated.keys)} modules on {len(val)} val examples ({n_tokens} response tokens), "
-        f"{2 + 2 * len(gated.keys)} passes"
+        f"stage b: {sc.method} of {len(study.keys)} modules on {len(val)} val examples ({n_tokens} response "
+        f"tokens){f', {world} processes' if world > 1 else ''}"
     )
-    header = {"backbone": backbone.identity["weights_digest"], "adapter": adapter_sha, "val": val_fp}
-    partial = run_dir / "scores.partial.jsonl"
+    record = Progress(run_dir, study.stem, header, rank)
     start = time.time()
-    table = ab_scores(gated, val, backbone.tokenizer.pad_token_id, cfg.score.batch_size, partial, header, progress)
-    table.backbone = backbone.identity
-    table.meta = {
+    bar = tqdm(total=study.cost(), desc=f"{sc.method}", disable=not progress or rank != 0, unit="pass")
+    try:
+        compute(study, gated, batches, record, units, limit, bar.update)
+    finally:
+        bar.close()
+        record.close()
+    meta = {
         "adapter": str(adapter),
         "adapter_sha256_16": adapter_sha,
+        "options": options,
         "val": {
             "sources": data.sources,
             "n_examples": len(val),
             "n_response_tokens": n_tokens,
             "fingerprint": val_fp,
             "split_seed": cfg.search.data.split_seed,
+            "batch_size": sc.batch_size,
         },
-        "minutes": (time.time() - start) / 60,
     }
-    table.write(json_path, csv_path)
-    partial.unlink(missing_ok=True)
-    say(f"stage b: scores at {json_path} and {csv_path}")
+    if shard is not None:
+        out = run_dir / f"{study.stem}.shard-{shard[0]}-of-{shard[1]}.json"
+        atomic.write_json(
+            out,
+            {
+                "format": SHARD_FORMAT,
+                "header": record.header,
+                "study": study.to_dict(),
+                "backbone": backbone.identity,
+                "meta": meta,
+                "entries": record.done,
+            },
+        )
+        say(f"stage b: shard {shard[0]} of {shard[1]} at {out}; merge all with `fanlora scores merge`")
+        return out
+    entries = record.done
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(entries, gathered, dst=0)
+        if rank != 0:
+            dist.barrier()
+            return None
+        entries = {k: v for part in gathered for k, v in part.items()}
+    table = assemble(study, entries)
+    table.backbone = backbone.identity
+    table.meta = {**meta, "minutes": (time.time() - start) / 60, "processes": world}
+    table.write(json_path, json_path.with_suffix(".csv"))
+    record.remove_all()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    say(f"stage b: scores at {json_path} and {json_path.with_suffix('.csv')}")
+    return table
+
+
+def merge_shards(paths: list[str | Path], out: str | Path) -> ScoreTable:
+    """`fanlora scores merge`: one table from the shard files of one study, refusing foreign or missing ones."""
+    if not paths:
+        raise UserError("no shard files given: pass every scores*.shard-I-of-N.json of the study")
+    first = None
+    entries: dict[str, Any] = {}
+    for path in paths:
+        data = atomic.read_artifact(path, SHARD_FORMAT, "score shard", "fanlora score --shard I/N")
+        if first is None:
+            first = (path, data)
+        elif data["header"] != first[1]["header"] or data["study"] != first[1]["study"]:
+            raise UserError(
+                f"{path} scores another study than {first[0]} (backbone, adapter, validation set or method "
+                "differ): merge shards of one study only"
+            )
+        entries.update(data["entries"])
+    assert first is not None
+    study = Study(**first[1]["study"])
+    table = assemble(study, entries)
+    table.backbone = first[1]["backbone"]
+    table.meta = {**first[1]["meta"], "shards": [str(p) for p in paths]}
+    out = Path(out)
+    table.write(out, out.with_suffix(".csv"))
+    say(f"scores merge: {len(paths)} shards → {out}")
     return table
 
 
 def run_select(
-    scores_path: str | Path, k_max: int, setting_path: str | Path, plots_dir: str | Path | None = None
+    scores_path: str | Path,
+    k_max: int,
+    setting_path: str | Path,
+    plots_dir: str | Path | None = None,
+    backbone: dict[str, Any] | None = None,
 ) -> Setting:
-    """Stage c: top-k_max non-negative modules per layer → setting.json (+ figures)."""
+    """Stage c: top-k_max non-negative modules per layer → setting.json (+ figures).
+
+    ``backbone`` (an identity) is the backbone the setting is meant for; scores of any other are refused.
+    """
     table = ScoreTable.read(scores_path)
+    theirs = table.backbone.get("weights_digest")
+    if backbone is not None and theirs != backbone.get("weights_digest"):
+        raise UserError(
+            f"{scores_path} scores backbone {table.backbone.get('source')} (weights {theirs}), not "
+            f"{backbone.get('source')} (weights {backbone.get('weights_digest')}): score this backbone first"
+        )
     source = {
         "scores": str(scores_path),
         "scores_sha256_16": file_sha256(scores_path)[:16],
@@ -162,6 +311,32 @@ def run_select(
         plots.write_all(table, setting, plots_dir)
     say(f"stage c: {setting.n_modules} modules kept (K_max={k_max}) → {setting_path}")
     return setting
+
+
+def run_stability(cfg: Config, run_dir: str | Path, seeds: list[int]) -> Any:
+    """Stage a + scoring under each seed (``<run_dir>/seed-<s>``), then their agreement (the paper's Table 4)."""
+    from fanlora import rundir
+    from fanlora.config import load_config
+    from fanlora.scoring.compare import compare
+
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise UserError(f"stability needs at least two different seeds, got {seeds}: e.g. --seeds 0 1 2")
+    tables, names = [], []
+    for seed in seeds:
+        sub = Path(run_dir) / f"seed-{seed}"
+        seeded = cfg.to_dict()
+        seeded["search"]["train"]["seed"] = seed
+        seeded = load_config(rundir.prepare(sub, seeded, ["backbone", "search", "score"]))
+        say(f"stability: seed {seed} → {sub}")
+        run_search(seeded, sub)
+        tables.append(run_score(seeded, sub))
+        names.append(f"seed {seed}")
+    result = compare(tables, names, cfg.select.k_max)
+    atomic.write_json(
+        Path(run_dir) / "stability.json", {"seeds": seeds, "method": cfg.score.method, **result.to_dict()}
+    )
+    atomic.write_text(Path(run_dir) / "stability.md", result.markdown() + "\n")
+    return result
 
 
 def run_evaluate(

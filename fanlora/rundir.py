@@ -27,6 +27,14 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix]
 
 
+# Choices of *which* output a command writes, not what the run is: another scorer on the same run is fine.
+PER_COMMAND = ("score.method", "score.shapley_budget", "score.seed", "score.memory_limit_gb")
+
+
+def _pick(config: dict[str, Any], section: str, keys: set[str]) -> dict[str, Any]:
+    return {k.split(".", 1)[1]: config[section][k.split(".", 1)[1]] for k in keys if k.startswith(section + ".")}
+
+
 def prepare(
     path: str | Path, config: dict[str, Any], sections: list[str], resume: bool = False, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -45,13 +53,17 @@ def prepare(
             stored = json.loads(meta_path.read_text())["config"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{meta_path} is unreadable: pass --overwrite to start this run again") from None
-        diffs = [d for d in _differences(stored, config) if d.split(".")[0] in sections]
+        diffs = [d for d in _differences(stored, config) if d.split(".")[0] in sections and d not in PER_COMMAND]
         if diffs and not resume:
             raise UserError(
                 f"{path} holds a different run (config differs in {', '.join(diffs[:4])}): pass --resume "
                 "to continue it with its stored config, --overwrite to replace it, or another --run-dir"
             )
-        config = stored if resume else {**stored, **{s: config[s] for s in sections if s in config}}
+        if resume:
+            per_command = {d for d in PER_COMMAND if d.split(".")[0] in sections}
+            config = {**stored, **{s: {**stored.get(s, {}), **_pick(config, s, per_command)} for s in sections}}
+        else:
+            config = {**stored, **{s: config[s] for s in sections if s in config}}
     elif overwrite and path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -13,18 +13,16 @@ from fanlora.setting import Setting, select
 
 
 def table_for(backbone, scores: dict[tuple[str, int], float]) -> ScoreTable:
-    """A score table whose AB-scores are the given values (S_all = S_null = 0, S_without = 0)."""
+    """A score table with the given values (every other module scores -1)."""
     layout = backbone.layout
-    parts = {f"{k}.{layer}": (0.0, scores.get((k, layer), -1.0)) for k, layer in layout.all_modules()}
+    values = {f"{k}.{layer}": scores.get((k, layer), -1.0) for k, layer in layout.all_modules()}
     names = {f"{k}.{layer}": layout.module_name(k, layer) for k, layer in layout.all_modules()}
     return ScoreTable(
         backbone=backbone.identity,
         kinds=layout.kinds,
         num_layers=layout.num_layers,
         module_names=names,
-        s_all=0.0,
-        s_null=0.0,
-        parts=parts,
+        values=values,
     )
 
 
