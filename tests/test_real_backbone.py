@@ -53,3 +53,49 @@ def test_gates_on_the_real_backbone(smol):
     finally:
         gated.model.unload()
     assert not torch.isnan(smol.model.lm_head.weight).any()
+
+
+def test_cached_exact_engine_equals_naive_on_the_real_backbone(smol, tmp_path):
+    """The cached, batched AB-score of the last 3 layers equals whole-pass eq. 3 to 1e-5 on SmolLM2."""
+    from fanlora.data.instruct import segments, tokenize_pieces
+    from fanlora.scoring import exact
+    from fanlora.scoring.progress import Progress
+
+    tok = smol.tokenizer
+    examples = [
+        tokenize_pieces(tok, segments(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}]), 64)
+        for q, a in [("Name a colour.", "Blue, like the sky."), ("What is 2+2?", "It is 4.")]
+    ]
+    batches = make_batches(examples, tok.pad_token_id, 2)
+    gated = GatedLoRA.create(smol.model, smol.layout, r=12, alpha=24, dropout=0.0)
+    try:
+        torch.manual_seed(0)
+        for name, p in gated.model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.01)
+        progress = Progress(tmp_path, "scores", {})
+        layers = [27, 28, 29]
+        exact.run(gated, batches, progress, layers, 2**40)
+        keys = [f"{k}.{n}" for n in layers for k in smol.layout.kinds]
+        n = sum(b.n_scored for b in batches)
+        entries = progress.done
+        s_all = -entries["0-1:all"]["nll"] / n
+        s_null = -entries["0-1:null"]["nll"] / n
+        gated.set_all(True)
+        ref_all = performance(gated, batches)
+        gated.set_all(False)
+        ref_null = performance(gated, batches)
+        assert s_all == pytest.approx(ref_all, abs=1e-5) and s_null == pytest.approx(ref_null, abs=1e-5)
+        worst = 0.0
+        for key in keys:
+            kind, layer = key.split(".")
+            e = entries[f"0-1:{key}"]
+            cached = s_all + e["without"] / n - e["only"] / n - s_null
+            with gated.without([(kind, int(layer))]):
+                without = performance(gated, batches)
+            with gated.only([(kind, int(layer))]):
+                only = performance(gated, batches)
+            worst = max(worst, abs(cached - (ref_all - without + only - ref_null)))
+        assert worst < 1e-5
+    finally:
+        gated.model.unload()

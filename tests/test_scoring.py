@@ -120,8 +120,9 @@ def test_memory_plan_chunks_and_groups(setup):
     config = gated.model.get_base_model().config
     assert memory.plan_chunks(config, batches, BIG, 4) == [(0, 3)]
     assert memory.plan_chunks(config, batches, 1, 4) == [(0, 1), (1, 2), (2, 3)]
-    assert memory.group_size(config, batches, 7, BIG, 4) == 7
-    assert memory.group_size(config, batches, 7, 1, 4) == 1
+    assert memory.group_size(config, batches, 7, BIG, 4, on_cpu=False) == 7
+    assert memory.group_size(config, batches, 7, 1, 4, on_cpu=False) == 1
+    assert memory.group_size(config, batches, 7, BIG, 4, on_cpu=True) == 7  # tiny batches: all kinds at once
 
 
 def test_work_splits_cover_every_unit_once(setup):

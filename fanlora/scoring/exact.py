@@ -59,7 +59,7 @@ def run(
     device = batches[0].input_ids.device
     dtype = next(lm.parameters()).dtype
     chunks = memory.plan_chunks(lm.config, batches, memory_limit, elem)
-    g_max = memory.group_size(lm.config, batches, len(layout.kinds), memory_limit, elem)
+    g_max = memory.group_size(lm.config, batches, len(layout.kinds), memory_limit, elem, device.type == "cpu")
     with gates.active():
         for chunk in chunks:
             part = batches[chunk[0] : chunk[1]]

@@ -1,0 +1,135 @@
+"""`fanlora score --method/--shard`, `fanlora scores compare|merge`, `fanlora stability` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+from conftest import tiny_recipe
+
+from fanlora.cli import main
+from fanlora.config import load_config
+from fanlora.errors import UserError
+from fanlora.pipeline import run_score
+
+
+def fail(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, tiny_llama):
+    """A run directory with stage a done and the paper's AB-score computed."""
+    root = tmp_path_factory.mktemp("score-cli")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_llama)))
+    run = root / "run"
+    assert main(["search", "--config", str(recipe), "--run-dir", str(run)]) == 0
+    assert main(["score", "--run-dir", str(run)]) == 0
+    return recipe, run
+
+
+def scores(path) -> dict[str, float]:
+    return {f"{r['kind']}.{r['layer']}": r["score"] for r in json.loads(path.read_text())["scores"]}
+
+
+@pytest.mark.parametrize("method", ["sensitivity", "ab-first-order", "shapley"])
+def test_other_methods_write_their_own_file_and_feed_select(searched, method, capsys):
+    _, run = searched
+    extra = ["--budget", "2"] if method == "shapley" else []
+    assert main(["score", "--run-dir", str(run), "--method", method, *extra]) == 0
+    data = json.loads((run / f"scores-{method}.json").read_text())
+    assert data["method"] == method and len(data["scores"]) == 14
+    assert not list(run.glob(f"scores-{method}.partial.*"))
+    out = run / f"setting-{method}.json"
+    assert main(["select", "--scores", str(run / f"scores-{method}.json"), "--out", str(out), "--no-plots"]) == 0
+    assert json.loads(out.read_text())["source"]["method"] == method
+    assert scores(run / "scores.json")  # the AB-score of the same run is untouched
+
+
+def test_shards_merge_to_the_single_process_scores(searched, tmp_path, capsys):
+    _, run = searched
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for f in copy.glob("scores*"):
+        f.unlink()
+    for i in range(2):
+        assert main(["score", "--run-dir", str(copy), "--shard", f"{i}/2"]) == 0
+    shards = sorted(copy.glob("scores.shard-*-of-2.json"))
+    assert len(shards) == 2 and not (copy / "scores.json").exists()
+    err = fail(capsys, ["scores", "merge", str(shards[0]), "--out", str(tmp_path / "half.json")])
+    assert "incomplete" in err and not (tmp_path / "half.json").exists()
+    assert main(["scores", "merge", *map(str, shards), "--out", str(tmp_path / "merged.json")]) == 0
+    merged, single = scores(tmp_path / "merged.json"), scores(run / "scores.json")
+    assert max(abs(merged[k] - single[k]) for k in single) < 1e-6
+    # a shard of another study (another method) is refused
+    assert main(["score", "--run-dir", str(copy), "--shard", "0/2", "--method", "sensitivity"]) == 0
+    other = copy / "scores-sensitivity.shard-0-of-2.json"
+    err = fail(capsys, ["scores", "merge", str(shards[0]), str(other), "--out", str(tmp_path / "x.json")])
+    assert "another study" in err and not (tmp_path / "x.json").exists()
+
+
+def test_bad_scoring_options(searched, capsys):
+    _, run = searched
+    assert "at least 1 permutation" in fail(
+        capsys, ["score", "--run-dir", str(run), "--method", "shapley", "--budget", "0"]
+    )
+    assert "unknown scoring method" in fail(capsys, ["score", "--run-dir", str(run), "--method", "magic"])
+    assert "is not I/N" in fail(capsys, ["score", "--run-dir", str(run), "--shard", "2/2"])
+    assert not list(run.glob("scores-shapley*")) and not list(run.glob("scores-magic*"))
+
+
+def test_no_response_tokens_is_refused(searched, tmp_path, capsys):
+    recipe, run = searched
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "scores.json").unlink()
+    data = tmp_path / "empty.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "output": ""}) + "\n" for i in range(300)))
+    cfg = load_config(str(recipe), [f"search.data.sources=[{data}]"])
+    with pytest.raises(UserError, match="no response tokens"):
+        run_score(cfg, copy, progress=False)
+    assert not (copy / "scores.json").exists() and not list(copy.glob("scores.partial.*"))
+
+
+def test_compare_prints_the_matrices(searched, tmp_path, capsys):
+    _, run = searched
+    assert main(["score", "--run-dir", str(run), "--method", "sensitivity"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "cmp.json"
+    assert (
+        main(["scores", "compare", str(run / "scores.json"), str(run / "scores-sensitivity.json"), "--out", str(out)])
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "Spearman" in text and "Kendall" in text and "Overlap" in text
+    result = json.loads(out.read_text())
+    assert result["spearman"][0][0] == 1.0 and -1.0 <= result["spearman"][0][1] <= 1.0
+
+
+def test_select_refuses_scores_of_another_backbone(searched, tmp_path, tiny_llama_other, capsys):
+    _, run = searched
+    out = tmp_path / "setting.json"
+    argv = ["select", "--scores", str(run / "scores.json"), "--out", str(out), "--backbone", str(tiny_llama_other)]
+    assert "score this backbone first" in fail(capsys, argv)
+    assert not out.exists()
+
+
+def test_stability_over_two_seeds(tmp_path, tiny_llama, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_llama)))
+    argv = ["stability", "--config", str(recipe), "--run-dir", str(tmp_path / "st"), "--seeds", "0", "1"]
+    argv += ["--method", "ab-first-order"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("RESULT seeds=2 spearman_min=")
+    result = json.loads((tmp_path / "st" / "stability.json").read_text())
+    assert result["seeds"] == [0, 1] and result["names"] == ["seed 0", "seed 1"]
+    assert (tmp_path / "st" / "seed-1" / "scores-ab-first-order.json").is_file()
+    err = fail(capsys, ["stability", "--config", str(recipe), "--run-dir", str(tmp_path / "s2"), "--seeds", "0"])
+    assert "at least two different seeds" in err and not (tmp_path / "s2").exists()
