@@ -144,6 +144,13 @@ def _config(args: argparse.Namespace, stored_dir: Path | None = None) -> Config:
         meta = stored_dir / "run.json"
         if meta.is_file():
             source = json.loads(meta.read_text()).get("config")
+            if isinstance(source, dict):
+                from fanlora.rundir import PER_COMMAND
+
+                # which scorer the last command ran is not part of the run: --method etc. default afresh
+                for key in PER_COMMAND:
+                    section, name = key.split(".")
+                    source.get(section, {}).pop(name, None)
     return load_config(source, overrides)
 
 
