@@ -135,7 +135,10 @@ def _config(args: argparse.Namespace, stored_dir: Path | None = None) -> Config:
         if getattr(args, flag, None) is not None:
             overrides.append(f"score.{key}={json.dumps(getattr(args, flag))}")
     if getattr(args, "memory_limit_gb", None) is not None:
-        overrides.append(f"score.memory_limit_gb={args.memory_limit_gb}")
+        import yaml
+
+        # YAML reads "1e-09" as a string; its own float spelling round-trips
+        overrides.append(f"score.memory_limit_gb={yaml.safe_dump(args.memory_limit_gb).splitlines()[0]}")
     source = args.config
     if source is None and args.command == "demo":
         source = "demo"

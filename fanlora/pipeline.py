@@ -189,7 +189,10 @@ def run_score(
         "method": sc.method,
         **options,
     }
-    limit = int(sc.memory_limit_gb * 2**30) if sc.memory_limit_gb else memory.default_limit(device)
+    gb = sc.memory_limit_gb
+    if gb is not None and (isinstance(gb, bool) or not isinstance(gb, int | float) or gb <= 0):
+        raise UserError(f"score.memory_limit_gb must be a positive number of GiB or null, got {gb!r}")
+    limit = max(1, int(gb * 2**30)) if gb else memory.default_limit(device)
     units = study.units(rank, world)
     say(
         f"stage b: {sc.method} of {len(study.keys)} modules on {len(val)} val examples ({n_tokens} response "

@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-ruff check fanlora tests
+ruff check fanlora tests benchmarks
 python -m pytest -q "$@"

@@ -83,7 +83,7 @@ def test_bad_scoring_options(searched, capsys):
     )
     assert "unknown scoring method" in fail(capsys, ["score", "--run-dir", str(run), "--method", "magic"])
     assert "is not I/N" in fail(capsys, ["score", "--run-dir", str(run), "--shard", "2/2"])
-    assert not list(run.glob("scores-shapley*")) and not list(run.glob("scores-magic*"))
+    assert not list(run.glob("scores*.partial.*")) and not list(run.glob("scores-magic*"))
 
 
 def test_no_response_tokens_is_refused(searched, tmp_path):
@@ -133,3 +133,13 @@ def test_stability_over_two_seeds(tmp_path, tiny_llama, capsys):
     assert (tmp_path / "st" / "seed-1" / "scores-ab-first-order.json").is_file()
     err = fail(capsys, ["stability", "--config", str(recipe), "--run-dir", str(tmp_path / "s2"), "--seeds", "0"])
     assert "at least two different seeds" in err and not (tmp_path / "s2").exists()
+
+
+def test_tiny_memory_limit_chunks_with_the_same_scores(searched, tmp_path):
+    _, run = searched
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "scores.json").unlink()
+    assert main(["score", "--run-dir", str(copy), "--memory-limit-gb", "1e-9"]) == 0  # one batch per chunk
+    chunked, whole = scores(copy / "scores.json"), scores(run / "scores.json")
+    assert max(abs(chunked[k] - whole[k]) for k in whole) < 1e-6

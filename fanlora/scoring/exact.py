@@ -4,8 +4,9 @@
 
 A naive study runs 2 + 2·N·L full forward passes. Here one pass each of M_all and M_null caches the hidden
 state entering every layer; the 2·N ablations of layer l start from those caches and run layers l..L−1
-only, all N kinds × {without, only} side by side as replicas of one batch with per-row gates — about
-L/(L+1)·½ of the decoder work — and the LM head runs only where the loss counts. S is a token-weighted
+only, the N kinds × {without, only} side by side as replicas of one batch with per-row gates (as many as the
+memory limit, and on a CPU a token budget, allow) — (L+1)/(2L) of the naive decoder work — and the LM head
+runs only where the loss counts. S is a token-weighted
 mean over the whole validation set, so each unit of work records summed NLLs, which add across chunks and
 processes exactly; :func:`assemble` turns them into scores once every unit is in.
 """
