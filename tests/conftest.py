@@ -28,6 +28,17 @@ def tiny_llama_3layers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny") / "llama-3", "llama", layers=3)
 
 
+def fail(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Run the CLI expecting bad input: exit 2, one line on stderr, no traceback; returns that line."""
+    from fanlora.cli import main
+
+    capsys.readouterr()  # drop earlier commands' output (progress bars)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
 def tiny_recipe(model: Path) -> dict:
     """A recipe that runs every stage on the tiny model in seconds."""
     return {

@@ -10,20 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_recipe
+from conftest import fail, tiny_recipe
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from fanlora.backbone import load_backbone
 from fanlora.cli import main
-
-
-def fail(capsys, argv) -> str:
-    """Run the CLI expecting bad input: exit 2, one line on stderr, no traceback."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 def search_on(data: Path, recipe: Path, tmp_path: Path) -> list[str]:

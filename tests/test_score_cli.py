@@ -7,21 +7,12 @@ import shutil
 
 import pytest
 import yaml
-from conftest import tiny_recipe
+from conftest import fail, tiny_recipe
 
 from fanlora.cli import main
 from fanlora.config import load_config
 from fanlora.errors import UserError
 from fanlora.pipeline import run_score
-
-
-def fail(capsys, argv) -> str:
-    """Run the CLI expecting bad input: exit 2, one line on stderr, no traceback."""
-    capsys.readouterr()  # drop earlier commands' output (progress bars)
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 @pytest.fixture(scope="module")
