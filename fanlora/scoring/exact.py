@@ -124,7 +124,7 @@ def _ablate(
     return sums.tolist()
 
 
-def _tile(ranges: list[tuple[int, int]], n: int) -> list[tuple[int, int]] | None:
+def tile_ranges(ranges: list[tuple[int, int]], n: int) -> list[tuple[int, int]] | None:
     """A set of ranges that exactly covers [0, n), or None: entries from differently chunked runs mix."""
     starts: dict[int, tuple[int, int]] = {}
     for r in sorted(set(ranges), key=lambda r: r[1] - r[0]):
@@ -150,7 +150,7 @@ def assemble(
     missing = []
     sums: dict[str, dict[str, float]] = {}
     for key in ["all", "null", *keys]:
-        tiles = _tile(list(by_key.get(key, {})), n_batches)
+        tiles = tile_ranges(list(by_key.get(key, {})), n_batches)
         if tiles is None:
             missing.append(key)
             continue

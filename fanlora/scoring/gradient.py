@@ -23,8 +23,6 @@ from fanlora.scoring.progress import Progress
 from fanlora.scoring.replay import Batch, Replayer
 from fanlora.scoring.rowgates import RowGates
 
-METHODS = ("sensitivity", "ab-first-order")
-
 
 def passes(method: str) -> list[float]:
     """Gate values at which gradients are taken."""

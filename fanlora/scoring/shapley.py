@@ -22,7 +22,7 @@ import torch
 from fanlora.errors import UserError
 from fanlora.gates import GatedLoRA, Key
 from fanlora.scoring import memory
-from fanlora.scoring.exact import _tile
+from fanlora.scoring.exact import tile_ranges
 from fanlora.scoring.progress import Progress
 from fanlora.scoring.replay import Batch, Replayer
 from fanlora.scoring.rowgates import RowGates
@@ -97,7 +97,7 @@ def assemble(
         span, p = eid.split(":", 1)
         a, b = span.split("-")
         by_perm.setdefault(int(p[1:]), {})[(int(a), int(b))] = entry["nll"]
-    missing = [p for p in range(budget) if _tile(list(by_perm.get(p, {})), n_batches) is None]
+    missing = [p for p in range(budget) if tile_ranges(list(by_perm.get(p, {})), n_batches) is None]
     if missing:
         raise UserError(
             f"the scores are incomplete: permutation(s) {', '.join(map(str, missing[:4]))} missing — give every "
@@ -105,7 +105,7 @@ def assemble(
         )
     samples: dict[str, list[float]] = {f"{k}.{n}": [] for k, n in players}
     for p in range(budget):
-        curves = [by_perm[p][t] for t in _tile(list(by_perm[p]), n_batches)]
+        curves = [by_perm[p][t] for t in tile_ranges(list(by_perm[p]), n_batches)]
         v = [-sum(c[j] for c in curves) / n_tokens for j in range(len(players) + 1)]
         for j, (kind, layer) in enumerate(permutation(players, seed, p)):
             samples[f"{kind}.{layer}"].append(v[j + 1] - v[j])

@@ -53,10 +53,6 @@ class Study:
         """Output name: scores.json for the paper's method, scores-<method>.json for the others."""
         return "scores" if self.method == "ab-exact" else f"scores-{self.method}"
 
-    @property
-    def options(self) -> dict[str, Any]:
-        return {"budget": self.budget, "seed": self.seed} if self.method == "shapley" else {}
-
     def units(self, rank: int, world: int) -> list[int]:
         if self.method == "ab-exact":
             return exact.assign_layers(self.num_layers, world)[rank]
