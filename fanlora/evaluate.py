@@ -40,7 +40,7 @@ def training_examples(tokenizer: Any, examples: Sequence[MCExample], max_length:
 
 @dataclass
 class MCResult:
-    metrics: dict[str, float]
+    metrics: dict[str, Any]
     predictions: list[dict[str, Any]]
 
 
@@ -96,4 +96,12 @@ def evaluate_mc(
         hits_norm += pred_norm == ex.label
         preds.append({"id": ex.id, "label": ex.label, "pred": pred, "pred_norm": pred_norm, "loglik": ll})
     n = max(1, len(examples))
-    return MCResult({"acc": hits / n, "acc_norm": hits_norm / n, "n": len(examples)}, preds)
+    metrics: dict[str, Any] = {"acc": hits / n, "acc_norm": hits_norm / n, "n": len(examples)}
+    groups: dict[str, list[bool]] = {}
+    for ex, p in zip(examples, preds, strict=True):
+        if ex.group:
+            groups.setdefault(ex.group, []).append(p["pred"] == ex.label)
+    if groups:
+        metrics["acc_by_group"] = {g: sum(v) / len(v) for g, v in sorted(groups.items())}
+        metrics["acc_macro"] = sum(metrics["acc_by_group"].values()) / len(groups)
+    return MCResult(metrics, preds)

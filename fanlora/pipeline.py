@@ -375,9 +375,10 @@ def run_evaluate(
     out = Path(out_dir)
     atomic.write_jsonl(out / "predictions.jsonl", result.predictions)
     atomic.write_json(out / "metrics.json", metrics)
+    macro = f" acc_macro={metrics['acc_macro']:.4f}" if "acc_macro" in metrics else ""
     say(
-        f"evaluate: {task_name}/{cfg.evaluate.split} acc={metrics['acc']:.4f} acc_norm={metrics['acc_norm']:.4f} "
-        f"(n={metrics['n']}) → {out / 'metrics.json'}"
+        f"evaluate: {task_name}/{cfg.evaluate.split} acc={metrics['acc']:.4f} acc_norm={metrics['acc_norm']:.4f}"
+        f"{macro} (n={metrics['n']}) → {out / 'metrics.json'}"
     )
     return metrics
 

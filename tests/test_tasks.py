@@ -67,3 +67,21 @@ def test_training_pairs_label_only_the_answer(tiny_llama):
     long = encode_pair(tok, "a b c d e f", " g", max_length=3)
     full = encode_pair(tok, "a b c d e f", " g")
     assert long.input_ids == full.input_ids[-3:] and long.labels[-1] == full.labels[-1] != -100
+
+
+def test_mmlu_prompt_splits_and_per_subject_accuracy(tiny_llama):
+    mmlu = get_task("mmlu")
+    train, dev, test = (mmlu.examples(s) for s in ("train", "dev", "test"))
+    assert (len(train), len(dev), len(test)) == (285, 1405, 12637)
+    assert len({e.group for e in dev}) == 57 and len({e.group for e in test}) == 57
+    assert not {e.id for e in dev} & {e.id for e in test}
+    ex = test[0]
+    assert ex.context.startswith("The following are multiple choice questions (with answers) about abstract algebra.")
+    assert ex.context.endswith("\nC. 24\nD. 120\nAnswer:") and ex.label == 2 and ex.choices == [" A", " B", " C", " D"]
+    b = load_backbone(str(tiny_llama))
+    picked = [e for e in dev if e.group == "anatomy"][:3] + [e for e in dev if e.group == "astronomy"][:2]
+    result = evaluate_mc(b.model, b.tokenizer, picked, 8, progress=False)
+    by = result.metrics["acc_by_group"]
+    right = [p["pred"] == e.label for p, e in zip(result.predictions, picked, strict=True)]
+    assert by == {"anatomy": sum(right[:3]) / 3, "astronomy": sum(right[3:]) / 2}
+    assert result.metrics["acc_macro"] == pytest.approx((by["anatomy"] + by["astronomy"]) / 2)

@@ -19,6 +19,7 @@ class MCExample:
     context: str
     choices: list[str]  # continuations, each starting with the delimiter (" yes")
     label: int
+    group: str = ""  # e.g. the MMLU subject: accuracy is also reported per group and macro-averaged
 
 
 class MCTask:
