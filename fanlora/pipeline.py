@@ -30,7 +30,7 @@ from fanlora.evaluate import evaluate_mc, training_examples
 from fanlora.gates import GatedLoRA
 from fanlora.scoring import ScoreTable, make_batches, memory
 from fanlora.scoring.progress import Progress
-from fanlora.scoring.study import SHARD_FORMAT, Study, assemble, check_method, compute
+from fanlora.scoring.study import SHARD_FORMAT, Study, assemble, check_method, compute, stem_for
 from fanlora.setting import Setting, file_sha256, select
 from fanlora.tasks import get_task
 from fanlora.train import train_adapter
@@ -119,8 +119,7 @@ def _device() -> torch.device:
 
 def scores_path(cfg: Config, run_dir: str | Path) -> Path:
     """Where `fanlora score` writes: scores.json for ab-exact, scores-<method>.json for the other methods."""
-    method = cfg.score.method
-    return Path(run_dir) / ("scores.json" if method == "ab-exact" else f"scores-{method}.json")
+    return Path(run_dir) / f"{stem_for(cfg.score.method)}.json"
 
 
 def run_score(
@@ -138,6 +137,9 @@ def run_score(
     run_dir = Path(run_dir)
     sc = cfg.score
     check_method(sc.method, sc.shapley_budget)
+    gb = sc.memory_limit_gb
+    if gb is not None and (isinstance(gb, bool) or not isinstance(gb, int | float) or gb <= 0):
+        raise UserError(f"score.memory_limit_gb must be a positive number of GiB or null, got {gb!r}")
     json_path = scores_path(cfg, run_dir)
     options = {"budget": sc.shapley_budget, "seed": sc.seed} if sc.method == "shapley" else {}
     if shard is None and json_path.is_file():
@@ -176,8 +178,8 @@ def run_score(
         module_names={f"{k}.{n}": layout.module_name(k, n) for k, n in layout.all_modules()},
         n_batches=len(batches),
         n_tokens=n_tokens,
-        budget=sc.shapley_budget if sc.method == "shapley" else 0,
-        seed=sc.seed if sc.method == "shapley" else 0,
+        budget=options.get("budget", 0),
+        seed=options.get("seed", 0),
     )
     adapter_sha = file_sha256(adapter / "adapter_model.safetensors")[:16]
     val_fp = InstructionData(train=[], val=val, sources=data.sources).fingerprint()
@@ -189,9 +191,6 @@ def run_score(
         "method": sc.method,
         **options,
     }
-    gb = sc.memory_limit_gb
-    if gb is not None and (isinstance(gb, bool) or not isinstance(gb, int | float) or gb <= 0):
-        raise UserError(f"score.memory_limit_gb must be a positive number of GiB or null, got {gb!r}")
     limit = max(1, int(gb * 2**30)) if gb else memory.default_limit(device)
     units = study.units(rank, world)
     say(

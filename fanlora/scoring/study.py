@@ -50,8 +50,7 @@ class Study:
 
     @property
     def stem(self) -> str:
-        """Output name: scores.json for the paper's method, scores-<method>.json for the others."""
-        return "scores" if self.method == "ab-exact" else f"scores-{self.method}"
+        return stem_for(self.method)
 
     def units(self, rank: int, world: int) -> list[int]:
         if self.method == "ab-exact":
@@ -69,6 +68,11 @@ class Study:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def stem_for(method: str) -> str:
+    """Output name: scores.json for the paper's method, scores-<method>.json for the others."""
+    return "scores" if method == "ab-exact" else f"scores-{method}"
 
 
 def check_method(method: str, budget: int) -> None:
