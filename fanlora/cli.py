@@ -50,6 +50,59 @@ def _score_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-limit-gb", type=float, help="cache budget (default: a quarter of RAM / GPU memory)")
 
 
+TASKS = "copa, boolq, mmlu, squad, gsm8k, sql, mtbench"
+
+
+def _data_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="SPLIT=SOURCE",
+        help="replace a split's data: a .jsonl/.jsonl.gz file or an HF dataset NAME[:CONFIG][@SPLIT] (repeatable)",
+    )
+
+
+def _eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mode", choices=["auto", "loglik", "generate"], help="multiple choice: loglik (default) or generate"
+    )
+    p.add_argument("--decoding", choices=["greedy", "sampling", "beam"], help="default greedy")
+    p.add_argument("--num-beams", type=int, help="beam search width (default 3, the paper's)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 0.7)")
+    p.add_argument("--top-p", type=float, help="sampling nucleus (default 0.95)")
+    p.add_argument("--max-new-tokens", type=int, help="generation budget (default: the task's)")
+    p.add_argument("--sample-seed", type=int, help="sampling seed (default 0)")
+    p.add_argument("--batch-size", type=int, help="examples per batch (default from the config: 16)")
+
+
+def _apply_eval_options(args: argparse.Namespace, cfg: Config) -> None:
+    ev = cfg.evaluate
+    for flag, key in (
+        ("mode", "mode"),
+        ("decoding", "decoding"),
+        ("num_beams", "num_beams"),
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("max_new_tokens", "max_new_tokens"),
+        ("sample_seed", "seed"),
+        ("batch_size", "batch_size"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(ev, key, value)
+    data = {}
+    for item in getattr(args, "data", []):
+        split, sep, source = item.partition("=")
+        if not sep or not split or not source:
+            raise UserError(f"--data {item!r}: expected SPLIT=SOURCE, e.g. --data train=my_train.jsonl")
+        data[split] = source
+    if data:
+        ev.data = {**(ev.data or {}), **data}
+        if args.command == "finetune":
+            cfg.finetune.data = {**(cfg.finetune.data or {}), **data}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fanlora", description="FanLoRA: find where LoRA should go, then adapt.")
     parser.add_argument("--version", action="version", version=f"fanlora {__version__}")
@@ -89,20 +142,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="stage d: fresh LoRA on the setting's modules, trained on a task")
     _common(p, None)
     p.add_argument("--setting", required=True, help="setting.json from `fanlora select`")
-    p.add_argument("--task", help="task name (copa, boolq, mmlu); default from the config")
+    p.add_argument("--task", help=f"task name ({TASKS}); default from the config")
     p.add_argument("--run-dir", help="output directory (default runs/<task>)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
+    _data_option(p)
+    _eval_options(p)
 
-    p = sub.add_parser("evaluate", help="evaluate the base model or an adapter on a task")
+    p = sub.add_parser("evaluate", help="evaluate the base model or an adapter on one or more tasks")
     _common(p, None)
-    p.add_argument("--task", required=True, help="task name (copa, boolq, mmlu)")
+    p.add_argument("--task", required=True, action="append", help=f"task name ({TASKS}); repeatable")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--adapter", help="a PEFT adapter directory")
     who.add_argument("--base", action="store_true", help="evaluate the bare backbone")
     p.add_argument("--split", help="dev or test (default from the config: test)")
     p.add_argument("--limit", type=int, help="evaluate the first N examples only")
-    p.add_argument("--out", help="output directory (default: <adapter>/../eval-<task> or runs/eval-<task>-base)")
+    p.add_argument(
+        "--out",
+        help="output directory (default: <adapter>/../eval-<task> or runs/eval-<task>-base; "
+        "with several tasks, one sub-directory per task)",
+    )
+    _data_option(p)
+    _eval_options(p)
+
+    p = sub.add_parser("judge", help="MT-Bench: grade saved answers (1-10) or compare two runs with an LLM judge")
+    p.add_argument("--answers", required=True, help="directory of `fanlora evaluate --task mtbench` (answers)")
+    p.add_argument("--against", help="a second answers directory: pairwise comparison instead of grading")
+    p.add_argument("--judge-url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--judge-model", required=True, help="the judge's model name at that endpoint")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--out", help="output directory (default: the answers directory, or <answers>/pairwise-…)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request")
 
     p = sub.add_parser("demo", help="the whole method on the embedded backbone, then COPA before/after")
     _common(p, "runs/demo")
@@ -280,6 +350,11 @@ def _run(args: argparse.Namespace) -> int:
         cfg = _config(args)
         if args.task:
             cfg.finetune.task = args.task
+        _apply_eval_options(args, cfg)
+        pipeline.decoding_of(cfg)
+        from fanlora.tasks import get_task
+
+        get_task(cfg.finetune.task, cfg.finetune.data)  # unknown task or split: say so before any work
         run_dir = Path(args.run_dir or f"runs/{cfg.finetune.task}")
         cfg = _prepared(args, cfg, run_dir, SECTIONS["finetune"])
         adapter = pipeline.run_finetune(cfg, args.setting, run_dir)
@@ -291,10 +366,23 @@ def _run(args: argparse.Namespace) -> int:
             cfg.evaluate.split = args.split
         if args.limit:
             cfg.evaluate.limit = args.limit
-        default_out = (
-            (Path(args.adapter).parent / f"eval-{args.task}") if args.adapter else Path(f"runs/eval-{args.task}-base")
-        )
-        pipeline.run_evaluate(cfg, args.task, Path(args.out) if args.out else default_out, adapter=args.adapter)
+        _apply_eval_options(args, cfg)
+        pipeline.decoding_of(cfg)
+        tasks = list(dict.fromkeys(args.task))
+        outs = []
+        for name in tasks:
+            if args.out:
+                outs.append(Path(args.out) / name if len(tasks) > 1 else Path(args.out))
+            else:
+                outs.append(
+                    Path(args.adapter).parent / f"eval-{name}" if args.adapter else Path(f"runs/eval-{name}-base")
+                )
+        pipeline.run_evaluate_many(cfg, tasks, outs, adapter=args.adapter)
+        return 0
+    if cmd == "judge":
+        from fanlora import judge
+
+        judge.run_cli(args)
         return 0
     raise AssertionError(cmd)
 

@@ -88,6 +88,7 @@ class FinetuneConfig:
     lora: LoraParams = field(default_factory=LoraParams)
     train: TrainParams = field(default_factory=lambda: TrainParams(epochs=10.0))
     max_train_examples: Any = None
+    data: Any = None  # {split: source}: replace a task split's data (local JSONL or an HF dataset name)
 
 
 @dataclass
@@ -95,6 +96,15 @@ class EvaluateConfig:
     split: str = "test"
     limit: Any = None  # int or null: evaluate the first N examples
     batch_size: int = 16
+    mode: str = "auto"  # multiple-choice tasks: loglik (auto) or generate
+    decoding: str = "greedy"  # greedy | sampling | beam (the paper: beam, num_beams 3)
+    num_beams: int = 3
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: Any = None  # int or null: the task's default
+    seed: int = 0  # sampling
+    max_length: int = 2048  # prompt + generation; longer prompts are cut from the left
+    data: Any = None  # {split: source}, as finetune.data
 
 
 @dataclass

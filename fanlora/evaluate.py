@@ -14,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fanlora.data.instruct import IGNORE, Example
-from fanlora.tasks.base import MCExample
+from fanlora.generate import Decoding, generate
+from fanlora.tasks.base import GenExample, GenTask, MCExample, Task
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str, max_length: int | None = None) -> Example:
@@ -33,9 +34,22 @@ def encode_pair(tokenizer: Any, context: str, continuation: str, max_length: int
     return Example(ids, labels)
 
 
-def training_examples(tokenizer: Any, examples: Sequence[MCExample], max_length: int) -> list[Example]:
-    """Stage d trains the LM on context → correct choice, loss on the choice's tokens only."""
-    return [encode_pair(tokenizer, e.context, e.choices[e.label], max_length) for e in examples]
+def training_examples(tokenizer: Any, task: Task, examples: Sequence[Any], max_length: int) -> list[Example]:
+    """Stage d's examples: prompt → target with loss on the target only (MC: the correct choice).
+
+    Generation targets end with EOS so that a tuned model learns where its answer stops; chat tasks train on
+    whole conversations through the chat template (``meta["messages"]``).
+    """
+    if getattr(task, "chat", False):
+        from fanlora.data.instruct import segments, tokenize_pieces
+
+        return [tokenize_pieces(tokenizer, segments(tokenizer, ex.meta["messages"]), max_length) for ex in examples]
+    eos = tokenizer.eos_token if task.kind == "generate" and tokenizer.eos_token else ""
+    out = []
+    for ex in examples:
+        prompt, target = task.training_pair(ex)
+        out.append(encode_pair(tokenizer, prompt, target + eos, max_length))
+    return out
 
 
 @dataclass
@@ -78,12 +92,68 @@ def choice_logliks(
     return out
 
 
+@torch.no_grad()
+def next_token_logprobs(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    contexts: Sequence[list[int]],
+    candidates: Sequence[list[int]],
+    batch_size: int,
+    progress: bool = True,
+    desc: str = "scoring choices",
+) -> list[list[float]]:
+    """log p(candidate token | context) for each context: one pass per context instead of one per choice.
+
+    Equal to :func:`choice_logliks` when every choice is a single token (BoolQ's " no"/" yes", MMLU's " A"…):
+    the choice's log-likelihood is then the log-probability of its one token after the context.
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+    out: list[list[float]] = [[] for _ in contexts]
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
+        idx = order[start : start + batch_size]
+        width = max(len(contexts[i]) for i in idx)
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, : len(contexts[i])] = torch.tensor(contexts[i])
+            mask[row, : len(contexts[i])] = 1
+        hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=0)
+        last = torch.tensor([len(contexts[i]) - 1 for i in idx], device=device)
+        logp = torch.log_softmax(hidden.logits[torch.arange(len(idx), device=device), last].float(), dim=-1)
+        for row, i in enumerate(idx):
+            out[i] = logp[row, torch.tensor(candidates[i], device=device)].tolist()
+    return out
+
+
+def single_token_choices(tokenizer: Any, examples: Sequence[MCExample]) -> list[list[int]] | None:
+    """Each example's choices as one token id each, or None when some choice needs more than one token."""
+    cache: dict[str, list[int]] = {}
+    out = []
+    for ex in examples:
+        ids = []
+        for c in ex.choices:
+            if c not in cache:
+                cache[c] = tokenizer(c, add_special_tokens=False)["input_ids"]
+            if len(cache[c]) != 1:
+                return None
+            ids.append(cache[c][0])
+        out.append(ids)
+    return out
+
+
 def evaluate_mc(
     model: torch.nn.Module, tokenizer: Any, examples: Sequence[MCExample], batch_size: int = 16, progress: bool = True
 ) -> MCResult:
     """``acc`` (argmax log-likelihood) and ``acc_norm`` (argmax log-likelihood per character)."""
-    pairs = [encode_pair(tokenizer, ex.context, c) for ex in examples for c in ex.choices]
-    lls = choice_logliks(model, tokenizer, pairs, batch_size, progress)
+    single = single_token_choices(tokenizer, examples)
+    if single is not None:
+        contexts = [encode_pair(tokenizer, ex.context, "").input_ids for ex in examples]
+        per_example = next_token_logprobs(model, tokenizer, contexts, single, batch_size, progress)
+        lls = [v for row in per_example for v in row]
+    else:
+        pairs = [encode_pair(tokenizer, ex.context, c) for ex in examples for c in ex.choices]
+        lls = choice_logliks(model, tokenizer, pairs, batch_size, progress)
     preds, hits, hits_norm = [], 0, 0
     pos = 0
     for ex in examples:
@@ -96,12 +166,87 @@ def evaluate_mc(
         hits_norm += pred_norm == ex.label
         preds.append({"id": ex.id, "label": ex.label, "pred": pred, "pred_norm": pred_norm, "loglik": ll})
     n = max(1, len(examples))
-    metrics: dict[str, Any] = {"acc": hits / n, "acc_norm": hits_norm / n, "n": len(examples)}
+    metrics: dict[str, Any] = {"acc": hits / n, "acc_norm": hits_norm / n, "n": len(examples), "mode": "loglik"}
+    metrics.update(_by_group(examples, [p["pred"] for p in preds]))
+    return MCResult(metrics, preds)
+
+
+def _by_group(examples: Sequence[MCExample], preds: Sequence[int]) -> dict[str, Any]:
     groups: dict[str, list[bool]] = {}
     for ex, p in zip(examples, preds, strict=True):
         if ex.group:
-            groups.setdefault(ex.group, []).append(p["pred"] == ex.label)
-    if groups:
-        metrics["acc_by_group"] = {g: sum(v) / len(v) for g, v in sorted(groups.items())}
-        metrics["acc_macro"] = sum(metrics["acc_by_group"].values()) / len(groups)
+            groups.setdefault(ex.group, []).append(p == ex.label)
+    if not groups:
+        return {}
+    by_group = {g: sum(v) / len(v) for g, v in sorted(groups.items())}
+    return {"acc_by_group": by_group, "acc_macro": sum(by_group.values()) / len(by_group)}
+
+
+def match_choice(text: str, choices: Sequence[str]) -> int:
+    """The choice a generated answer names: the longest choice the stripped text starts with
+    (case-insensitive), else -1 (counted wrong). " yes" matches "Yes, because…"; "no" does not match "not"."""
+    said = text.strip().lower()
+    best, best_len = -1, 0
+    for i, c in enumerate(choices):
+        want = c.strip().lower()
+        if want and said.startswith(want) and len(want) > best_len:
+            rest = said[len(want) : len(want) + 1]
+            if not rest or not rest.isalnum():
+                best, best_len = i, len(want)
+    return best
+
+
+def evaluate_mc_generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[MCExample],
+    decoding: Decoding,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> MCResult:
+    """Multiple choice by generation: the model writes its answer after the context; it must name a choice."""
+    longest = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for ex in examples for c in ex.choices)
+    texts = generate(
+        model,
+        tokenizer,
+        [ex.context for ex in examples],
+        decoding,
+        decoding.max_new_tokens or longest + 2,
+        stop=("\n",),
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+    )
+    preds = []
+    for ex, text in zip(examples, texts, strict=True):
+        preds.append({"id": ex.id, "label": ex.label, "pred": match_choice(text, ex.choices), "output": text})
+    n = max(1, len(examples))
+    metrics: dict[str, Any] = {
+        "acc": sum(p["pred"] == p["label"] for p in preds) / n,
+        "unmatched": sum(p["pred"] < 0 for p in preds),
+        "n": len(examples),
+        "mode": "generate",
+        "decoding": decoding.strategy,
+    }
+    metrics.update(_by_group(examples, [p["pred"] for p in preds]))
+    return MCResult(metrics, preds)
+
+
+def evaluate_generation(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: GenTask,
+    examples: Sequence[GenExample],
+    decoding: Decoding,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> MCResult:
+    """Generate with the task's stop strings and token budget, then score with the task's metric."""
+    outputs = task.outputs(model, tokenizer, examples, decoding, batch_size, max_length, progress)
+    metrics, preds = task.score(examples, outputs)
+    metrics = {**metrics, "n": len(examples), "mode": "generate", "decoding": decoding.strategy}
+    if decoding.strategy == "beam":
+        metrics["num_beams"] = decoding.num_beams
     return MCResult(metrics, preds)

@@ -26,8 +26,9 @@ from fanlora.backbone import Backbone, load_backbone
 from fanlora.config import Config
 from fanlora.data.instruct import InstructionData, load_instruction_data, read_conversations
 from fanlora.errors import UserError
-from fanlora.evaluate import evaluate_mc, training_examples
+from fanlora.evaluate import evaluate_generation, evaluate_mc, evaluate_mc_generate, training_examples
 from fanlora.gates import GatedLoRA
+from fanlora.generate import Decoding
 from fanlora.scoring import ScoreTable, make_batches, memory
 from fanlora.scoring.progress import Progress
 from fanlora.scoring.study import SHARD_FORMAT, Study, assemble, check_method, compute, stem_for
@@ -341,17 +342,16 @@ def run_stability(cfg: Config, run_dir: str | Path, seeds: list[int]) -> Any:
     return result
 
 
-def run_evaluate(
-    cfg: Config,
-    task_name: str,
-    out_dir: str | Path,
-    adapter: str | Path | None = None,
-    backbone: Backbone | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluate the base model or base + adapter on a task split; write metrics.json + predictions.jsonl."""
-    task = get_task(task_name)
-    examples = task.examples(cfg.evaluate.split, cfg.evaluate.limit)
+MODES = ("auto", "loglik", "generate")
+
+
+def decoding_of(cfg: Config) -> Decoding:
+    ev = cfg.evaluate
+    return Decoding(ev.decoding, ev.num_beams, ev.temperature, ev.top_p, ev.max_new_tokens, ev.seed).check()
+
+
+def load_for_eval(cfg: Config, adapter: str | Path | None, backbone: Backbone | None = None) -> tuple[Any, Backbone]:
+    """The backbone, with the adapter on top when given (its setting checked against the backbone first)."""
     backbone = backbone or backbone_from(cfg)
     model = backbone.model
     if adapter is not None:
@@ -364,22 +364,76 @@ def run_evaluate(
             Setting.read(setting_file).validate(backbone)
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
-    result = evaluate_mc(model, backbone.tokenizer, examples, cfg.evaluate.batch_size, progress)
+    return model, backbone
+
+
+def run_evaluate(
+    cfg: Config,
+    task_name: str,
+    out_dir: str | Path,
+    adapter: str | Path | None = None,
+    backbone: Backbone | None = None,
+    progress: bool = True,
+    model: Any = None,
+) -> dict[str, Any]:
+    """Evaluate the base model or base + adapter on a task split; write metrics.json + predictions.jsonl."""
+    ev = cfg.evaluate
+    if ev.mode not in MODES:
+        raise UserError(f"unknown evaluate mode {ev.mode!r}: use one of {', '.join(MODES)}")
+    task = get_task(task_name, ev.data)
+    decoding = decoding_of(cfg)
+    if task.kind == "generate" and ev.mode == "loglik":
+        raise UserError(f"task {task_name} is scored by generation only: drop --mode loglik")
+    examples = task.examples(ev.split, ev.limit)
+    if model is None:
+        model, backbone = load_for_eval(cfg, adapter, backbone)
+    tok = backbone.tokenizer
+    started = time.time()
+    if task.kind == "generate":
+        result = evaluate_generation(model, tok, task, examples, decoding, ev.batch_size, ev.max_length, progress)
+    elif ev.mode == "generate":
+        result = evaluate_mc_generate(model, tok, examples, decoding, ev.batch_size, ev.max_length, progress)
+    else:
+        result = evaluate_mc(model, tok, examples, ev.batch_size, progress)
     metrics = {
         "task": task_name,
-        "split": cfg.evaluate.split,
+        "split": ev.split,
         "adapter": str(adapter) if adapter else None,
         **result.metrics,
+        "seconds": round(time.time() - started, 1),
     }
     out = Path(out_dir)
     atomic.write_jsonl(out / "predictions.jsonl", result.predictions)
     atomic.write_json(out / "metrics.json", metrics)
-    macro = f" acc_macro={metrics['acc_macro']:.4f}" if "acc_macro" in metrics else ""
-    say(
-        f"evaluate: {task_name}/{cfg.evaluate.split} acc={metrics['acc']:.4f} acc_norm={metrics['acc_norm']:.4f}"
-        f"{macro} (n={metrics['n']}) → {out / 'metrics.json'}"
-    )
+    say(f"evaluate: {task_name}/{ev.split} {_headline(metrics)} (n={metrics['n']}) → {out / 'metrics.json'}")
     return metrics
+
+
+HEADLINE = ("acc", "acc_norm", "acc_macro", "exact_match", "f1", "f1_em", "execution_accuracy", "answers")
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    parts = []
+    for key in HEADLINE:
+        value = metrics.get(key)
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.4f}")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def run_evaluate_many(
+    cfg: Config, tasks: list[str], outs: list[Path], adapter: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """Several tasks on one loaded model (the backbone and adapter are loaded once)."""
+    for name in tasks:  # every task name is checked before the model loads
+        get_task(name, cfg.evaluate.data)
+    model, backbone = load_for_eval(cfg, adapter)
+    return [
+        run_evaluate(cfg, name, out, adapter=adapter, backbone=backbone, model=model)
+        for name, out in zip(tasks, outs, strict=True)
+    ]
 
 
 def run_finetune(cfg: Config, setting_path: str | Path, out_dir: str | Path) -> Path:
@@ -393,10 +447,10 @@ def run_finetune(cfg: Config, setting_path: str | Path, out_dir: str | Path) -> 
     backbone = backbone_from(cfg)
     setting.validate(backbone)
     ft = cfg.finetune
-    task = get_task(ft.task)
+    task = get_task(ft.task, ft.data)
     tok = backbone.tokenizer
-    train = training_examples(tok, task.examples("train", ft.max_train_examples), ft.max_length)
-    dev = training_examples(tok, task.examples("dev"), ft.max_length)
+    train = training_examples(tok, task, task.examples("train", ft.max_train_examples), ft.max_length)
+    dev = training_examples(tok, task, task.examples("dev"), ft.max_length)
     torch.manual_seed(ft.train.seed)
     from peft import get_peft_model
 

@@ -47,7 +47,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def read_source(source: str, split: str = "train") -> list[tuple[str, dict[str, Any]]]:
     """Records of one source as (where, record); ``where`` is ``file:line`` for error messages.
 
-    A source is ``bundled:<name>``, a local ``.jsonl``/``.jsonl.gz`` path, or an HF dataset name (online only).
+    A source is ``bundled:<name>``, a local ``.jsonl``/``.jsonl.gz`` path, or an HF dataset (online only) as
+    ``NAME[:CONFIG][@SPLIT]`` — e.g. ``super_glue:boolq@train``; ``split`` is used when ``@SPLIT`` is absent.
     """
     if source.startswith(BUNDLED_PREFIX):
         path = bundled_path(source[len(BUNDLED_PREFIX) :])
@@ -58,11 +59,14 @@ def read_source(source: str, split: str = "train") -> list[tuple[str, dict[str, 
     return _read_hf(source, split)
 
 
-def _read_hf(name: str, split: str) -> list[tuple[str, dict[str, Any]]]:
+def _read_hf(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:
+    name, _, at = source.partition("@")
+    split = at or split
+    name, _, config = name.partition(":")
     try:
         import datasets
 
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(

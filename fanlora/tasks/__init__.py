@@ -1,6 +1,6 @@
-"""Downstream tasks; importing this package registers every bundled task."""
+"""Downstream tasks; importing this package registers every bundled task (one file each)."""
 
-from fanlora.tasks import boolq, copa, mmlu  # noqa: F401
-from fanlora.tasks.base import MCExample, MCTask, get_task
+from fanlora.tasks import boolq, copa, gsm8k, mmlu, mtbench, sql, squad  # noqa: F401
+from fanlora.tasks.base import GenExample, GenTask, MCExample, MCTask, Task, get_task, known_tasks
 
-__all__ = ["MCExample", "MCTask", "get_task"]
+__all__ = ["GenExample", "GenTask", "MCExample", "MCTask", "Task", "get_task", "known_tasks"]

@@ -1,16 +1,28 @@
-"""Multiple-choice tasks: examples, splits, prompt format and the training pair for stage d.
+"""Tasks: examples, splits, a prompt format, a metric, and the training pair for stage d.
 
-A task is one file in ``fanlora/tasks`` that defines a :class:`MCTask` subclass and registers it. Scoring
-follows lm-evaluation-harness: a choice's log-likelihood is the summed log-probability of its tokens after
-the context; ``acc`` takes the argmax, ``acc_norm`` divides by the choice's length in characters first.
+A task is one file in ``fanlora/tasks`` that defines a :class:`Task` subclass and decorates it with
+:func:`register`. Two kinds exist:
+
+- :class:`MCTask` — multiple choice. Scored by log-likelihood as lm-evaluation-harness does (a choice's
+  log-likelihood is the summed log-probability of its tokens after the context; ``acc`` takes the argmax,
+  ``acc_norm`` divides by the choice's length in characters first), or by generation (the answer generated
+  after the context is matched to a choice).
+- :class:`GenTask` — free generation, scored by the task's own :meth:`GenTask.score`.
+
+Every split's data can be replaced with ``--data SPLIT=SOURCE`` (a local JSONL/JSONL.gz file or an HF
+dataset name while online, see :func:`fanlora.data.records.read_source`); a replaced split is used whole.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from fanlora.data.records import BUNDLED_PREFIX, read_source
 from fanlora.errors import UserError
+
+Rows = list[tuple[str, dict[str, Any]]]  # (file:line, record)
 
 
 @dataclass
@@ -22,41 +34,129 @@ class MCExample:
     group: str = ""  # e.g. the MMLU subject: accuracy is also reported per group and macro-averaged
 
 
-class MCTask:
+@dataclass
+class GenExample:
+    id: str
+    prompt: str  # text the model continues (or, for chat tasks, the first user turn)
+    target: str  # what stage d trains on after the prompt
+    references: list[str] = field(default_factory=list)  # what the metric compares against
+    meta: dict[str, Any] = field(default_factory=dict)  # task-specific (gold SQL, later turns, category…)
+
+
+class Task:
     """Base class: subclasses set ``name``/``description`` and implement :meth:`load_split`."""
 
     name: str = ""
     description: str = ""
+    kind: str = ""  # "mc" or "generate"
     splits: tuple[str, ...] = ("train", "dev", "test")
 
-    def load_split(self, split: str) -> list[MCExample]:
+    def __init__(self, data: dict[str, str] | None = None) -> None:
+        self.data = dict(data or {})
+        unknown = sorted(set(self.data) - set(self.splits))
+        if unknown:
+            raise UserError(
+                f"task {self.name} has no split {unknown[0]!r} to replace with --data: "
+                f"use one of {', '.join(self.splits)}"
+            )
+
+    def load_split(self, split: str) -> list[Any]:
         raise NotImplementedError
 
-    def examples(self, split: str, limit: int | None = None) -> list[MCExample]:
+    def examples(self, split: str, limit: int | None = None) -> list[Any]:
         if split not in self.splits:
             raise UserError(f"task {self.name} has no split {split!r}: use one of {', '.join(self.splits)}")
         rows = self.load_split(split)
+        if not rows:
+            raise UserError(f"task {self.name} split {split} has no examples: check its data source")
         return rows[:limit] if limit else rows
+
+    def rows(self, split: str, bundled: str, hf_split: str | None = None) -> tuple[Rows, bool]:
+        """Records of a split: the ``--data`` replacement if given (True), else the bundled file (False)."""
+        if split in self.data:
+            return read_source(self.data[split], hf_split or split), True
+        return read_source(BUNDLED_PREFIX + bundled), False
 
     @staticmethod
     def field(record: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
         value = record.get(key)
-        if not isinstance(value, typ):
-            raise UserError(f"{where}: field {key!r} missing or not {getattr(typ, '__name__', typ)}")
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            name = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+            raise UserError(f"{where}: field {key!r} missing or not {name}; fix or remove that line")
         return value
 
 
-_REGISTRY: dict[str, type[MCTask]] = {}
+class MCTask(Task):
+    kind = "mc"
+
+    def training_pair(self, ex: MCExample) -> tuple[str, str]:
+        return ex.context, ex.choices[ex.label]
 
 
-def register(cls: type[MCTask]) -> type[MCTask]:
+class GenTask(Task):
+    """Generation tasks: subclasses also set decoding defaults and implement :meth:`score`."""
+
+    kind = "generate"
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ("\n",)  # generation is cut at the first of these
+    chat: bool = False  # prompts go through the tokenizer's chat template (multi-turn tasks)
+
+    def training_pair(self, ex: GenExample) -> tuple[str, str]:
+        return ex.prompt, ex.target
+
+    def outputs(
+        self,
+        model: Any,
+        tokenizer: Any,
+        examples: Sequence[GenExample],
+        decoding: Any,
+        batch_size: int,
+        max_length: int | None,
+        progress: bool,
+    ) -> list[Any]:
+        """What the model says for each example (multi-turn tasks override this)."""
+        from fanlora.generate import generate
+
+        return generate(
+            model,
+            tokenizer,
+            [ex.prompt for ex in examples],
+            decoding,
+            decoding.max_new_tokens or self.max_new_tokens,
+            stop=self.stop,
+            batch_size=batch_size,
+            max_length=max_length,
+            progress=progress,
+            desc=f"{self.name}: generating",
+        )
+
+    def score(self, examples: Sequence[GenExample], outputs: Sequence[Any]) -> tuple[dict[str, Any], list[dict]]:
+        """(metrics, one prediction record per example)."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def get_task(name: str) -> MCTask:
+def known_tasks() -> list[str]:
     from fanlora import tasks  # noqa: F401 - importing the package registers the bundled tasks
 
+    return sorted(_REGISTRY)
+
+
+def get_task(name: str, data: dict[str, str] | None = None) -> Task:
+    known = known_tasks()
     if name not in _REGISTRY:
-        raise UserError(f"unknown task {name!r}: known tasks are {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]()
+        raise UserError(f"unknown task {name!r}: known tasks are {', '.join(known)}")
+    return _REGISTRY[name](data)
+
+
+def halve(rows: list[Any], split: str) -> list[Any]:
+    """A labelled set split in file order: first half dev, second half test (the paper's BoolQ/COPA rule)."""
+    half = len(rows) // 2
+    return rows[:half] if split == "dev" else rows[half:]

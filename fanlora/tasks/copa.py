@@ -8,9 +8,8 @@ set is halved in file order into dev (first 50) and test (last 50).
 
 from __future__ import annotations
 
-from fanlora.data.records import bundled_path, iter_jsonl
 from fanlora.errors import UserError
-from fanlora.tasks.base import MCExample, MCTask, register
+from fanlora.tasks.base import MCExample, MCTask, halve, register
 
 
 def _choice(text: str) -> str:
@@ -23,11 +22,9 @@ class Copa(MCTask):
     description = "COPA: causal reasoning, 2 choices, accuracy"
 
     def load_split(self, split: str) -> list[MCExample]:
-        file = "copa/train" if split == "train" else "copa/val"
-        path = bundled_path(file)
-        rows = []
-        for lineno, r in iter_jsonl(path):
-            where = f"{path}:{lineno}"
+        rows, replaced = self.rows(split, "copa/train" if split == "train" else "copa/val")
+        out = []
+        for where, r in rows:
             premise = self.field(r, "premise", str, where).strip()
             question = self.field(r, "question", str, where)
             connector = {"cause": "because", "effect": "therefore"}.get(question)
@@ -35,8 +32,5 @@ class Copa(MCTask):
                 raise UserError(f"{where}: field 'question' must be 'cause' or 'effect', got {question!r}")
             choices = [_choice(self.field(r, "choice1", str, where)), _choice(self.field(r, "choice2", str, where))]
             context = (premise[:-1] if premise.endswith(".") else premise) + f" {connector}"
-            rows.append(MCExample(str(r.get("idx", lineno)), context, choices, int(self.field(r, "label", int, where))))
-        if split == "train":
-            return rows
-        half = len(rows) // 2
-        return rows[:half] if split == "dev" else rows[half:]
+            out.append(MCExample(str(r.get("idx", where)), context, choices, self.field(r, "label", int, where)))
+        return out if split == "train" or replaced else halve(out, split)

@@ -10,7 +10,6 @@ order (grouped by subject), go to dev when their index is a multiple of 10 (1,40
 
 from __future__ import annotations
 
-from fanlora.data.records import bundled_path, iter_jsonl
 from fanlora.errors import UserError
 from fanlora.tasks.base import MCExample, MCTask, register
 
@@ -23,12 +22,11 @@ class Mmlu(MCTask):
     description = "MMLU: 57 subjects, 4 choices, accuracy per subject and macro"
 
     def load_split(self, split: str) -> list[MCExample]:
-        path = bundled_path("mmlu/dev" if split == "train" else "mmlu/test")
-        rows = []
-        for lineno, r in iter_jsonl(path):
-            if split != "train" and ((lineno - 1) % 10 == 0) != (split == "dev"):
+        rows, replaced = self.rows(split, "mmlu/dev" if split == "train" else "mmlu/test")
+        out = []
+        for i, (where, r) in enumerate(rows):
+            if split != "train" and not replaced and (i % 10 == 0) != (split == "dev"):
                 continue
-            where = f"{path}:{lineno}"
             subject = self.field(r, "subject", str, where)
             choices = self.field(r, "choices", list, where)
             answer = self.field(r, "answer", int, where)
@@ -39,5 +37,5 @@ class Mmlu(MCTask):
                 f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
                 f"{self.field(r, 'question', str, where).strip()}\n" + "\n".join(lines) + "\nAnswer:"
             )
-            rows.append(MCExample(f"{subject}-{lineno}", context, [f" {x}" for x in LETTERS], answer, subject))
-        return rows
+            out.append(MCExample(f"{subject}-{i + 1}", context, [f" {x}" for x in LETTERS], answer, subject))
+        return out
