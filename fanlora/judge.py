@@ -124,11 +124,23 @@ def pair_prompt(
     return p["system_prompt"], p["prompt_template"].format(**fields)
 
 
-def openai_asker(url: str, model: str, api_key: str | None, timeout: float) -> Ask:
-    """A judge call through the ``openai`` client (any OpenAI-compatible server); errors become UserError."""
+def openai_asker(url: str, model: str, api_key: str | None, timeout: float, kept: str = "") -> Ask:
+    """A judge call through the ``openai`` client (any OpenAI-compatible server); errors become UserError.
+
+    The endpoint is probed once up front (``GET /models``), so an unreachable judge is reported before any
+    work starts; a server without that route is fine (any HTTP answer proves it is there).
+    """
     import openai
 
     client = openai.OpenAI(base_url=url, api_key=api_key or "none", timeout=timeout, max_retries=2)
+    try:
+        client.models.list()
+    except openai.APIConnectionError as exc:
+        raise UserError(
+            f"judge endpoint {url} cannot be reached ({exc.__class__.__name__}); check --judge-url{kept}"
+        ) from None
+    except openai.APIStatusError:
+        pass
 
     def ask(system: str, user: str) -> str:
         try:
@@ -182,10 +194,9 @@ def grade(answers_dir: str | Path, ask: Ask, out_dir: str | Path, judge_model: s
     done = _done(path)
     refs, table = references(), prompts()
     todo = [(qid, t) for qid in sorted(answers) for t in (1, 2) if t <= len(answers[qid]["answers"])]
-    for qid, turn in tqdm(todo, desc="judging", disable=not progress, unit="turn"):
+    todo = [(qid, t) for qid, t in todo if f"{qid}-{t}" not in done]
+    for n, (qid, turn) in enumerate(_bar(todo, "judging", progress)):
         key = f"{qid}-{turn}"
-        if key in done:
-            continue
         system, user = single_prompt(answers[qid], turn, refs.get(qid, []), table)
         reply = ask(system, user)
         record = {
@@ -197,6 +208,11 @@ def grade(answers_dir: str | Path, ask: Ask, out_dir: str | Path, judge_model: s
             "score": rating(reply),
             "judgment": reply,
         }
+        if n == 0 and record["score"] is None and not any(r["score"] is not None for r in done.values()):
+            raise UserError(
+                f"the judge's first reply has no rating like 'Rating: [[7]]' ({reply[:60]!r}): is {judge_model!r} a "
+                f"chat model that follows instructions? The answers are kept in {answers_dir}"
+            )
         _append(path, record)
         done[key] = record
     rated = [r for r in done.values() if r["score"] is not None]
@@ -241,15 +257,19 @@ def compare(
     done = _done(path)
     refs, table = references(), prompts()
     todo = [(qid, t) for qid in shared for t in (1, 2) if t <= min(len(a[qid]["answers"]), len(b[qid]["answers"]))]
-    for qid, turn in tqdm(todo, desc="comparing", disable=not progress, unit="turn"):
+    todo = [(qid, t) for qid, t in todo if f"{qid}-{t}" not in done]
+    for n, (qid, turn) in enumerate(_bar(todo, "comparing", progress)):
         key = f"{qid}-{turn}"
-        if key in done:
-            continue
         first = verdict(ask(*pair_prompt(a[qid], b[qid], turn, refs.get(qid, []), table)))
         swapped = verdict(ask(*pair_prompt(b[qid], a[qid], turn, refs.get(qid, []), table)))
         second = {"A": "B", "B": "A"}.get(swapped or "", swapped)  # back to a-vs-b terms
         agreed = first if first == second else "tie"
         winner = None if first is None or second is None else agreed
+        if n == 0 and first is None and second is None and not done:
+            raise UserError(
+                f"the judge's first replies hold no verdict like '[[A]]': is {judge_model!r} a chat model that "
+                f"follows instructions? The answers are kept in {a_dir} and {b_dir}"
+            )
         record = {
             "key": key,
             "question_id": qid,
@@ -286,15 +306,25 @@ def compare(
     return metrics
 
 
+def _bar(todo: list, desc: str, progress: bool):
+    """The first item runs before the progress bar appears: a judge that fails, fails with one clean line."""
+    if not todo:
+        return
+    yield todo[0]
+    yield from tqdm(todo[1:], desc=desc, disable=not progress, unit="turn", initial=1, total=len(todo))
+
+
 def run_cli(args: argparse.Namespace) -> None:
-    ask = openai_asker(args.judge_url, args.judge_model, os.environ.get(args.api_key_env), args.timeout)
+    read_answers(args.answers)  # bad directories fail before any request
+    if args.against:
+        read_answers(args.against)
+    kept = f" (the answers in {args.answers} are kept; a re-run continues the judging)"
+    ask = openai_asker(args.judge_url, args.judge_model, os.environ.get(args.api_key_env), args.timeout, kept)
     if args.against:
         out = args.out or str(Path(args.answers) / f"pairwise-vs-{Path(args.against).name}")
-        read_answers(args.answers), read_answers(args.against)  # bad directories fail before any request
         m = compare(args.answers, args.against, ask, out, args.judge_model)
         print(f"RESULT wins_a={m['wins_a']} wins_b={m['wins_b']} ties={m['ties']} win_rate_a={m['win_rate_a']:.4f}")
     else:
-        read_answers(args.answers)
         m = grade(args.answers, ask, args.out or args.answers, args.judge_model)
         print(
             f"RESULT mtbench_score={m['score']:.4f} turn1={m['score_turn1']} turn2={m['score_turn2']} "

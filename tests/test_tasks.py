@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -31,7 +32,7 @@ def test_boolq_prompt_and_splits():
 
 
 def test_unknown_task_and_split():
-    with pytest.raises(UserError, match="known tasks are boolq, copa"):
+    with pytest.raises(UserError, match="known tasks are boolq, copa, gsm8k, mmlu, mtbench, sql, squad"):
         get_task("squad2")
     with pytest.raises(UserError, match="no split 'validation'"):
         get_task("copa").examples("validation")
@@ -61,7 +62,7 @@ def test_mc_scoring_matches_a_hand_computed_loglik(tiny_llama):
 def test_training_pairs_label_only_the_answer(tiny_llama):
     tok = load_backbone(str(tiny_llama)).tokenizer
     ex = get_task("copa").examples("train", limit=1)[0]
-    pair = training_examples(tok, [ex], 64)[0]
+    pair = training_examples(tok, get_task("copa"), [ex], 64)[0]
     answer = tok.decode([t for t in pair.labels if t != -100])
     assert answer == ex.choices[ex.label]
     long = encode_pair(tok, "a b c d e f", " g", max_length=3)
@@ -85,3 +86,69 @@ def test_mmlu_prompt_splits_and_per_subject_accuracy(tiny_llama):
     right = [p["pred"] == e.label for p, e in zip(result.predictions, picked, strict=True)]
     assert by == {"anatomy": sum(right[:3]) / 3, "astronomy": sum(right[3:]) / 2}
     assert result.metrics["acc_macro"] == pytest.approx((by["anatomy"] + by["astronomy"]) / 2)
+
+
+def test_single_token_fast_path_equals_one_pass_per_choice(tiny_llama):
+    from fanlora.evaluate import choice_logliks, next_token_logprobs, single_token_choices
+
+    b = load_backbone(str(tiny_llama))
+    tok = b.tokenizer
+    examples = get_task("boolq").examples("dev", limit=3) + get_task("mmlu").examples("dev", limit=3)
+    single = single_token_choices(tok, examples)
+    assert single is not None and [len(s) for s in single] == [2, 2, 2, 4, 4, 4]
+    contexts = [encode_pair(tok, ex.context, "").input_ids for ex in examples]
+    fast = next_token_logprobs(b.model, tok, contexts, single, batch_size=4, progress=False)
+    pairs = [encode_pair(tok, ex.context, c) for ex in examples for c in ex.choices]
+    slow = choice_logliks(b.model, tok, pairs, batch_size=5, progress=False)
+    assert [v for row in fast for v in row] == pytest.approx(slow, abs=1e-4)
+    assert single_token_choices(tok, get_task("copa").examples("dev", limit=2)) is None
+
+
+def test_generation_task_splits_are_disjoint():
+    squad = get_task("squad")
+    train, dev, test = (squad.examples(s) for s in ("train", "dev", "test"))
+    assert (len(train), len(dev), len(test)) == (2609, 2015, 5946)
+    titles = [{e.prompt.split("\n", 1)[0] for e in part} for part in (train, dev, test)]
+    assert not titles[0] & titles[1] and not titles[0] & titles[2] and not titles[1] & titles[2]
+    assert test[0].prompt.endswith("\n\nAnswer:") and test[0].target == " " + test[0].references[0]
+    gsm = get_task("gsm8k")
+    g_train, g_dev, g_test = (gsm.examples(s) for s in ("train", "dev", "test"))
+    assert (len(g_train), len(g_dev), len(g_test)) == (6973, 500, 1319)
+    assert not {e.prompt for e in g_train} & {e.prompt for e in g_dev}
+    assert g_test[0].target.split("####")[-1].strip() == "18"
+    sql = get_task("sql")
+    s_parts = [sql.examples(s) for s in ("train", "dev", "test")]
+    assert sum(len(p) for p in s_parts) >= 3000 and min(len(p) for p in s_parts) > 300
+    gold = [{e.references[0] for e in p} for p in s_parts]
+    assert not gold[0] & gold[2] and not gold[0] & gold[1]  # the same query never crosses splits
+    mt = get_task("mtbench").examples("test")
+    assert len(mt) == 80 and all(len(e.meta["turns"]) == 2 for e in mt)
+    assert sum(bool(e.references) for e in mt) == 30
+
+
+def test_malformed_rows_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "t", "context": "c", "question": "q", "answers": [{"text": "a"}]}\n{"title": "t"}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: field 'answers' missing"):
+        get_task("squad", {"test": str(bad)}).examples("test")
+    bad.write_text('{"question": "q", "answer": "#### 4"}\nnot json\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: not valid JSON"):
+        get_task("gsm8k", {"test": str(bad)}).examples("test")
+    bad.write_text('{"question": "q", "answer": "no number here"}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:1: 'answer' has no final number"):
+        get_task("gsm8k", {"train": str(bad)}).examples("train")
+    with pytest.raises(UserError, match="no split 'validation' to replace"):
+        get_task("copa", {"validation": str(bad)})
+
+
+def test_data_override_replaces_a_split_whole(tmp_path):
+    rows = get_task("copa").examples("train", limit=3)
+    own = tmp_path / "copa_test.jsonl"
+    rows_out = [
+        {"premise": f"P{i}.", "choice1": "A", "choice2": "B", "question": "cause", "label": i % 2} for i in range(5)
+    ]
+    own.write_text("\n".join(json.dumps(r) for r in rows_out))
+    copa = get_task("copa", {"test": str(own)})
+    test = copa.examples("test")
+    assert len(test) == 5 and test[1].context == "P1 because" and test[1].label == 1
+    assert [e.id for e in copa.examples("train", limit=3)] == [e.id for e in rows]  # other splits untouched
