@@ -88,6 +88,7 @@ class FinetuneConfig:
     lora: LoraParams = field(default_factory=LoraParams)
     train: TrainParams = field(default_factory=lambda: TrainParams(epochs=10.0))
     max_train_examples: Any = None
+    max_dev_examples: Any = None  # int or null: early stopping on the first N dev examples
     data: Any = None  # {split: source}: replace a task split's data (local JSONL or an HF dataset name)
 
 

@@ -450,7 +450,7 @@ def run_finetune(cfg: Config, setting_path: str | Path, out_dir: str | Path) -> 
     task = get_task(ft.task, ft.data)
     tok = backbone.tokenizer
     train = training_examples(tok, task, task.examples("train", ft.max_train_examples), ft.max_length)
-    dev = training_examples(tok, task, task.examples("dev"), ft.max_length)
+    dev = training_examples(tok, task, task.examples("dev", ft.max_dev_examples), ft.max_length)
     torch.manual_seed(ft.train.seed)
     from peft import get_peft_model
 
