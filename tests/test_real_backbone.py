@@ -99,3 +99,22 @@ def test_cached_exact_engine_equals_naive_on_the_real_backbone(smol, tmp_path):
         assert worst < 1e-5
     finally:
         gated.model.unload()
+
+
+def test_real_backbone_single_pass_mc_and_batched_generation(smol):
+    from fanlora.evaluate import choice_logliks, encode_pair, next_token_logprobs, single_token_choices
+    from fanlora.generate import Decoding, generate
+
+    tok = smol.tokenizer
+    exs = get_task("boolq").examples("dev", limit=2) + get_task("mmlu").examples("dev", limit=2)
+    single = single_token_choices(tok, exs)
+    assert single is not None  # " no"/" yes" and " A".." D" are single SmolLM2 tokens
+    fast = next_token_logprobs(
+        smol.model, tok, [encode_pair(tok, e.context, "").input_ids for e in exs], single, 4, False
+    )
+    slow = choice_logliks(smol.model, tok, [encode_pair(tok, e.context, c) for e in exs for c in e.choices], 4, False)
+    assert [v for row in fast for v in row] == pytest.approx(slow, abs=1e-3)
+    prompts = [e.prompt for e in get_task("sql").examples("test", limit=2)]
+    batched = generate(smol.model, tok, prompts, Decoding(), 8, stop=("\n",), batch_size=3, progress=False)
+    alone = [generate(smol.model, tok, [p], Decoding(), 8, stop=("\n",), progress=False)[0] for p in prompts]
+    assert batched == alone
