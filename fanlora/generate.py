@@ -7,7 +7,7 @@ and outputs cut at the task's stop strings and returned in the input order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,11 +73,13 @@ def generate(
     max_length: int | None = None,
     progress: bool = True,
     desc: str = "generating",
+    on_batch: Callable[[list[int]], None] | None = None,
 ) -> list[str]:
     """Continue each prompt; returns the generated text (without the prompt), cut at the first stop string.
 
     Prompts longer than ``max_length - max_new_tokens`` tokens are cut from the left (the question usually
-    sits at the end of a prompt).
+    sits at the end of a prompt). ``on_batch`` is told the input indices of each batch before it runs (the
+    serving engine routes each row to its adapter with it).
     """
     decoding.check()
     device = next(model.parameters()).device
@@ -100,6 +102,8 @@ def generate(
     bar = tqdm(total=len(order), desc=desc, disable=not progress, unit="ex")
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
+        if on_batch is not None:
+            on_batch(idx)
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)

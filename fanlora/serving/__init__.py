@@ -1,0 +1,1 @@
+"""Serving many FanLoRA adapters on one backbone: the multi-tenant engine."""
