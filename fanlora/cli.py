@@ -174,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: the answers directory, or <answers>/pairwise-…)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request")
 
+    p = sub.add_parser("serve", help="OpenAI-compatible server: one backbone, many FanLoRA adapters, mixed batches")
+    p.add_argument("--setting", required=True, help="the backbone's setting.json (every adapter must match it)")
+    p.add_argument("--adapter-dir", help="folder with one PEFT adapter folder per name (loaded on first use)")
+    p.add_argument("--backbone", help="default: the backbone the setting was made for")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("FANLORA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: $FANLORA_API_KEY)",
+    )
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 503")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+
     p = sub.add_parser("demo", help="the whole method on the embedded backbone, then COPA before/after")
     _common(p, "runs/demo")
     return parser
@@ -378,6 +393,19 @@ def _run(args: argparse.Namespace) -> int:
                     Path(args.adapter).parent / f"eval-{name}" if args.adapter else Path(f"runs/eval-{name}-base")
                 )
         pipeline.run_evaluate_many(cfg, tasks, outs, adapter=args.adapter)
+        return 0
+    if cmd == "serve":
+        from fanlora.serving.server import Limits, serve
+
+        serve(
+            args.setting,
+            args.adapter_dir,
+            args.backbone,
+            args.host,
+            args.port,
+            args.api_key,
+            Limits(max_tokens=args.max_tokens, max_queue=args.max_queue, max_batch=args.max_batch),
+        )
         return 0
     if cmd == "judge":
         from fanlora import judge

@@ -1,0 +1,192 @@
+"""Batches concurrent requests onto the engine: a bounded queue and one worker thread that owns the model.
+
+Requests that can share a ``generate`` call (same sampling settings) are taken together, up to ``max_batch``,
+each row on its own adapter. ``transformers`` does the decoding; two small hooks into it do the serving part:
+a streamer that hands each row's new token to its request as it is produced, and a per-row stopping criterion
+that ends a row at its own ``max_tokens``, at a stop string, or as soon as its client has gone (its slot in
+the batch stops costing anything but padding, and a finished batch frees the worker for the next one).
+Beam search cannot stream in HF; beam requests are answered whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from fanlora.generate import Decoding, cut
+from fanlora.serving.engine import Engine
+
+
+class QueueFull(Exception):
+    """The bounded queue is full: the server answers 503."""
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    adapter: str | None
+    decoding: Decoding
+    max_tokens: int
+    stop: list[str]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("text", delta) … ("done", reason) | ("error", msg)
+    tokens: list[int] = field(default_factory=list)
+    sent: str = ""
+    finished: str | None = None  # "stop" | "length" once the row is done
+    cancelled: bool = False  # the client went away
+    started: float = field(default_factory=time.monotonic)
+
+    def key(self) -> tuple:
+        d = self.decoding
+        return (d.strategy, d.temperature, d.top_p, d.num_beams, d.seed if d.strategy == "sampling" else 0)
+
+    def emit(self, kind: str, value: Any) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+class _Streamer(BaseStreamer):
+    """Receives each decoding step's tokens for the whole batch; forwards each row's text delta."""
+
+    def __init__(self, jobs: list[Job], tokenizer: Any, eos: int | None) -> None:
+        self.jobs, self.tok, self.eos, self.prompt_seen = jobs, tokenizer, eos, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt
+            self.prompt_seen = True
+            return
+        for job, token in zip(self.jobs, value.view(-1).tolist(), strict=True):
+            if job.finished or job.cancelled:
+                continue
+            if token == self.eos:
+                job.finished = "stop"
+                continue
+            job.tokens.append(token)
+            text = self.tok.decode(job.tokens, skip_special_tokens=True)
+            if job.stop and any(s in text for s in job.stop):
+                text, job.finished = cut(text, job.stop), "stop"
+            elif len(job.tokens) >= job.max_tokens:
+                job.finished = "length"
+            if text.endswith("\ufffd") and not job.finished:  # half of a multi-byte character: wait
+                continue
+            if len(text) > len(job.sent):
+                job.emit("text", text[len(job.sent) :])
+                job.sent = text
+
+    def end(self) -> None:
+        pass
+
+
+class _RowsDone(StoppingCriteria):
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs = jobs
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        done = [bool(j.finished or j.cancelled) for j in self.jobs]
+        if input_ids.shape[0] != len(done):  # beams: each job's rows together
+            per = input_ids.shape[0] // len(done)
+            done = [d for d in done for _ in range(per)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_queue: int = 64, max_batch: int = 16) -> None:
+        self.engine, self.max_batch = engine, max_batch
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.lock = threading.Lock()  # adapter loads and batches never overlap
+        self.held: list[Job] = []  # taken from the queue but not yet batchable with the current key
+        self.thread = threading.Thread(target=self._work, name="fanlora-engine", daemon=True)
+        self.running = True
+        self.batches = 0
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+
+    def stop(self) -> None:
+        self.running = False
+
+    def _take(self) -> list[Job]:
+        first = self.held.pop(0) if self.held else self.queue.get()
+        batch = [first]
+        beam = first.decoding.strategy == "beam"
+        pool, self.held = self.held, []
+        while True:
+            try:
+                pool.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        for job in pool:
+            fits = not beam and len(batch) < self.max_batch and job.key() == first.key()
+            (batch if fits else self.held).append(job)
+        return [j for j in batch if not j.cancelled]
+
+    def _work(self) -> None:
+        while self.running:
+            jobs: list[Job] = []
+            try:
+                jobs = self._take()
+                if jobs:
+                    with self.lock:
+                        self._run(jobs)
+            except Exception as exc:  # the worker survives; the batch's clients get the error
+                for job in jobs:
+                    job.emit("error", f"{type(exc).__name__}: {exc}")
+
+    def _run(self, jobs: list[Job]) -> None:
+        engine, tok = self.engine, self.engine.tokenizer
+        first = jobs[0].decoding
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, j in enumerate(jobs):
+            ids[row, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
+            mask[row, width - len(j.prompt_ids) :] = 1
+        engine.use([j.adapter for j in jobs])
+        kwargs = first.generate_kwargs()
+        if first.strategy == "sampling":
+            torch.manual_seed(first.seed)
+        beam = first.strategy == "beam"
+        streamer = None if beam else _Streamer(jobs, tok, tok.eos_token_id)
+        device = next(engine.model.parameters()).device
+        with torch.no_grad():
+            out = engine.model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max(j.max_tokens for j in jobs),
+                pad_token_id=pad,
+                eos_token_id=tok.eos_token_id,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_RowsDone(jobs)]),
+                **kwargs,
+            )
+        self.batches += 1
+        for row, j in enumerate(jobs):
+            if beam:
+                new = out[row, width:].tolist()
+                new = [t for t in new if t not in (pad, tok.eos_token_id)][: j.max_tokens]
+                text = tok.decode(new, skip_special_tokens=True)
+                j.tokens = new
+                j.finished = "length" if len(new) >= j.max_tokens else "stop"
+                if j.stop and any(s in text for s in j.stop):
+                    text, j.finished = cut(text, j.stop), "stop"
+                j.emit("text", text)
+                j.sent = text
+            else:
+                if j.sent != cut(tok.decode(j.tokens, skip_special_tokens=True), j.stop):  # a held-back tail
+                    full = cut(tok.decode(j.tokens, skip_special_tokens=True), j.stop)
+                    if len(full) > len(j.sent):
+                        j.emit("text", full[len(j.sent) :])
+                        j.sent = full
+            j.emit("done", j.finished or ("length" if len(j.tokens) >= j.max_tokens else "stop"))

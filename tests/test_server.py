@@ -1,0 +1,174 @@
+"""`fanlora serve` as clients see it: a real uvicorn server on a free loopback port, spoken to over HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import uvicorn
+from test_engine import make_adapter, setting_for
+
+from fanlora.backbone import load_backbone
+from fanlora.generate import Decoding
+from fanlora.serving.engine import Engine
+from fanlora.serving.scheduler import Job
+from fanlora.serving.server import Limits, create_app
+
+KEY = "secret-key"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("serve")
+    backbone = load_backbone(str(tiny_llama))
+    setting = setting_for(backbone)
+    adapters = root / "adapters"
+    for i, name in enumerate(["alpha", "beta", "gamma", "delta"]):
+        make_adapter(adapters / name, tiny_llama, setting, 4, 8, i)
+    other = setting_for(backbone, kinds=("Q", "D"))
+    make_adapter(adapters / "misfit", tiny_llama, other, 4, 8, 9)
+    engine = Engine.from_backbone(backbone, setting)
+    app = create_app(engine, adapters, KEY, Limits(max_tokens=32, max_body_bytes=20_000, max_queue=8, max_batch=4))
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", app
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def call(url: str, path: str, body: dict | bytes | None = None, key: str | None = KEY) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET")
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_models_and_completions_through_the_openai_client(server):
+    url, app = server
+    c = client(url)
+    assert {"base", "alpha", "beta", "gamma", "delta"} <= {m.id for m in c.models.list().data}
+    out = c.completions.create(model="alpha", prompt="Hello there", max_tokens=5, temperature=0)
+    assert out.choices[0].finish_reason in ("length", "stop") and out.usage.completion_tokens <= 5
+    engine = app.state.engine
+    want = engine.generate(["Hello there"], ["alpha"], Decoding(), 5)[0]
+    assert out.choices[0].text == want
+    chat = c.chat.completions.create(
+        model="base", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+    )
+    assert chat.choices[0].message.role == "assistant"
+    stream = c.chat.completions.create(
+        model="beta", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, stream=True
+    )
+    pieces = [ch.choices[0].delta.content or "" for ch in stream]
+    whole = c.chat.completions.create(
+        model="beta", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0
+    )
+    assert "".join(pieces) == whole.choices[0].message.content
+
+
+def test_concurrent_requests_on_different_adapters_are_batched(server):
+    url, app = server
+    c = client(url)
+    names = ["alpha", "beta", "gamma", "delta"]
+    alone = {
+        n: c.completions.create(model=n, prompt="Once upon", max_tokens=6, temperature=0).choices[0].text for n in names
+    }
+    before = app.state.scheduler.batches
+    results: dict[str, str] = {}
+
+    def ask(n: str) -> None:
+        results[n] = c.completions.create(model=n, prompt="Once upon", max_tokens=6, temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in names * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone  # a mixed batch gives each row its own adapter's answer
+    assert app.state.scheduler.batches - before < len(threads)  # some requests shared a batch
+
+
+def test_bad_requests_get_4xx_and_the_server_stays_up(server):
+    url, _ = server
+    assert call(url, "/health", key=None)[0] == 200
+    assert call(url, "/v1/models", key=None)[0] == 401
+    assert call(url, "/v1/models", key="wrong")[0] == 401
+    status, body = call(url, "/v1/completions", {"model": "nope", "prompt": "x"})
+    assert status == 404 and "alpha" in body["error"]["message"]
+    status, body = call(url, "/v1/completions", {"model": "../adapters/alpha", "prompt": "x"})
+    assert status == 404
+    status, body = call(url, "/v1/completions", b"{not json")
+    assert status == 400
+    status, body = call(url, "/v1/completions", {"model": "alpha", "prompt": 3, "max_tokens": "many"})
+    assert status == 400
+    status, body = call(url, "/v1/completions", {"model": "alpha", "prompt": "x", "max_tokens": 33})
+    assert status == 400 and "limit of 32" in body["error"]["message"]
+    status, body = call(url, "/v1/completions", {"model": "alpha", "prompt": "word " * 600, "max_tokens": 8})
+    assert status == 400 and "context limit" in body["error"]["message"]
+    status, body = call(url, "/v1/completions", {"model": "alpha", "prompt": "x" * 30_000})
+    assert status == 413
+    status, body = call(url, "/v1/completions", {"model": "misfit", "prompt": "x"})
+    assert status == 400 and "outside this engine's setting" in body["error"]["message"]
+    status, _ = call(
+        url, "/v1/completions", {"model": "alpha", "prompt": "still up", "max_tokens": 2, "temperature": 0}
+    )
+    assert status == 200
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server):
+    url, app = server
+    c = client(url)
+    stream = c.completions.create(model="gamma", prompt="Count:", max_tokens=32, temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()
+    deadline = time.time() + 30
+    while app.state.scheduler.queue.qsize() and time.time() < deadline:
+        time.sleep(0.05)
+    out = c.completions.create(model="gamma", prompt="Next", max_tokens=3, temperature=0)
+    assert out.choices[0].text is not None
+
+
+def test_a_cancelled_row_stops_at_the_next_step_and_the_others_continue(server):
+    import asyncio
+
+    _, app = server
+    scheduler, tok = app.state.scheduler, app.state.engine.tokenizer
+
+    class Leaving(Job):
+        def emit(self, kind, value):  # the client goes away right after its first token
+            if kind == "text":
+                self.cancelled = True
+
+    class Staying(Job):
+        def emit(self, kind, value):
+            pass
+
+    loop = asyncio.new_event_loop()
+    ids = tok("Count with me:", add_special_tokens=False)["input_ids"]
+    leaving = Leaving(ids, "alpha", Decoding(), 30, [], loop)
+    staying = Staying(ids, "beta", Decoding(), 30, [], loop)
+    with scheduler.lock:
+        scheduler._run([leaving, staying])
+    loop.close()
+    assert len(leaving.tokens) == 1 and leaving.finished is None
+    assert len(staying.tokens) == 30 and staying.finished == "length"
