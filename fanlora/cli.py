@@ -189,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 503")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
 
+    p = sub.add_parser("bench", help="Table 3 on this machine: decode speed and memory of FanLoRA vs baselines")
+    p.add_argument("--setting", required=True, help="the backbone's setting.json")
+    p.add_argument("--backbone", help="default: the backbone the setting was made for")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions (the median is reported)")
+    p.add_argument("--prompt-tokens", type=int, default=276)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--tenants", type=int, default=16, help="distinct adapters in the multi-tenant batch")
+    p.add_argument("--out", help="also write the report to this file (e.g. benchmarks/results/serving.txt)")
+
     p = sub.add_parser("demo", help="the whole method on the embedded backbone, then COPA before/after")
     _common(p, "runs/demo")
     return parser
@@ -393,6 +402,23 @@ def _run(args: argparse.Namespace) -> int:
                     Path(args.adapter).parent / f"eval-{name}" if args.adapter else Path(f"runs/eval-{name}-base")
                 )
         pipeline.run_evaluate_many(cfg, tasks, outs, adapter=args.adapter)
+        return 0
+    if cmd == "bench":
+        from fanlora import atomic
+        from fanlora.serving import bench
+
+        if min(args.rounds, args.prompt_tokens, args.new_tokens, args.tenants) < 1:
+            raise UserError("--rounds, --prompt-tokens, --new-tokens and --tenants must be ≥ 1")
+        lines: list[str] = []
+
+        def say(line: str) -> None:
+            print(line, flush=True)
+            lines.append(line)
+
+        bench.run(args.setting, args.backbone, args.prompt_tokens, args.new_tokens, args.rounds, args.tenants, say=say)
+        if args.out:
+            command = "fanlora " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "fanlora bench …"
+            atomic.write_text(args.out, f"$ {command}\n" + "\n".join(lines) + "\n")
         return 0
     if cmd == "serve":
         from fanlora.serving.server import Limits, serve

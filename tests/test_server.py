@@ -172,3 +172,48 @@ def test_a_cancelled_row_stops_at_the_next_step_and_the_others_continue(server):
     loop.close()
     assert len(leaving.tokens) == 1 and leaving.finished is None
     assert len(staying.tokens) == 30 and staying.finished == "length"
+
+
+def test_bench_runs_every_configuration_and_prints_the_result_line(tmp_path, tiny_llama, capsys):
+    from fanlora.cli import main
+
+    backbone = load_backbone(str(tiny_llama))
+    setting_for(backbone).write(tmp_path / "setting.json")
+    out = tmp_path / "bench.txt"
+    argv = [
+        "bench",
+        "--setting",
+        str(tmp_path / "setting.json"),
+        "--backbone",
+        str(tiny_llama),
+        "--rounds",
+        "1",
+        "--prompt-tokens",
+        "12",
+        "--new-tokens",
+        "2",
+        "--tenants",
+        "3",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    report = out.read_text()
+    for name in (
+        "base",
+        "fanlora (engine)",
+        "fanlora (PEFT)",
+        "lora all (PEFT)",
+        "adalora (PEFT)",
+        "ia3 (PEFT)",
+        "engine, 3 distinct adapters",
+        "PEFT adapter_names, 3 distinct",
+    ):
+        assert f"| {name} |" in report
+    last = report.strip().splitlines()[-1].split()
+    assert last[0] == "RESULT" and [kv.split("=")[0] for kv in last[1:]] == [
+        "fanlora_vs_base",
+        "fanlora_vs_adalora",
+        "mixed16_vs_single",
+        "mixed16_vs_peft",
+    ]
