@@ -217,3 +217,43 @@ def test_bench_runs_every_configuration_and_prints_the_result_line(tmp_path, tin
         "mixed16_vs_single",
         "mixed16_vs_peft",
     ]
+
+
+def test_fanlora_serve_binds_loopback_and_answers(tmp_path, tiny_llama):
+    import subprocess
+    import sys
+
+    backbone = load_backbone(str(tiny_llama))
+    setting = setting_for(backbone)
+    setting.write(tmp_path / "setting.json")
+    make_adapter(tmp_path / "adapters" / "one", tiny_llama, setting, 4, 8, 0)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fanlora",
+            "serve",
+            "--setting",
+            str(tmp_path / "setting.json"),
+            "--adapter-dir",
+            str(tmp_path / "adapters"),
+            "--backbone",
+            str(tiny_llama),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**__import__("os").environ, "FANLORA_API_KEY": ""},
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving on http://127.0.0.1:") and "one" in line
+        url = line.split()[2].removesuffix("/v1")
+        assert call(url, "/health", key=None)[0] == 200
+        status, body = call(url, "/v1/completions", {"model": "one", "prompt": "Hi", "max_tokens": 2}, key=None)
+        assert status == 200 and body["choices"][0]["finish_reason"] in ("length", "stop")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -301,5 +301,15 @@ def serve(
         )
     engine = Engine.from_backbone(load_backbone(backbone or s.backbone.get("source", "embedded")), s)
     app = create_app(engine, adapter_dir, api_key, limits)
-    print(f"serving on http://{host}:{port}/v1 (models: {', '.join(app.state.known())})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port or --host") from None
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
+    bound = sock.getsockname()[1]
+    print(f"serving on http://{host}:{bound}/v1 (models: {', '.join(app.state.known())})", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
