@@ -109,3 +109,11 @@ def test_sql_errors_timeouts_and_writes_are_wrong_not_fatal(db):
     ok, why = sql.execution_match(conn, f"ATTACH DATABASE '{db.parent / 'new.db'}' AS x", "SELECT 1")
     assert not ok and not (db.parent / "new.db").exists()
     assert sqlite3.connect(db).execute("SELECT count(*) FROM claims").fetchone() == (4,)
+
+
+def test_sql_empty_prediction_is_wrong_even_when_the_gold_is_empty(db):
+    conn = sql.connect_read_only(db)
+    empty_gold = "SELECT amount FROM claims WHERE 1 = 0"
+    assert sql.execution_match(conn, "", empty_gold) == (False, "empty prediction")
+    assert sql.execution_match(conn, " ; ", empty_gold) == (False, "empty prediction")
+    assert sql.execution_match(conn, "SELECT amount FROM claims WHERE amount < 0", empty_gold) == (True, None)

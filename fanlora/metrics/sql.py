@@ -83,6 +83,8 @@ def execution_match(
     gold_run = execute(conn, gold, timeout_s)
     if gold_run.rows is None:
         raise ValueError(f"the gold query fails: {gold_run.error}: {gold}")
+    if not predicted.strip().rstrip(";").strip():  # SQLite runs "" happily and returns no rows
+        return False, "empty prediction"
     pred_run = execute(conn, predicted, timeout_s)
     if pred_run.rows is None:
         return False, pred_run.error
