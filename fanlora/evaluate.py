@@ -115,12 +115,19 @@ def next_token_logprobs(
         width = max(len(contexts[i]) for i in idx)
         ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, : len(contexts[i])] = torch.tensor(contexts[i])
-            mask[row, : len(contexts[i])] = 1
-        hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=0)
-        last = torch.tensor([len(contexts[i]) - 1 for i in idx], device=device)
-        logp = torch.log_softmax(hidden.logits[torch.arange(len(idx), device=device), last].float(), dim=-1)
+        for row, i in enumerate(idx):  # left padding: every context ends in the last column
+            ids[row, width - len(contexts[i]) :] = torch.tensor(contexts[i])
+            mask[row, width - len(contexts[i]) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # only the last position's logits are needed: the LM head runs once per row, not once per token
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=False,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
         for row, i in enumerate(idx):
             out[i] = logp[row, torch.tensor(candidates[i], device=device)].tolist()
     return out
