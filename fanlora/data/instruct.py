@@ -60,7 +60,8 @@ def to_messages(record: dict[str, Any], where: str) -> Messages:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
 
 
-def _render(tokenizer: Any, messages: Messages, generation_prompt: bool) -> str:
+def render(tokenizer: Any, messages: Messages, generation_prompt: bool) -> str:
+    """Messages as the model sees them: its chat template, or a plain alpaca layout when it has none."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     parts = []
@@ -84,11 +85,11 @@ def segments(tokenizer: Any, messages: Messages) -> list[tuple[str, bool]]:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], True)
-        full = _render(tokenizer, messages[: i + 1], False)
+        prompt = render(tokenizer, messages[:i], True)
+        full = render(tokenizer, messages[: i + 1], False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             pieces, done = [], ""
-            prompt = _render(tokenizer, messages[:i], True)
+            prompt = render(tokenizer, messages[:i], True)
             pieces.append((prompt, False))
         else:
             pieces.append((prompt[len(done) :], False))

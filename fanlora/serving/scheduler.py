@@ -183,10 +183,9 @@ class Scheduler:
                     text, j.finished = cut(text, j.stop), "stop"
                 j.emit("text", text)
                 j.sent = text
-            else:
-                if j.sent != cut(tok.decode(j.tokens, skip_special_tokens=True), j.stop):  # a held-back tail
-                    full = cut(tok.decode(j.tokens, skip_special_tokens=True), j.stop)
-                    if len(full) > len(j.sent):
-                        j.emit("text", full[len(j.sent) :])
-                        j.sent = full
+            else:  # text the streamer held back (half a multi-byte character at the end)
+                full = cut(tok.decode(j.tokens, skip_special_tokens=True), j.stop)
+                if len(full) > len(j.sent):
+                    j.emit("text", full[len(j.sent) :])
+                    j.sent = full
             j.emit("done", j.finished or ("length" if len(j.tokens) >= j.max_tokens else "stop"))

@@ -201,9 +201,9 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
-        from fanlora.tasks.mtbench import _chat_prompt
+        from fanlora.data.instruct import render
 
-        text = _chat_prompt(engine.tokenizer, [m.model_dump() for m in req.messages])
+        text = render(engine.tokenizer, [m.model_dump() for m in req.messages], generation_prompt=True)
         return await run(req, prompt_ids(engine.tokenizer, text), chat=True)
 
     return app

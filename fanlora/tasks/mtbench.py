@@ -83,6 +83,7 @@ class MtBench(GenTask):
         progress: bool,
     ) -> list[list[str]]:
         """Both turns' answers per question; turn 2 sees the model's own turn-1 answer."""
+        from fanlora.data.instruct import render
         from fanlora.generate import generate
 
         budget = decoding.max_new_tokens or self.max_new_tokens
@@ -96,7 +97,7 @@ class MtBench(GenTask):
                     messages.append({"role": "user", "content": examples[i].meta["turns"][k]})
                     if k < turn:
                         messages.append({"role": "assistant", "content": answers[i][k]})
-                prompts.append(_chat_prompt(tokenizer, messages))
+                prompts.append(render(tokenizer, messages, generation_prompt=True))
             texts = generate(
                 model,
                 tokenizer,
@@ -123,10 +124,3 @@ class MtBench(GenTask):
             for ex, ans in zip(examples, outputs, strict=True)
         ]
         return {"answers": len(records), "judged": False, "next": "fanlora judge --answers <this dir>"}, records
-
-
-def _chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    parts = [f"### {'User' if m['role'] == 'user' else 'Assistant'}:\n{m['content']}\n\n" for m in messages]
-    return "".join(parts) + "### Assistant:\n"
