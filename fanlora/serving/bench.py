@@ -4,7 +4,9 @@ Part 1 (batch 1): the bare backbone, FanLoRA through this engine and through PEF
 AdaLoRA and (IA)3 (PEFT, unmerged), each decoding ``--new-tokens`` tokens after a ``--prompt-tokens``-token
 prompt with beam 1 and beam 3. Every configuration is its own copy of the backbone, and the runs are
 interleaved round by round (the machine is shared and noisy: only ratios measured in the same run mean
-anything); the median over rounds is reported, with the peak resident memory above the level before the run.
+anything); tokens/s are medians over rounds, ratios are medians of the per-round ratios (each round's
+configurations run back to back, so slow drift of the machine cancels), with the peak resident memory
+above the level before the run.
 
 Part 2 (multi-tenant): a batch of ``--tenants`` prompts, each with its own adapter, through the engine's
 mixed batch; the same batch all on one adapter; and PEFT's ``adapter_names=`` mixed path.
@@ -177,11 +179,17 @@ def run(
                 peak[(name, beams)] = max(peak[(name, beams)], mem.mb)
         say(f"round {r + 1}/{rounds} done")
     tps = {k: new_tokens / statistics.median(v) for k, v in times.items()}
+
+    def paired(num: tuple[str, int], den: tuple[str, int]) -> float:
+        """Median over rounds of the speed ratio num/den within a round (drift between rounds cancels)."""
+        return statistics.median(d / n for n, d in zip(times[num], times[den], strict=True))
+
     say("")
-    say("| configuration | beam | tokens/s | vs base | peak RSS above start (MB) |")
+    say("| configuration | beam | tokens/s | vs base (median of per-round ratios) | peak RSS above start (MB) |")
     say("|---|---:|---:|---:|---:|")
     for (name, beams), v in tps.items():
-        say(f"| {name} | {beams} | {v:.2f} | {v / tps[('base', beams)]:.3f}x | {peak[(name, beams)]:.0f} |")
+        ratio = paired((name, beams), ("base", beams))
+        say(f"| {name} | {beams} | {v:.2f} | {ratio:.3f}x | {peak[(name, beams)]:.0f} |")
 
     # --- multi-tenant ------------------------------------------------------------------------------------------
     from peft import PeftModel
@@ -239,22 +247,25 @@ def run(
         for k, fn in runs.items():
             mt[k].append(fn())
     mt_tps = {k: tenants * tenant_new_tokens / statistics.median(v) for k, v in mt.items()}
+
+    def mt_paired(num: str, den: str) -> float:
+        return statistics.median(d / n for n, d in zip(mt[num], mt[den], strict=True))
+
     say("")
     say(f"multi-tenant: {tenants} prompts of {short.shape[1]} tokens, {tenant_new_tokens} new tokens each, greedy")
     say("| path | tokens/s | vs engine one adapter |")
     say("|---|---:|---:|")
     for k, v in mt_tps.items():
-        say(f"| {k} | {v:.1f} | {v / mt_tps['engine, one adapter']:.3f}x |")
+        say(f"| {k} | {v:.1f} | {mt_paired(k, 'engine, one adapter'):.3f}x |")
     say(
         f"memory per added adapter: {per_adapter_kb:.0f} KB of stacked factors (RSS grew {rss_per_adapter_kb:.0f} KB "
         "per adapter while loading)"
     )
     result = {
-        "fanlora_vs_base": tps[("fanlora (engine)", 1)] / tps[("base", 1)],
-        "fanlora_vs_adalora": tps[("fanlora (engine)", 1)] / tps[("adalora (PEFT)", 1)],
-        "mixed16_vs_single": mt_tps[f"engine, {tenants} distinct adapters"] / mt_tps["engine, one adapter"],
-        "mixed16_vs_peft": mt_tps[f"engine, {tenants} distinct adapters"]
-        / mt_tps[f"PEFT adapter_names, {tenants} distinct"],
+        "fanlora_vs_base": paired(("fanlora (engine)", 1), ("base", 1)),
+        "fanlora_vs_adalora": paired(("fanlora (engine)", 1), ("adalora (PEFT)", 1)),
+        "mixed16_vs_single": mt_paired(f"engine, {tenants} distinct adapters", "engine, one adapter"),
+        "mixed16_vs_peft": mt_paired(f"engine, {tenants} distinct adapters", f"PEFT adapter_names, {tenants} distinct"),
     }
     say("RESULT " + " ".join(f"{k}={v:.3f}" for k, v in result.items()))
     return result
