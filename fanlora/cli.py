@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenants", type=int, default=16, help="distinct adapters in the multi-tenant batch")
     p.add_argument("--out", help="also write the report to this file (e.g. benchmarks/results/serving.txt)")
 
+    p = sub.add_parser("experiment", help="a grid of runs (methods × tasks × seeds × variants), resumable")
+    p.add_argument("config", help="experiment YAML (see configs/experiments/)")
+    p.add_argument("--resume", action="store_true", help="continue the grid this config made before")
+    p.add_argument("--shard", help="I/N: run every N-th cell starting at I (several processes share a grid)")
+    p.add_argument("--list", action="store_true", help="list the cells and whether each is done; run nothing")
+    p.add_argument("--aggregate", action="store_true", help="only rebuild the tables from the finished cells")
+
     p = sub.add_parser("demo", help="the whole method on the embedded backbone, then COPA before/after")
     _common(p, "runs/demo")
     return parser
@@ -419,6 +426,34 @@ def _run(args: argparse.Namespace) -> int:
         if args.out:
             command = "fanlora " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "fanlora bench …"
             atomic.write_text(args.out, f"$ {command}\n" + "\n".join(lines) + "\n")
+        return 0
+    if cmd == "experiment":
+        from fanlora import experiment
+
+        exp = experiment.parse(args.config)
+        if args.list:
+            for cell in experiment.cells(exp):
+                done = (Path(exp.out) / "cells" / cell.id / "cell.json").is_file()
+                print(f"{'done' if done else 'todo'}  {cell.id}")
+            return 0
+        if args.aggregate:
+            summary = experiment.aggregate(exp)
+            print(f"{summary['cells_done']}/{summary['cells']} cells → {exp.report}/results.md")
+            return 0
+        shard = (0, 1)
+        if args.shard:
+            try:
+                index, count = (int(v) for v in args.shard.split("/"))
+            except ValueError:
+                raise UserError(f"--shard {args.shard!r} is not I/N: write e.g. --shard 0/2") from None
+            if not 0 <= index < count:
+                raise UserError(f"--shard {args.shard}: I must be in 0..N-1")
+            shard = (index, count)
+        summary = experiment.run(exp, resume=args.resume, shard=shard)
+        print(
+            f"RESULT experiment={exp.name} cells_done={summary['cells_done']}/{summary['cells']} "
+            f"grid_minutes={summary['grid_minutes']} report={exp.report}/results.md"
+        )
         return 0
     if cmd == "serve":
         from fanlora.serving.server import Limits, serve

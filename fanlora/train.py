@@ -12,9 +12,10 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
@@ -84,11 +85,14 @@ def train_adapter(
     params: TrainParams,
     output_dir: str | Path,
     pad_id: int,
+    callbacks: Sequence[Any] = (),
+    save: Callable[[Any, Path], None] | None = None,
 ) -> TrainResult:
     """Fine-tune the trainable (LoRA) parameters of ``model``; resume from the newest checkpoint if any.
 
     The best checkpoint by validation loss is reloaded at the end and saved to ``output_dir/adapter`` with
-    ``save_pretrained``, so plain ``PeftModel.from_pretrained`` loads it.
+    ``save_pretrained``, so plain ``PeftModel.from_pretrained`` loads it; ``save`` replaces that for models
+    that are not PEFT models (the Houlsby baseline). ``callbacks`` are extra Trainer callbacks (AdaLoRA).
     """
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / "checkpoints"
@@ -99,7 +103,7 @@ def train_adapter(
         train_dataset=ExampleDataset(train),
         eval_dataset=ExampleDataset(val),
         data_collator=Collator(pad_id),
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=params.patience)],
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=params.patience), *callbacks],
     )
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if last:
@@ -110,7 +114,10 @@ def train_adapter(
     if trainer.is_world_process_zero():
         tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=output_dir))
         try:
-            trainer.model.save_pretrained(str(tmp))
+            if save is not None:
+                save(trainer.model, tmp)
+            else:
+                trainer.model.save_pretrained(str(tmp))
             if adapter_dir.exists():
                 shutil.rmtree(adapter_dir)
             tmp.rename(adapter_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -49,7 +50,18 @@ def read_source(source: str, split: str = "train") -> list[tuple[str, dict[str, 
 
     A source is ``bundled:<name>``, a local ``.jsonl``/``.jsonl.gz`` path, or an HF dataset (online only) as
     ``NAME[:CONFIG][@SPLIT]`` — e.g. ``super_glue:boolq@train``; ``split`` is used when ``@SPLIT`` is absent.
+    A bundled or local source may end in a row range ``[START:END]`` (records in file order, Python slice
+    semantics) — e.g. ``bundled:boolq/val[0:1571]`` — so one file can feed two disjoint splits; HF datasets
+    take the same syntax in ``@SPLIT`` natively (``@train[:1000]``).
     """
+    ranged = _RANGE.search(source)
+    if ranged and not _is_hf(source[: ranged.start()]):
+        start, end = (int(v) if v else None for v in ranged.groups())
+        rows = read_source(source[: ranged.start()], split)
+        picked = rows[start:end]
+        if not picked:
+            raise UserError(f"{source}: the row range selects nothing ({len(rows)} records in the source)")
+        return picked
     if source.startswith(BUNDLED_PREFIX):
         path = bundled_path(source[len(BUNDLED_PREFIX) :])
         return [(f"{path}:{n}", r) for n, r in iter_jsonl(path)]
@@ -57,6 +69,15 @@ def read_source(source: str, split: str = "train") -> list[tuple[str, dict[str, 
     if path.exists() or source.endswith((".jsonl", ".jsonl.gz", ".gz")):
         return [(f"{path}:{n}", r) for n, r in iter_jsonl(path)]
     return _read_hf(source, split)
+
+
+_RANGE = re.compile(r"\[(\d*):(\d*)\]$")
+
+
+def _is_hf(source: str) -> bool:
+    if source.startswith(BUNDLED_PREFIX):
+        return False
+    return not (Path(source).expanduser().exists() or source.endswith((".jsonl", ".jsonl.gz", ".gz")))
 
 
 def _read_hf(source: str, split: str) -> list[tuple[str, dict[str, Any]]]:

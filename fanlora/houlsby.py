@@ -1,0 +1,103 @@
+"""Houlsby bottleneck adapters (Houlsby et al., 2019): the paper's "adapter" baseline.
+
+Why our own: the maintained library for these (``adapters``) pins its own transformers line and would
+replace ours; PEFT has no bottleneck adapter. The module is small: after the attention output projection
+and after the FFN's down projection of every layer, ``y + up(act(down(y)))`` with a bottleneck of 18, the
+up projection zero-initialised so training starts from the backbone's own function. (Houlsby's design also
+tunes the layer norms; like the paper's baseline table we count and train the adapter weights only.)
+
+Saved as ``houlsby_config.json`` + ``houlsby_model.safetensors`` (adapter weights only, never the backbone).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fanlora import atomic
+from fanlora.backbone import ModuleLayout
+from fanlora.errors import UserError
+
+CONFIG = "houlsby_config.json"
+WEIGHTS = "houlsby_model.safetensors"
+
+
+class Bottleneck(nn.Module):
+    """A frozen linear layer followed by a residual bottleneck adapter on its output."""
+
+    def __init__(self, base: nn.Linear, size: int) -> None:
+        super().__init__()
+        self.base = base
+        width = base.out_features
+        self.down = nn.Linear(width, size, device=base.weight.device, dtype=base.weight.dtype)
+        self.up = nn.Linear(size, width, device=base.weight.device, dtype=base.weight.dtype)
+        nn.init.normal_(self.down.weight, std=0.01)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + self.up(self.act(self.down(y)))
+
+
+def add(model: nn.Module, layout: ModuleLayout, size: int = 18, kinds: tuple[str, ...] = ("O", "D")) -> list[str]:
+    """Freeze ``model`` and put a bottleneck after the given module kinds of every layer; their names."""
+    if size < 1:
+        raise UserError(f"houlsby bottleneck size must be >= 1, got {size}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = []
+    for layer in range(layout.num_layers):
+        for kind in kinds:
+            name = layout.module_name(kind, layer)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, Bottleneck(getattr(parent, child), size))
+            names.append(name)
+    model.houlsby_config = {"size": size, "kinds": list(kinds), "modules": names}
+    return names
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().contiguous()
+        for n, p in model.named_parameters()
+        if ".down." in n or ".up." in n
+        if isinstance(model.get_submodule(n.rsplit(".", 2)[0]), Bottleneck)
+    }
+
+
+def save(model: nn.Module, directory: str | Path) -> Path:
+    """Write the adapter weights and their config into ``directory`` (made fresh, atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (WEIGHTS + ".tmp")
+    save_file(state(model), str(tmp))
+    tmp.replace(directory / WEIGHTS)
+    atomic.write_json(directory / CONFIG, model.houlsby_config)
+    return directory
+
+
+def load(model: nn.Module, layout: ModuleLayout, directory: str | Path) -> nn.Module:
+    directory = Path(directory)
+    if not (directory / CONFIG).is_file():
+        raise UserError(f"{directory} holds no Houlsby adapter ({CONFIG} missing)")
+    config: dict[str, Any] = json.loads((directory / CONFIG).read_text())
+    add(model, layout, config["size"], tuple(config["kinds"]))
+    weights = load_file(str(directory / WEIGHTS))
+    missing = set(state(model)) - set(weights)
+    if missing:
+        raise UserError(f"{directory / WEIGHTS} lacks {sorted(missing)[0]}: the adapter was saved for another model")
+    model.load_state_dict(weights, strict=False)
+    return model
+
+
+def n_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

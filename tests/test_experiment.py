@@ -1,0 +1,182 @@
+"""Baselines through the one training path, the budget helper, and the resumable experiment grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import fail
+
+from fanlora import houlsby, methods
+from fanlora.backbone import load_backbone
+from fanlora.cli import main
+
+
+def _per_layer_dims(bb):
+    layer = {k: bb.model.get_submodule(bb.layout.module_name(k, 0)) for k in bb.layout.kinds}
+    return layer, bb.layout.num_layers
+
+
+def test_trainable_counts_follow_each_method(tiny_llama):
+    bb = load_backbone(str(tiny_llama))
+    layer, n = _per_layer_dims(bb)
+    lora = methods.build("lora", load_backbone(str(tiny_llama)))
+    assert lora.trainable == n * sum(4 * (m.in_features + m.out_features) for m in layer.values())
+    ia3 = methods.build("ia3", load_backbone(str(tiny_llama)))
+    assert ia3.trainable == n * (layer["K"].out_features + layer["V"].out_features + layer["D"].in_features)
+    adapter = methods.build("houlsby", load_backbone(str(tiny_llama)))
+    h = layer["O"].out_features
+    assert adapter.trainable == n * 2 * (h * 18 + 18 + 18 * h + h)
+    ada = methods.build("adalora", load_backbone(str(tiny_llama)), total_steps=20)
+    assert ada.callbacks and ada.trainable > 0
+    modules = [bb.layout.module_name("V", i) for i in range(n)]
+    r = methods.lora_rank_for_budget(bb, modules, methods.lora_params(bb, modules, 7))
+    assert r == 7
+
+
+def test_unknown_method_and_option_are_refused(tiny_llama):
+    from fanlora.errors import UserError
+
+    with pytest.raises(UserError, match="unknown method 'prefix'"):
+        methods.build("prefix", load_backbone(str(tiny_llama)))
+    with pytest.raises(UserError, match="unknown option 'rank' for method lora"):
+        methods.build("lora", load_backbone(str(tiny_llama)), {"rank": 2})
+
+
+def test_houlsby_starts_as_identity_trains_only_itself_and_round_trips(tiny_llama, tmp_path):
+    bb = load_backbone(str(tiny_llama))
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        before = bb.model(input_ids=ids).logits
+    frozen = {n: p.clone() for n, p in bb.model.named_parameters()}
+    built = methods.build("houlsby", bb)
+    with torch.no_grad():
+        assert torch.equal(bb.model(input_ids=ids).logits, before)  # up projection starts at zero
+    opt = torch.optim.SGD([p for p in bb.model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        loss = bb.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for name, p in bb.model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[name.replace(".base.", ".")])
+    with torch.no_grad():
+        after = bb.model(input_ids=ids).logits
+    assert not torch.allclose(after, before)
+    built.save(tmp_path / "a")
+    assert {p.name for p in (tmp_path / "a").iterdir()} == {houlsby.CONFIG, houlsby.WEIGHTS}
+    fresh = load_backbone(str(tiny_llama))
+    houlsby.load(fresh.model, fresh.layout, tmp_path / "a")
+    with torch.no_grad():
+        assert torch.allclose(fresh.model(input_ids=ids).logits, after, atol=1e-6)
+
+
+def test_adalora_reallocates_its_budget_during_training(tiny_llama, tmp_path):
+    from fanlora.config import TrainParams
+    from fanlora.data.instruct import Example
+    from fanlora.train import train_adapter
+
+    bb = load_backbone(str(tiny_llama))
+    built = methods.build("adalora", bb, {"init_r": 4, "target_r": 1}, total_steps=12)
+    ex = [Example(input_ids=[1, 5, 9, 3, 7, 2], labels=[-100, -100, 9, 3, 7, 2]) for _ in range(8)]
+    params = TrainParams(learning_rate=1e-2, max_steps=12, batch_size=4, eval_steps=6, logging_steps=1)
+    train_adapter(built.model, ex, ex[:4], params, tmp_path, 0, built.callbacks)
+    kept = [int((p != 0).sum()) for n, p in built.model.named_parameters() if "lora_E" in n]
+    assert kept and sum(kept) < 4 * len(kept), "update_and_allocate never pruned a singular value"
+
+
+def _grid(tmp_path: Path, recipe_file: Path, **extra) -> Path:
+    config = {
+        "name": "t",
+        "recipe": str(recipe_file),
+        "search_run": str(tmp_path / "run"),
+        "out": str(tmp_path / "grid"),
+        "report": str(tmp_path / "report"),
+        "methods": ["fanlora", "lora"],
+        "tasks": ["copa"],
+        "seeds": [0, 1],
+        "set": ["finetune.train.max_steps=2", "finetune.train.eval_steps=1", "finetune.max_dev_examples=4"],
+        **extra,
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_grid_runs_resumes_cell_by_cell_and_aggregates(tmp_path, recipe_file, capsys):
+    exp = _grid(tmp_path, recipe_file)
+    assert main(["experiment", str(exp), "--shard", "0/2"]) == 0  # half the cells, as if killed midway
+    cells = sorted((tmp_path / "grid" / "cells").glob("*/cell.json"))
+    assert len(cells) == 2
+    stamps = {p: p.stat().st_mtime_ns for p in cells}
+    assert main(["experiment", str(exp), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(done before)") == 2 and "cells_done=4/4" in out
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == {"fanlora", "lora"} and all(r["seeds"] == [0, 1] for r in rows.values())
+    assert rows["fanlora"]["trainable_parameters"] < rows["lora"]["trainable_parameters"] * 12 / 4
+    for r in rows.values():
+        assert r["median"] == pytest.approx(sum(r["values"]) / 2)
+    table = (tmp_path / "report" / "results.md").read_text()
+    assert "| default | fanlora |" in table and "| default | lora |" in table
+    assert not list((tmp_path / "grid" / "cells").glob("*/checkpoints"))
+    # a rerun without --resume, or with a changed config, is refused
+    assert "pass --resume" in fail(capsys, ["experiment", str(exp)])
+    changed = _grid(tmp_path, recipe_file, seeds=[0, 1, 2])
+    assert "another config" in fail(capsys, ["experiment", str(changed), "--resume"])
+
+
+def test_kmax_variants_share_a_budget_and_plot(tmp_path, recipe_file):
+    exp = _grid(
+        tmp_path,
+        recipe_file,
+        methods=["fanlora"],
+        seeds=[0],
+        variants={"k1": {"k_max": 1, "r1": "budget"}, "k3": {"k_max": 3, "r1": "budget"}},
+        budget={"k_max": 2, "r": 6},
+    )
+    assert main(["experiment", str(exp)]) == 0
+    settings = tmp_path / "grid" / "settings"
+    r1 = json.loads((settings / "k1.rank.json").read_text())["r"]
+    r3 = json.loads((settings / "k3.rank.json").read_text())["r"]
+    assert r1 > r3 >= 1
+    cells = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "grid" / "cells").glob("*/cell.json")}
+    p1, p3 = (cells[f"copa__fanlora__{k}__s0"]["trainable_parameters"] for k in ("k1", "k3"))
+    assert abs(p1 - p3) / max(p1, p3) < 0.35
+    assert (tmp_path / "report" / "copa.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"methods": ["fanlora", "prefix"]}, "unknown method 'prefix'; methods are fanlora, lora"),
+        ({"tasks": ["copa", "wsc"]}, "task 'wsc' cannot be in a grid"),
+        ({"tasks": ["mtbench"]}, "mtbench needs a judge"),
+        ({"variants": {"a": {"kmax": 1}}}, "variant a has unknown option 'kmax'"),
+        ({"variants": {"a": {"scorer": "magic"}}}, "unknown scoring method 'magic'"),
+        ({"method_options": {"lora": {"rank": 8}}}, "unknown option 'rank' for method lora"),
+        ({"set": ["finetune.trian.seed=1"]}, "unknown config key finetune.trian"),
+        ({"grid": {}}, "unknown key 'grid'"),
+    ],
+)
+def test_bad_experiment_configs_are_refused_before_anything_runs(tmp_path, recipe_file, capsys, extra, message):
+    exp = _grid(tmp_path, recipe_file, **extra)
+    assert message in fail(capsys, ["experiment", str(exp)])
+    assert not (tmp_path / "grid").exists() and not (tmp_path / "run").exists()
+
+
+def test_source_row_ranges_split_one_file():
+    from fanlora.data.records import read_source
+    from fanlora.errors import UserError
+
+    whole = read_source("bundled:boolq/val")
+    head, tail = read_source("bundled:boolq/val[0:1571]"), read_source("bundled:boolq/val[1571:1635]")
+    assert head == whole[:1571] and tail == whole[1571:1635]
+    with pytest.raises(UserError, match="selects nothing"):
+        read_source("bundled:boolq/val[5000:]")
