@@ -439,7 +439,37 @@ def markdown(exp: Experiment, summary: dict[str, Any]) -> str:
                 f"{r['min']:.3f} – {r['max']:.3f} | {per_seed} | {r['train_minutes_median']} |"
             )
         lines.append("")
+        lines += verdicts(task, rows)
     return "\n".join(lines)
+
+
+def verdicts(task: str, rows: list[dict[str, Any]]) -> list[str]:
+    """FanLoRA against every other method of the same variant: win / tie / loss by the seeds' ranges.
+
+    A win needs FanLoRA's worst seed above the other method's best; a loss the reverse; otherwise the
+    ranges overlap and it is a tie (with so few seeds, the medians alone would over-read the noise).
+    """
+    out = []
+    for fan in (r for r in rows if r["method"] == "fanlora"):
+        others = [r for r in rows if r["variant"] == fan["variant"] and r["method"] != "fanlora"]
+        if not others:
+            continue
+        out.append(f"FanLoRA vs the baselines on {task} (variant {fan['variant']}):")
+        out.append("")
+        for o in others:
+            if fan["min"] > o["max"]:
+                verdict = "win"
+            elif fan["max"] < o["min"]:
+                verdict = "loss"
+            else:
+                verdict = "tie (ranges overlap)"
+            ratio = fan["trainable_parameters"] / o["trainable_parameters"]
+            out.append(
+                f"- vs {o['method']}: {verdict}; median {fan['median']:.3f} vs {o['median']:.3f} "
+                f"({fan['median'] - o['median']:+.3f}), with {ratio:.2f}x its trainable parameters"
+            )
+        out.append("")
+    return out
 
 
 def plot(exp: Experiment, rows: list[dict[str, Any]], report: Path) -> None:

@@ -125,6 +125,7 @@ def test_grid_runs_resumes_cell_by_cell_and_aggregates(tmp_path, recipe_file, ca
         assert r["median"] == pytest.approx(sum(r["values"]) / 2)
     table = (tmp_path / "report" / "results.md").read_text()
     assert "| default | fanlora |" in table and "| default | lora |" in table
+    assert "FanLoRA vs the baselines on copa (variant default):" in table and "- vs lora: " in table
     assert not list((tmp_path / "grid" / "cells").glob("*/checkpoints"))
     # a rerun without --resume, or with a changed config, is refused
     assert "pass --resume" in fail(capsys, ["experiment", str(exp)])
@@ -180,3 +181,34 @@ def test_source_row_ranges_split_one_file():
     assert head == whole[:1571] and tail == whole[1571:1635]
     with pytest.raises(UserError, match="selects nothing"):
         read_source("bundled:boolq/val[5000:]")
+
+
+def test_verdicts_need_the_seed_ranges_to_separate():
+    from fanlora.experiment import verdicts
+
+    def row(method, lo, hi, params=100):
+        return {
+            "method": method,
+            "variant": "v",
+            "min": lo,
+            "max": hi,
+            "median": (lo + hi) / 2,
+            "trainable_parameters": params,
+        }
+
+    lines = verdicts(
+        "copa", [row("fanlora", 0.6, 0.7, 50), row("lora", 0.4, 0.55), row("ia3", 0.65, 0.8), row("houlsby", 0.75, 0.9)]
+    )
+    text = "\n".join(lines)
+    assert "- vs lora: win; median 0.650 vs 0.475 (+0.175), with 0.50x its trainable parameters" in text
+    assert "- vs ia3: tie (ranges overlap)" in text and "- vs houlsby: loss" in text
+
+
+@pytest.mark.parametrize("name", ["table1", "kmax", "scorers", "corpus"])
+def test_committed_experiment_configs_parse(name):
+    from fanlora.experiment import cells, parse
+
+    exp = parse(Path(__file__).parents[1] / "fanlora" / "configs" / "experiments" / f"{name}.yaml")
+    assert exp.name == name and len(cells(exp)) == len(exp.seeds) * sum(
+        len(v.methods or exp.methods) * len(exp.tasks) for v in exp.variants.values()
+    )
