@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the grid this config made before")
     p.add_argument("--shard", help="I/N: run every N-th cell starting at I (several processes share a grid)")
     p.add_argument("--list", action="store_true", help="list the cells and whether each is done; run nothing")
+    p.add_argument("--cells", nargs="+", metavar="GLOB", help="run only cells whose id matches, e.g. 'copa__*'")
     p.add_argument("--aggregate", action="store_true", help="only rebuild the tables from the finished cells")
 
     p = sub.add_parser("demo", help="the whole method on the embedded backbone, then COPA before/after")
@@ -449,7 +450,7 @@ def _run(args: argparse.Namespace) -> int:
             if not 0 <= index < count:
                 raise UserError(f"--shard {args.shard}: I must be in 0..N-1")
             shard = (index, count)
-        summary = experiment.run(exp, resume=args.resume, shard=shard)
+        summary = experiment.run(exp, resume=args.resume, shard=shard, only=args.cells)
         print(
             f"RESULT experiment={exp.name} cells_done={summary['cells_done']}/{summary['cells']} "
             f"grid_minutes={summary['grid_minutes']} report={exp.report}/results.md"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import json
 import math
 import shutil
@@ -317,6 +318,7 @@ def run_cell(exp: Experiment, cell: Cell, progress: bool = False) -> dict[str, A
         "value": metrics[metric],
         "n_test": metrics["n"],
         "resumed": result.resumed_from is not None,
+        "config": cfg.to_dict(),
     }
     atomic.write_json(done, record)
     shutil.rmtree(directory / "checkpoints", ignore_errors=True)  # the adapter is kept; checkpoints are not
@@ -349,9 +351,15 @@ def run(
     resume: bool = False,
     shard: tuple[int, int] = (0, 1),
     say: Any = print,
+    only: list[str] | None = None,
 ) -> dict[str, Any]:
-    open_grid(exp, resume or shard[1] > 1)  # shards of one grid start side by side
+    """Run this process's share of the grid's cells (those matching ``only``, glob patterns on cell ids)."""
     todo = cells(exp)
+    if only:
+        todo = [c for c in todo if any(fnmatch.fnmatchcase(c.id, pattern) for pattern in only)]
+        if not todo:
+            raise UserError(f"no cell id matches {' '.join(only)}: ids look like copa__fanlora__default__s0")
+    open_grid(exp, resume or shard[1] > 1)  # shards of one grid start side by side
     index, count = shard
     mine = [c for i, c in enumerate(todo) if i % count == index]
     say(f"experiment {exp.name}: {len(todo)} cells, {len(mine)} in this process → {exp.out}")

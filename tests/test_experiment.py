@@ -112,10 +112,14 @@ def test_grid_runs_resumes_cell_by_cell_and_aggregates(tmp_path, recipe_file, ca
     assert main(["experiment", str(exp), "--shard", "0/2"]) == 0  # half the cells, as if killed midway
     cells = sorted((tmp_path / "grid" / "cells").glob("*/cell.json"))
     assert len(cells) == 2
+    assert main(["experiment", str(exp), "--resume", "--cells", "copa__lora__*"]) == 0  # a filter
+    cells = sorted((tmp_path / "grid" / "cells").glob("*/cell.json"))
+    assert len(cells) == 3 and "copa__lora__default__s1" in {p.parent.name for p in cells}
     stamps = {p: p.stat().st_mtime_ns for p in cells}
+    capsys.readouterr()
     assert main(["experiment", str(exp), "--resume"]) == 0
     out = capsys.readouterr().out
-    assert out.count("(done before)") == 2 and "cells_done=4/4" in out
+    assert out.count("(done before)") == 3 and "cells_done=4/4" in out
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     rows = {r["method"]: r for r in results["rows"]}
@@ -129,6 +133,7 @@ def test_grid_runs_resumes_cell_by_cell_and_aggregates(tmp_path, recipe_file, ca
     assert not list((tmp_path / "grid" / "cells").glob("*/checkpoints"))
     # a rerun without --resume, or with a changed config, is refused
     assert "pass --resume" in fail(capsys, ["experiment", str(exp)])
+    assert "no cell id matches" in fail(capsys, ["experiment", str(exp), "--resume", "--cells", "sql__*"])
     changed = _grid(tmp_path, recipe_file, seeds=[0, 1, 2])
     assert "another config" in fail(capsys, ["experiment", str(changed), "--resume"])
 
