@@ -272,8 +272,7 @@ def run_cell(exp: Experiment, cell: Cell, progress: bool = False) -> dict[str, A
     """Train and evaluate one cell; its ``cell.json`` marks it done (and is returned on later calls)."""
     import torch
 
-    from fanlora.evaluate import training_examples
-    from fanlora.pipeline import backbone_from, run_evaluate
+    from fanlora.pipeline import backbone_from, run_evaluate, task_training_data
     from fanlora.setting import Setting
     from fanlora.train import train_adapter
 
@@ -291,10 +290,8 @@ def run_cell(exp: Experiment, cell: Cell, progress: bool = False) -> dict[str, A
         options.setdefault("alpha", 2 * options["r"])
     ft = cfg.finetune
     backbone = backbone_from(cfg)
-    task = get_task(cell.task, ft.data)
     tok = backbone.tokenizer
-    train = training_examples(tok, task, task.examples("train", ft.max_train_examples), ft.max_length)
-    dev = training_examples(tok, task, task.examples("dev", ft.max_dev_examples), ft.max_length)
+    train, dev = task_training_data(cfg, backbone)
     torch.manual_seed(cell.seed)
     steps = total_steps(ft.train, len(train))
     built = methods.build(cell.method, backbone, options, setting, steps, ft.lora.dropout)

@@ -436,6 +436,16 @@ def run_evaluate_many(
     ]
 
 
+def task_training_data(cfg: Config, backbone: Backbone) -> tuple[list[Any], list[Any]]:
+    """Stage d's train and dev examples of ``cfg.finetune.task`` (shared by `fanlora finetune` and the grids)."""
+    ft = cfg.finetune
+    task = get_task(ft.task, ft.data)
+    tok = backbone.tokenizer
+    train = training_examples(tok, task, task.examples("train", ft.max_train_examples), ft.max_length)
+    dev = training_examples(tok, task, task.examples("dev", ft.max_dev_examples), ft.max_length)
+    return train, dev
+
+
 def run_finetune(cfg: Config, setting_path: str | Path, out_dir: str | Path) -> Path:
     """Stage d: fresh LoRA (rank r1) on exactly the setting's modules, trained on the task's train split."""
     out = Path(out_dir)
@@ -447,14 +457,12 @@ def run_finetune(cfg: Config, setting_path: str | Path, out_dir: str | Path) -> 
     backbone = backbone_from(cfg)
     setting.validate(backbone)
     ft = cfg.finetune
-    task = get_task(ft.task, ft.data)
     tok = backbone.tokenizer
-    train = training_examples(tok, task, task.examples("train", ft.max_train_examples), ft.max_length)
-    dev = training_examples(tok, task, task.examples("dev", ft.max_dev_examples), ft.max_length)
+    train, dev = task_training_data(cfg, backbone)
     torch.manual_seed(ft.train.seed)
-    from peft import get_peft_model
+    from fanlora.methods import build
 
-    model = get_peft_model(backbone.model, setting.lora_config(ft.lora.r, ft.lora.alpha, ft.lora.dropout))
+    model = build("fanlora", backbone, {"r": ft.lora.r, "alpha": ft.lora.alpha}, setting, dropout=ft.lora.dropout).model
     say(
         f"stage d: {ft.task}: {len(train)} train / {len(dev)} dev; LoRA r={ft.lora.r} on {setting.n_modules} modules "
         f"({model.get_nb_trainable_parameters()[0]} trainable parameters)"
