@@ -385,6 +385,7 @@ def run_evaluate(
     if task.kind == "generate" and ev.mode == "loglik":
         raise UserError(f"task {task_name} is scored by generation only: drop --mode loglik")
     examples = task.examples(ev.split, ev.limit)
+    task.check(examples)
     if model is None:
         model, backbone = load_for_eval(cfg, adapter, backbone)
     tok = backbone.tokenizer
@@ -427,8 +428,9 @@ def run_evaluate_many(
     cfg: Config, tasks: list[str], outs: list[Path], adapter: str | Path | None = None
 ) -> list[dict[str, Any]]:
     """Several tasks on one loaded model (the backbone and adapter are loaded once)."""
-    for name in tasks:  # every task name is checked before the model loads
-        get_task(name, cfg.evaluate.data)
+    for name in tasks:  # every task and its examples are checked before the model loads
+        task = get_task(name, cfg.evaluate.data)
+        task.check(task.examples(cfg.evaluate.split, cfg.evaluate.limit))
     model, backbone = load_for_eval(cfg, adapter)
     return [
         run_evaluate(cfg, name, out, adapter=adapter, backbone=backbone, model=model)

@@ -63,6 +63,9 @@ class Task:
     def load_split(self, split: str) -> list[Any]:
         raise NotImplementedError
 
+    def check(self, examples: Sequence[Any]) -> None:
+        """Refuse examples that cannot be scored (e.g. a gold SQL query that fails), before any model work."""
+
     def examples(self, split: str, limit: int | None = None) -> list[Any]:
         if split not in self.splits:
             raise UserError(f"task {self.name} has no split {split!r}: use one of {', '.join(self.splits)}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fanlora.errors import UserError
 from fanlora.metrics import sql as sqlmetric
 from fanlora.sqlgen import PROMPT_SCHEMA, dataset_dir
 from fanlora.tasks.base import GenExample, GenTask, register
@@ -42,19 +43,27 @@ class Sql(GenTask):
             question = self.field(r, "question", str, where).strip()
             query = self.field(r, "query", str, where).strip()
             prompt = f"SQLite tables:\n{PROMPT_SCHEMA}\nQuestion: {question}\nSQL:"
-            out.append(GenExample(str(r.get("id", where)), prompt, " " + query, [query]))
+            out.append(GenExample(str(r.get("id", where)), prompt, " " + query, [query], {"where": where}))
         return out
 
+    def check(self, examples: Sequence[GenExample]) -> None:
+        """Every gold query must run before any generation: a broken one is named with its file and line."""
+        db = sqlmetric.Isolated(dataset_dir() / "insurance.sqlite")
+        for ex in examples:
+            error = db.check_gold(ex.references[0], TIMEOUT_S)
+            if error is not None:
+                raise UserError(
+                    f"{ex.meta.get('where', ex.id)}: the gold query does not run on the insurance database "
+                    f"({error}): fix or remove that line"
+                )
+
     def score(self, examples: Sequence[GenExample], outputs: Sequence[Any]) -> tuple[dict[str, Any], list[dict]]:
-        conn = sqlmetric.connect_read_only(dataset_dir() / "insurance.sqlite")
+        db = sqlmetric.Isolated(dataset_dir() / "insurance.sqlite")
         records = []
-        try:
-            for ex, text in zip(examples, outputs, strict=True):
-                pred = str(text).strip()
-                ok, why = sqlmetric.execution_match(conn, pred, ex.references[0], TIMEOUT_S)
-                records.append({"id": ex.id, "prediction": pred, "gold": ex.references[0], "correct": ok, "error": why})
-        finally:
-            conn.close()
+        for ex, text in zip(examples, outputs, strict=True):
+            pred = str(text).strip()
+            ok, why = db.match(pred, ex.references[0], TIMEOUT_S)
+            records.append({"id": ex.id, "prediction": pred, "gold": ex.references[0], "correct": ok, "error": why})
         n = max(1, len(records))
         errors = sum(r["error"] not in (None, "different rows") for r in records)
         exact = sum(r["prediction"].rstrip(";").strip() == r["gold"].rstrip(";").strip() for r in records)
