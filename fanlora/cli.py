@@ -182,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--api-key",
-        default=os.environ.get("FANLORA_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on every route but /health (default: $FANLORA_API_KEY)",
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: $FANLORA_API_KEY if "
+        "set and not empty); an empty key is refused",
     )
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 503")
@@ -465,7 +465,7 @@ def _run(args: argparse.Namespace) -> int:
             args.backbone,
             args.host,
             args.port,
-            args.api_key,
+            args.api_key if args.api_key is not None else (os.environ.get("FANLORA_API_KEY") or None),
             Limits(max_tokens=args.max_tokens, max_queue=args.max_queue, max_batch=args.max_batch),
         )
         return 0

@@ -165,10 +165,13 @@ def test_a_cancelled_row_stops_at_the_next_step_and_the_others_continue(server):
 
     loop = asyncio.new_event_loop()
     ids = tok("Count with me:", add_special_tokens=False)["input_ids"]
-    leaving = Leaving(ids, "alpha", Decoding(), 30, [], loop)
-    staying = Staying(ids, "beta", Decoding(), 30, [], loop)
+    engine = app.state.engine
+    leaving = Leaving(ids, "alpha", Decoding(), 30, [], loop, slot=engine.acquire("alpha"))
+    staying = Staying(ids, "beta", Decoding(), 30, [], loop, slot=engine.acquire("beta"))
     with scheduler.lock:
         scheduler._run([leaving, staying])
+    engine.release(leaving.slot)
+    engine.release(staying.slot)
     loop.close()
     assert len(leaving.tokens) == 1 and leaving.finished is None
     assert len(staying.tokens) == 30 and staying.finished == "length"

@@ -33,7 +33,9 @@ from typing import Any
 
 _ORDER_BY = re.compile(r"\border\s+by\b", re.IGNORECASE)
 
-ALLOWED_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE})
+ALLOWED_ACTIONS = frozenset(
+    {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+)
 MAX_VALUE_BYTES = 1_000_000  # longest string or blob a query may build
 MAX_SQL_BYTES = 100_000
 MAX_RESULT_ROWS = 100_000
@@ -69,9 +71,7 @@ def _size(row: tuple[Any, ...]) -> int:
     return sum(len(v) if isinstance(v, str | bytes) else 8 for v in row)
 
 
-def execute(
-    conn: sqlite3.Connection, query: str, timeout_s: float = 5.0, max_rows: int = MAX_RESULT_ROWS
-) -> Execution:
+def execute(conn: sqlite3.Connection, query: str, timeout_s: float = 5.0, max_rows: int = MAX_RESULT_ROWS) -> Execution:
     """Run one query with a time limit and bounded result; any failure is reported, not raised."""
     deadline = time.monotonic() + timeout_s
     conn.set_progress_handler(lambda: int(time.monotonic() > deadline), PROGRESS_STEPS)

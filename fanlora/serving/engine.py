@@ -95,6 +95,12 @@ class Engine:
         self.slots: dict[str, int] = {}  # adapter name → slot (≥ 1)
         self.paths: dict[str, Path] = {}
         self.rank = 1
+        # Requests pin the slot they were admitted on, so an unload (or a reload under the same name) never
+        # changes the weights under a request already queued or running: the name goes at once, the slot
+        # stays until its last pin is released.
+        self.pins: dict[int, int] = {}
+        self.retired: set[int] = set()
+        self.book = threading.Lock()  # guards slots/pins/retired; never held during a forward pass
 
     @classmethod
     def from_backbone(cls, backbone: Any, setting: Setting) -> Engine:
@@ -132,10 +138,17 @@ class Engine:
                 )
 
     def load(self, name: str, path: str | Path) -> None:
-        """Load (or replace) adapter ``name`` from a PEFT directory."""
+        """Load (or replace) adapter ``name`` from a PEFT directory.
+
+        Not concurrent with a forward pass (growing the stacks swaps tensors): the server calls it under the
+        scheduler's lock, from a worker thread.
+        """
         adapter = read_adapter(path)
         self.check(adapter)
-        slot = self.slots.get(name) or self._free_slot()
+        with self.book:
+            slot = self.slots.get(name)
+            if slot is None or self.pins.get(slot):  # a pinned slot keeps serving its requests
+                slot = self._free_slot()
         if adapter.rank > self.rank:
             self._grow_rank(adapter.rank)
         for module_name, wrapped in self.modules.items():
@@ -146,19 +159,44 @@ class Engine:
                 r = a.shape[0]
                 wrapped.A[slot, :, :r] = a.T.to(wrapped.A.dtype)
                 wrapped.B[slot, :r] = b.T.to(wrapped.B.dtype)
-        self.slots[name], self.paths[name] = slot, Path(path)
+        with self.book:
+            old = self.slots.get(name)
+            if old is not None and old != slot:
+                self.retired.add(old)
+            self.slots[name], self.paths[name] = slot, Path(path)
 
     def unload(self, name: str) -> None:
-        slot = self.slots.pop(name, None)
-        if slot is None:
-            raise UserError(f"no adapter {name!r} is loaded: loaded are {', '.join(self.adapters) or 'none'}")
-        self.paths.pop(name)
-        for wrapped in self.modules.values():
-            wrapped.A[slot].zero_()
-            wrapped.B[slot].zero_()
+        """Forget ``name``; requests already admitted on it finish on its weights (their slot is pinned)."""
+        with self.book:
+            slot = self.slots.pop(name, None)
+            if slot is None:
+                raise UserError(f"no adapter {name!r} is loaded: loaded are {', '.join(self.adapters) or 'none'}")
+            self.paths.pop(name)
+            self.retired.add(slot)
+            self._reclaim(slot)
+
+    def acquire(self, name: str | None) -> int:
+        """The slot of ``name`` (0: none), pinned until :meth:`release`."""
+        with self.book:
+            slot = self.slot_of(name)
+            if slot:
+                self.pins[slot] = self.pins.get(slot, 0) + 1
+            return slot
+
+    def release(self, slot: int) -> None:
+        if not slot:
+            return
+        with self.book:
+            self.pins[slot] -= 1
+            self._reclaim(slot)
+
+    def _reclaim(self, slot: int) -> None:
+        if slot in self.retired and not self.pins.get(slot):
+            self.retired.discard(slot)
+            self.pins.pop(slot, None)  # load() zeroes a slot before reusing it
 
     def _free_slot(self) -> int:
-        used = set(self.slots.values())
+        used = set(self.slots.values()) | self.retired | {s for s, n in self.pins.items() if n}
         capacity = next(iter(self.modules.values())).A.shape[0] if self.modules else 1
         for slot in range(1, capacity):
             if slot not in used:
@@ -185,7 +223,10 @@ class Engine:
 
     def use(self, names: Sequence[str | None]) -> None:
         """Route the next forward passes: row i uses adapter ``names[i]`` (None: the bare backbone)."""
-        slots = [self.slot_of(n) for n in names]
+        self.use_slots([self.slot_of(n) for n in names])
+
+    def use_slots(self, slots: Sequence[int]) -> None:
+        """Route the next forward passes by slot (what the scheduler pinned at admission)."""
         if len(set(slots)) == 1:
             self.rows.uniform, self.rows.idx = slots[0], None
         else:

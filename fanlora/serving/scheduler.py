@@ -6,6 +6,11 @@ a streamer that hands each row's new token to its request as it is produced, and
 that ends a row at its own ``max_tokens``, at a stop string, or as soon as its client has gone (its slot in
 the batch stops costing anything but padding, and a finished batch frees the worker for the next one).
 Beam search cannot stream in HF; beam requests are answered whole.
+
+``max_queue`` bounds every request admitted but not yet decoding — in the queue or held back because its
+sampling settings differ from the running batch's — so a full server answers 503 instead of growing a list.
+Each job carries the adapter slot it was admitted on (pinned in the engine), so unloading an adapter never
+fails another tenant's row in the same batch, nor its own already-admitted requests.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class Job:
     finished: str | None = None  # "stop" | "length" once the row is done
     cancelled: bool = False  # the client went away
     started: float = field(default_factory=time.monotonic)
+    slot: int = 0  # the engine slot pinned for this job at admission (0: the bare backbone)
 
     def key(self) -> tuple:
         d = self.decoding
@@ -98,20 +104,31 @@ class _RowsDone(StoppingCriteria):
 
 class Scheduler:
     def __init__(self, engine: Engine, max_queue: int = 64, max_batch: int = 16) -> None:
-        self.engine, self.max_batch = engine, max_batch
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        if max_queue < 1 or max_batch < 1:
+            raise ValueError(f"max_queue ({max_queue}) and max_batch ({max_batch}) must be ≥ 1")
+        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.queue: queue.Queue[Job] = queue.Queue()
         self.lock = threading.Lock()  # adapter loads and batches never overlap
         self.held: list[Job] = []  # taken from the queue but not yet batchable with the current key
+        self.waiting = 0  # admitted, not yet decoding: in the queue or held (bounded by max_queue)
+        self._count = threading.Lock()
         self.thread = threading.Thread(target=self._work, name="fanlora-engine", daemon=True)
         self.running = True
         self.batches = 0
+        self.cancelled = 0  # jobs whose client left before they finished
+        self.current: list[Job] = []  # the batch being decoded
         self.thread.start()
 
     def submit(self, job: Job) -> None:
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull from None
+        """Admit ``job`` (its slot already pinned) or raise QueueFull; a refused job's pin is released."""
+        with self._count:
+            full = self.waiting >= self.max_queue
+            if not full:
+                self.waiting += 1
+        if full:
+            self.engine.release(job.slot)
+            raise QueueFull
+        self.queue.put_nowait(job)
 
     def stop(self) -> None:
         self.running = False
@@ -129,7 +146,18 @@ class Scheduler:
         for job in pool:
             fits = not beam and len(batch) < self.max_batch and job.key() == first.key()
             (batch if fits else self.held).append(job)
+        with self._count:
+            self.waiting -= len(batch)
+        for job in batch:
+            if job.cancelled:
+                self._finish(job)
         return [j for j in batch if not j.cancelled]
+
+    def _finish(self, job: Job) -> None:
+        """Every admitted job passes here exactly once: its slot pin is released."""
+        if job.cancelled:
+            self.cancelled += 1
+        self.engine.release(job.slot)
 
     def _work(self) -> None:
         while self.running:
@@ -138,10 +166,15 @@ class Scheduler:
                 jobs = self._take()
                 if jobs:
                     with self.lock:
+                        self.current = jobs
                         self._run(jobs)
             except Exception as exc:  # the worker survives; the batch's clients get the error
                 for job in jobs:
                     job.emit("error", f"{type(exc).__name__}: {exc}")
+            finally:
+                self.current = []
+                for job in jobs:
+                    self._finish(job)
 
     def _run(self, jobs: list[Job]) -> None:
         engine, tok = self.engine, self.engine.tokenizer
@@ -153,7 +186,7 @@ class Scheduler:
         for row, j in enumerate(jobs):
             ids[row, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
             mask[row, width - len(j.prompt_ids) :] = 1
-        engine.use([j.adapter for j in jobs])
+        engine.use_slots([j.slot for j in jobs])
         kwargs = first.generate_kwargs()
         if first.strategy == "sampling":
             torch.manual_seed(first.seed)

@@ -6,12 +6,18 @@ Routes: ``GET /health`` (never guarded), ``GET /v1/models``, ``POST /v1/completi
 adapter is a sub-directory of ``--adapter-dir`` and is loaded on first use. Names are matched against a
 strict pattern and resolved inside that directory, so no name reaches outside it; weights load only from
 safetensors. Errors use OpenAI's JSON shape: 400 bad request, 401 missing/wrong API key, 404 unknown model
-(with the known names), 413 body too large, 503 queue full.
+(with the known names), 413 body too large (counted as the bytes arrive, so a chunked body is capped too),
+503 queue full.
+
+Nothing that blocks runs on the event loop: tokenising, loading and unloading adapters (which wait for the
+running batch) go to worker threads, so /health and every other client stay responsive. A client that
+disconnects, streaming or not, has its row cancelled at the next decoding step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import re
 import time
@@ -24,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from fanlora.data.instruct import render
 from fanlora.errors import UserError
 from fanlora.generate import Decoding, prompt_ids
 from fanlora.serving.engine import Engine
@@ -47,13 +54,13 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int = Field(1, ge=1, le=1)
     num_beams: int = Field(1, ge=1, le=8)  # extension (vLLM had use_beam_search): beam search, answered whole
 
 
 class CompletionRequest(_Sampling):
-    prompt: str
+    prompt: str = Field(min_length=1)
 
 
 class ChatMessage(BaseModel):
@@ -76,6 +83,43 @@ class ApiError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
+class _BodyLimit:
+    """ASGI middleware: read at most ``max_bytes`` of a request body, however it is sent (chunked or not).
+
+    The body is read here, before the route parses it; past the limit the client gets 413 and the rest is
+    never read. Starlette has no such cap of its own (it trusts Content-Length or reads everything).
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                response = _error(413, f"request body is over the limit of {self.max_bytes} bytes")
+                return await response(scope, receive, send)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later: http.disconnect when the client goes away
+
+        await self.app(scope, replay, send)
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
@@ -90,10 +134,14 @@ def create_app(
     app = FastAPI(title="fanlora", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.engine = scheduler, engine
 
+    expected = f"Bearer {api_key}".encode() if api_key else None
+    app.add_middleware(_BodyLimit, max_bytes=limits.max_body_bytes)  # inner: auth (below) is checked first
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if request.url.path != "/health":
-            if api_key and request.headers.get("authorization", "") != f"Bearer {api_key}":
+            sent = request.headers.get("authorization", "").encode()
+            if expected is not None and not hmac.compare_digest(sent, expected):
                 return _error(
                     401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error"
                 )
@@ -124,17 +172,25 @@ def create_app(
             raise ApiError(404, f"unknown model {name!r}: known models are {', '.join(known())}", "not_found_error")
         return path
 
-    def ensure_loaded(name: str) -> str | None:
+    def load(name: str, path: Path) -> None:  # in a worker thread: waits for the running batch
+        try:
+            with scheduler.lock:
+                engine.load(name, path)
+        except UserError as exc:
+            raise ApiError(400, f"adapter {name!r} refused: {exc}") from None
+
+    def admit(name: str) -> tuple[str | None, int]:
+        """(adapter, pinned slot) for a request's model, loading the adapter on first use (worker thread)."""
         if name == BASE:
-            return None
-        if name not in engine.adapters:
-            path = adapter_path(name)
+            return None, 0
+        for _ in range(3):  # an unload may slip in between the load and the pin: load again
+            if name not in engine.adapters:
+                load(name, adapter_path(name))
             try:
-                with scheduler.lock:
-                    engine.load(name, path)
-            except UserError as exc:
-                raise ApiError(400, f"adapter {name!r} refused: {exc}") from None
-        return name
+                return name, engine.acquire(name)
+            except UserError:
+                continue
+        raise ApiError(503, f"adapter {name!r} is being loaded and unloaded concurrently: retry", "server_error")
 
     app.state.known = known
 
@@ -151,22 +207,24 @@ def create_app(
         path = adapter_path(body.lora_name)
         if body.lora_path is not None and Path(body.lora_path).resolve() != path:
             raise ApiError(400, "lora_path must be the adapter directory's sub-directory named lora_name")
+        await asyncio.to_thread(load, body.lora_name, path)
+        return {"loaded": body.lora_name}
+
+    def unload(name: str) -> None:
         try:
             with scheduler.lock:
-                engine.load(body.lora_name, path)
-        except UserError as exc:
-            raise ApiError(400, f"adapter {body.lora_name!r} refused: {exc}") from None
-        return {"loaded": body.lora_name}
+                engine.unload(name)
+        except UserError:
+            raise ApiError(404, f"adapter {name!r} is not loaded", "not_found_error") from None
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: AdapterRequest):
-        if body.lora_name not in engine.adapters:
-            raise ApiError(404, f"adapter {body.lora_name!r} is not loaded", "not_found_error")
-        with scheduler.lock:
-            engine.unload(body.lora_name)
+        await asyncio.to_thread(unload, body.lora_name)
         return {"unloaded": body.lora_name}
 
-    async def run(req: _Sampling, ids: list[int], chat: bool):
+    async def run(req: _Sampling, ids: list[int], chat: bool, request: Request):
+        if not ids:
+            raise ApiError(400, "the prompt is empty: send at least one token of text")
         if req.max_tokens > limits.max_tokens:
             raise ApiError(400, f"max_tokens {req.max_tokens} is over this server's limit of {limits.max_tokens}")
         if len(ids) + req.max_tokens > context:
@@ -175,17 +233,17 @@ def create_app(
                 f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context "
                 f"limit of {context} tokens",
             )
-        adapter = ensure_loaded(req.model)
+        if req.num_beams > 1 and req.stream:
+            raise ApiError(400, "beam search cannot stream: drop stream or num_beams")
+        adapter, slot = await asyncio.to_thread(admit, req.model)
         if req.num_beams > 1:
-            if req.stream:
-                raise ApiError(400, "beam search cannot stream: drop stream or num_beams")
             decoding = Decoding("beam", num_beams=req.num_beams)
         elif req.temperature == 0:
             decoding = Decoding("greedy")
         else:
             decoding = Decoding("sampling", temperature=req.temperature, top_p=req.top_p, seed=req.seed or 0)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        job = Job(ids, adapter, decoding, req.max_tokens, stop, asyncio.get_running_loop())
+        job = Job(ids, adapter, decoding, req.max_tokens, stop, asyncio.get_running_loop(), slot=slot)
         try:
             scheduler.submit(job)
         except QueueFull:
@@ -193,18 +251,20 @@ def create_app(
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if req.stream:
             return StreamingResponse(_stream(job, rid, req.model, chat), media_type="text/event-stream")
-        return await _whole(job, rid, req.model, chat, len(ids))
+        return await _whole(job, rid, req.model, chat, len(ids), request)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await run(req, prompt_ids(engine.tokenizer, req.prompt), chat=False)
+    async def completions(req: CompletionRequest, request: Request):
+        ids = await asyncio.to_thread(prompt_ids, engine.tokenizer, req.prompt)
+        return await run(req, ids, False, request)
+
+    def chat_ids(messages: list[ChatMessage]) -> list[int]:
+        text = render(engine.tokenizer, [m.model_dump() for m in messages], generation_prompt=True)
+        return prompt_ids(engine.tokenizer, text)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
-        from fanlora.data.instruct import render
-
-        text = render(engine.tokenizer, [m.model_dump() for m in req.messages], generation_prompt=True)
-        return await run(req, prompt_ids(engine.tokenizer, text), chat=True)
+    async def chat_completions(req: ChatRequest, request: Request):
+        return await run(req, await asyncio.to_thread(chat_ids, req.messages), True, request)
 
     return app
 
@@ -221,12 +281,24 @@ async def _collect(job: Job) -> tuple[str, str]:
             return "".join(parts), value
 
 
-async def _whole(job: Job, rid: str, model: str, chat: bool, n_prompt: int) -> dict[str, Any]:
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    """Cancel ``job`` when its (non-streaming) client goes away: nobody would read the answer."""
+    while not job.finished and not job.cancelled:
+        message = await request.receive()  # after the body, the next message is http.disconnect
+        if message["type"] == "http.disconnect":
+            job.cancelled = True
+            return
+
+
+async def _whole(job: Job, rid: str, model: str, chat: bool, n_prompt: int, request: Request) -> dict[str, Any]:
+    watcher = asyncio.create_task(_watch_disconnect(request, job))
     try:
         text, reason = await _collect(job)
     except asyncio.CancelledError:
         job.cancelled = True
         raise
+    finally:
+        watcher.cancel()
     usage = {
         "prompt_tokens": n_prompt,
         "completion_tokens": len(job.tokens),
@@ -279,6 +351,41 @@ async def _stream(job: Job, rid: str, model: str, chat: bool):
         job.cancelled = True
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_serve_options(host: str, port: int, api_key: str | None, limits: Limits) -> None:
+    """Refuse options that cannot work or that silently open the server; warn when it is open to a network."""
+    import sys
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port: give 0..65535 (0: any free port)")
+    for flag, value in (
+        ("--max-tokens", limits.max_tokens),
+        ("--max-queue", limits.max_queue),
+        ("--max-batch", limits.max_batch),
+    ):
+        if value < 1:
+            raise UserError(f"{flag} {value} must be ≥ 1")
+    if api_key is not None and not api_key:
+        raise UserError("--api-key is empty, which would turn authentication off: give a key, or drop the flag")
+    if api_key is None and not _loopback(host):
+        print(
+            f"warning: serving on {host} WITHOUT an API key: anyone who can reach this address can use the "
+            "server; pass --api-key (or set FANLORA_API_KEY)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def serve(
     setting: str | Path,
     adapter_dir: str | Path | None,
@@ -288,12 +395,13 @@ def serve(
     api_key: str | None,
     limits: Limits,
 ) -> None:
-    """Load the backbone, wrap the setting's modules, load every adapter found, and serve until interrupted."""
+    """Load the backbone, wrap the setting's modules, and serve until interrupted (adapters load on first use)."""
     import uvicorn
 
     from fanlora.backbone import load_backbone
     from fanlora.setting import Setting
 
+    check_serve_options(host, port, api_key, limits)
     s = Setting.read(setting)
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise UserError(

@@ -1,0 +1,308 @@
+"""Faults found by probing `fanlora serve` as a hostile or unlucky client: each test failed before its fix.
+
+A :class:`Gate` on the model's forward pass holds a batch mid-decode, so the tests order events with
+semaphores instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import threading
+import time
+
+import pytest
+import uvicorn
+from conftest import fail
+from test_engine import make_adapter, setting_for
+
+from fanlora.backbone import load_backbone
+from fanlora.errors import UserError
+from fanlora.generate import Decoding
+from fanlora.serving import server as server_module
+from fanlora.serving.engine import Engine
+from fanlora.serving.scheduler import Job, QueueFull, Scheduler
+from fanlora.serving.server import Limits, check_serve_options, create_app
+
+WAIT = 30  # seconds: an upper bound on any wait, never a sleep
+
+
+class Gate:
+    """A forward pre-hook that, while armed, stops every forward pass until the test lets one through."""
+
+    def __init__(self, model) -> None:
+        self.armed = False
+        self.entered = threading.Semaphore(0)
+        self.permits = threading.Semaphore(0)
+        model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args) -> None:
+        if self.armed:
+            self.entered.release()
+            assert self.permits.acquire(timeout=WAIT), "the gate was never opened"
+
+    def wait_entered(self) -> None:
+        assert self.entered.acquire(timeout=WAIT), "no forward pass reached the gate"
+
+    def step(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.permits.release()
+
+    def open(self) -> None:
+        self.armed = False
+        self.step(100)
+
+
+class Recorded(Job):
+    """A job outside the HTTP layer: events are kept in a list."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[str, object]] = []
+        self.done = threading.Event()
+
+    def emit(self, kind, value) -> None:
+        self.seen.append((kind, value))
+        if kind in ("done", "error"):
+            self.done.set()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("faults")
+    backbone = load_backbone(str(tiny_llama))
+    setting = setting_for(backbone)
+    for i, name in enumerate(["alpha", "beta", "gamma"]):
+        make_adapter(root / "adapters" / name, tiny_llama, setting, 4, 8, i)
+    engine = Engine.from_backbone(backbone, setting)
+    gate = Gate(engine.model)
+    app = create_app(
+        engine, root / "adapters", "key", Limits(max_tokens=64, max_body_bytes=20_000, max_queue=8, max_batch=4)
+    )
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT
+    while not srv.started and time.monotonic() < deadline:
+        threading.Event().wait(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield {"port": port, "app": app, "engine": engine, "gate": gate, "root": root}
+    gate.open()
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def post(port: int, path: str, body: dict, timeout: float = WAIT) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(
+            "POST", path, json.dumps(body), {"Content-Type": "application/json", "Authorization": "Bearer key"}
+        )
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def health(port: int, timeout: float = 5) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def in_thread(fn, *args) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn(*args)
+        except Exception as exc:  # reported by the test's assertions
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_loading_an_adapter_never_blocks_the_event_loop(world, monkeypatch):
+    engine, port = world["engine"], world["port"]
+    started, finish = threading.Event(), threading.Event()
+    real_load = engine.load
+
+    def slow_load(name, path):  # an adapter that takes long to read from disk
+        started.set()
+        assert finish.wait(WAIT)
+        real_load(name, path)
+
+    monkeypatch.setattr(engine, "load", slow_load)
+    thread, box = in_thread(post, port, "/v1/load_lora_adapter", {"lora_name": "beta"})
+    assert started.wait(WAIT)
+    try:
+        assert health(port) == 200  # answered while the load is still running
+    finally:
+        finish.set()
+        thread.join(WAIT)
+    assert box["result"][0] == 200 and "beta" in engine.adapters
+
+
+def test_a_non_streaming_client_that_disconnects_has_its_row_cancelled(world):
+    port, gate, scheduler = world["port"], world["gate"], world["app"].state.scheduler
+    before = scheduler.cancelled
+    gate.armed = True
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+    body = {"model": "base", "prompt": "Count:", "max_tokens": 60, "temperature": 0}
+    conn.request(
+        "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json", "Authorization": "Bearer key"}
+    )
+    try:
+        gate.wait_entered()  # the prefill is held at the gate
+        gate.step(3)
+        gate.wait_entered()
+        conn.close()  # the client leaves
+        deadline = time.monotonic() + WAIT
+        job = None
+        while job is None and time.monotonic() < deadline:  # the watcher marks the running job cancelled
+            jobs = [j for j in scheduler.current if j.cancelled]
+            job = jobs[0] if jobs else None
+            threading.Event().wait(0.02)
+        assert job is not None, "the disconnect was never noticed"
+    finally:
+        gate.open()
+    deadline = time.monotonic() + WAIT
+    while scheduler.cancelled == before and time.monotonic() < deadline:
+        threading.Event().wait(0.02)
+    assert scheduler.cancelled == before + 1
+    assert len(job.tokens) < 60
+
+
+def test_unloading_an_adapter_fails_no_admitted_request(world):
+    port, gate, engine, scheduler = world["port"], world["gate"], world["engine"], world["app"].state.scheduler
+    req = {"prompt": "Once upon", "max_tokens": 5, "temperature": 0}
+    alone = {m: post(port, "/v1/completions", {"model": m, **req})[1]["choices"][0]["text"] for m in ("alpha", "base")}
+    admitted = threading.Semaphore(0)
+    real_submit = scheduler.submit
+
+    def counting_submit(job):
+        real_submit(job)
+        admitted.release()
+
+    scheduler.submit = counting_submit
+    gate.armed = True
+    try:
+        blocker, _ = in_thread(post, port, "/v1/completions", {"model": "gamma", **req})
+        assert admitted.acquire(timeout=WAIT)
+        gate.wait_entered()  # gamma's batch is decoding
+        threads = [in_thread(post, port, "/v1/completions", {"model": m, **req}) for m in ("alpha", "base")]
+        for _ in threads:
+            assert admitted.acquire(timeout=WAIT)  # both admitted, waiting for the next batch
+        engine.unload("alpha")  # the operator unloads alpha while its request waits
+    finally:
+        scheduler.submit = real_submit
+        gate.open()
+    blocker.join(WAIT)
+    for (thread, box), model in zip(threads, ("alpha", "base"), strict=True):
+        thread.join(WAIT)
+        status, body = box["result"]
+        assert status == 200, body
+        assert body["choices"][0]["text"] == alone[model]
+    assert "alpha" not in engine.adapters
+
+
+def test_max_queue_bounds_queued_and_held_requests(world, tiny_llama):
+    engine = Engine.from_backbone(load_backbone(str(tiny_llama)), world["engine"].setting)
+    gate = Gate(engine.model)
+    scheduler = Scheduler(engine, max_queue=2, max_batch=1)
+    loop = asyncio.new_event_loop()
+    ids = engine.tokenizer("Hello", add_special_tokens=False)["input_ids"]
+
+    def job(seed: int | None) -> Recorded:
+        decoding = Decoding() if seed is None else Decoding("sampling", seed=seed)
+        return Recorded(ids, None, decoding, 1, [], loop)
+
+    gate.armed = True
+    jobs = [job(None)]
+    try:
+        scheduler.submit(jobs[0])
+        gate.wait_entered()  # the first job decodes; nothing waits
+        jobs += [job(None), job(1)]  # two settings: the second will be held while the first runs
+        for j in jobs[1:]:
+            scheduler.submit(j)
+        with pytest.raises(QueueFull):
+            scheduler.submit(job(None))
+        gate.step()
+        gate.wait_entered()  # job 1 decodes, job 2 is held back: one request still waits
+        jobs.append(job(None))
+        scheduler.submit(jobs[-1])
+        with pytest.raises(QueueFull):
+            scheduler.submit(job(None))
+        assert scheduler.waiting == 2
+    finally:
+        gate.open()
+    for j in jobs:
+        assert j.done.wait(WAIT) and j.seen[-1][0] == "done"
+    loop.close()
+    with pytest.raises(ValueError):
+        Scheduler(engine, max_queue=0)
+
+
+def test_a_chunked_body_is_capped_as_it_arrives(world):
+    conn = http.client.HTTPConnection("127.0.0.1", world["port"], timeout=WAIT)
+    prompt = "word " * 40_000
+    payload = json.dumps({"model": "base", "prompt": prompt, "max_tokens": 1}).encode()
+
+    def chunks():
+        for i in range(0, len(payload), 8192):
+            yield payload[i : i + 8192]
+
+    try:
+        headers = {"Content-Type": "application/json", "Authorization": "Bearer key"}
+        conn.request("POST", "/v1/completions", chunks(), headers, encode_chunked=True)
+        resp = conn.getresponse()
+        assert resp.status == 413
+        assert "limit of 20000 bytes" in json.loads(resp.read())["error"]["message"]
+    finally:
+        conn.close()
+
+
+def test_out_of_range_seed_and_empty_prompt_are_400(world):
+    port = world["port"]
+    status, body = post(port, "/v1/completions", {"model": "base", "prompt": "Hi", "seed": 2**64, "temperature": 1})
+    assert status == 400 and "seed" in body["error"]["message"]
+    status, body = post(port, "/v1/completions", {"model": "base", "prompt": ""})
+    assert status == 400 and "prompt" in body["error"]["message"]
+    assert health(port) == 200
+
+
+def test_the_api_key_is_compared_in_constant_time(world, monkeypatch):
+    calls = []
+    real = server_module.hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(server_module.hmac, "compare_digest", spy)
+    conn = http.client.HTTPConnection("127.0.0.1", world["port"], timeout=WAIT)
+    conn.request("GET", "/v1/models", headers={"Authorization": "Bearer kez"})
+    assert conn.getresponse().status == 401
+    conn.close()
+    assert calls and calls[-1] == (b"Bearer kez", b"Bearer key")
+
+
+def test_serve_refuses_an_empty_key_and_warns_when_open_beyond_loopback(tmp_path, capsys):
+    limits = Limits()
+    with pytest.raises(UserError, match="empty"):
+        check_serve_options("127.0.0.1", 8000, "", limits)
+    check_serve_options("0.0.0.0", 8000, None, limits)
+    assert "WITHOUT an API key" in capsys.readouterr().err
+    check_serve_options("127.0.0.1", 8000, None, limits)
+    check_serve_options("0.0.0.0", 8000, "k", limits)
+    assert capsys.readouterr().err == ""
+    setting = tmp_path / "missing-setting.json"
+    assert "empty" in fail(capsys, ["serve", "--setting", str(setting), "--api-key", ""])
+    assert "--port 70000" in fail(capsys, ["serve", "--setting", str(setting), "--port", "70000"])
+    assert "--max-queue 0" in fail(capsys, ["serve", "--setting", str(setting), "--max-queue", "0"])
