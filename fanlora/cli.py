@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from fanlora import __version__
-from fanlora.config import Config, load_config
+from fanlora.config import Config, check_values, load_config
 from fanlora.errors import UserError
 
 SECTIONS = {
@@ -101,6 +101,7 @@ def _apply_eval_options(args: argparse.Namespace, cfg: Config) -> None:
         ev.data = {**(ev.data or {}), **data}
         if args.command == "finetune":
             cfg.finetune.data = {**(cfg.finetune.data or {}), **data}
+    check_values(cfg)  # the flags above are held to the same ranges as the recipe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,7 +397,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = _config(args)
         if args.split:
             cfg.evaluate.split = args.split
-        if args.limit:
+        if args.limit is not None:
             cfg.evaluate.limit = args.limit
         _apply_eval_options(args, cfg)
         pipeline.decoding_of(cfg)

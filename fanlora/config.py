@@ -1,12 +1,14 @@
 """Recipes: nested dataclasses read from YAML, with ``section.key=value`` overrides from the command line.
 
-Defaults are the paper's (DESIGN.md §1); ``configs/demo.yaml`` shrinks the sizes to fit a 2-core CPU.
-Unknown keys are refused by name, so a typo in a recipe never silently falls back to a default.
+Defaults are the paper's (``configs/paper.yaml`` spells them out); ``configs/demo.yaml`` shrinks the sizes to
+fit a 2-core CPU. Unknown keys are refused by name, so a typo in a recipe never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -137,6 +139,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         typ = hints[key]
         path = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(typ):
+            if value is not None and not isinstance(value, dict):
+                raise UserError(f"config {path} is a section, not a value: set one of its keys, e.g. {path}.<key>=…")
             base = dataclasses.asdict(getattr(obj, key))
             base.update(value or {})
             value = _build(typ, base, path)
@@ -152,6 +156,61 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             raise UserError(f"config {path} must be a string, got {value!r}")
         setattr(obj, key, value)
     return obj
+
+
+def _at_least(low: float) -> Callable[[Any], bool]:
+    return lambda v: v >= low
+
+
+def _optional_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+# Ranges of values by key name (a key means the same in every section). Checked once, on the built config,
+# so a recipe, a --set override and a CLI flag are all held to the same rules.
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "batch_size": (_at_least(1), "≥ 1"),
+    "eval_batch_size": (_at_least(1), "≥ 1"),
+    "grad_accum": (_at_least(1), "≥ 1"),
+    "eval_steps": (_at_least(1), "≥ 1"),
+    "logging_steps": (_at_least(1), "≥ 1"),
+    "patience": (_at_least(0), "≥ 0"),
+    "r": (_at_least(1), "≥ 1"),
+    "alpha": (_at_least(1), "≥ 1"),
+    "max_length": (_at_least(8), "≥ 8"),
+    "num_beams": (_at_least(1), "≥ 1"),
+    "shapley_budget": (_at_least(1), "≥ 1"),
+    "k_max": (_at_least(1), "≥ 1"),
+    "learning_rate": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "epochs": (lambda v: v > 0, "> 0"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "-1 (use epochs) or ≥ 1"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "weight_decay": (lambda v: v >= 0, "≥ 0"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "temperature": (lambda v: v > 0, "> 0"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "limit": (_optional_count, "null or ≥ 1"),
+    "max_new_tokens": (_optional_count, "null or ≥ 1"),
+    "max_train_examples": (_optional_count, "null or ≥ 1"),
+    "max_dev_examples": (_optional_count, "null or ≥ 1"),
+    "max_val_examples": (_optional_count, "null or ≥ 1"),
+    "memory_limit_gb": (lambda v: isinstance(v, int | float) and math.isfinite(v) and v > 0, "> 0"),
+}
+
+
+def check_values(obj: Any, where: str = "") -> None:
+    """Refuse out-of-range values (negative sizes, NaN rates, …) with the key, the value and the range."""
+    for f in dataclasses.fields(obj):
+        value, path = getattr(obj, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            check_values(value, path)
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"config {path} is {value}: give a finite number")
+        rule = _RANGES.get(f.name)
+        if rule is not None and value is not None and not rule[0](value):
+            raise UserError(f"config {path} is {value!r}: it must be {rule[1]}")
 
 
 def recipe_path(name: str) -> Path:
@@ -178,7 +237,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"override {key}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise UserError(
+                f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]}); quote it"
+            ) from None
     return data
 
 
@@ -195,4 +259,6 @@ def load_config(source: str | dict[str, Any] | None = None, overrides: list[str]
         except yaml.YAMLError as exc:
             raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
     data = apply_overrides(data, list(overrides or []))
-    return _build(Config, data, "")
+    config = _build(Config, data, "")
+    check_values(config)
+    return config
