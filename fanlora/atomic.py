@@ -1,7 +1,12 @@
 """Artifact file I/O. Writes are atomic: a reader (or an interrupted run) never sees a half-written file.
 
 Everything fanlora writes goes to a temporary file in the target's directory and is then renamed over the
-target; ``os.replace`` is atomic on POSIX and Windows when source and target share a file system.
+target; ``os.replace`` is atomic on POSIX and Windows when source and target share a file system. The
+directory is fsynced after the rename, so the new name survives a power cut too.
+
+``tempfile.mkstemp``/``mkdtemp`` create 0600 files and 0700 directories; a published artifact gets the
+modes a plain ``open``/``mkdir`` would give under the process's umask (usually 0644/0755), so that another
+user — a separate serving account, a reviewer — can read what a run wrote.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +35,43 @@ def read_artifact(path: str | Path, fmt: str, what: str, command: str) -> dict[s
     return data
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it: done under a lock)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def publish_tree(path: str | Path) -> None:
+    """Give a directory made by ``mkdtemp`` (and everything in it) the modes ``mkdir``/``open`` would give."""
+    mask = umask()
+    root = Path(path)
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename + directory fsync)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -38,11 +79,13 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            os.fchmod(fh.fileno(), 0o666 & ~umask())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return path
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fanlora import atomic
 from fanlora.errors import UserError
 
 #: The paper's seven module kinds, in the order used everywhere (tables, plots, settings).
@@ -126,6 +127,7 @@ def _converted_dir(gguf: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        atomic.publish_tree(tmp)
         with contextlib.suppress(OSError):  # another process (e.g. a second DDP rank) finished first
             tmp.rename(target)
     finally:
@@ -153,6 +155,24 @@ def resolve_source(name: str) -> tuple[str, str]:
             raise UserError(f"{name} has no config.json: point at a directory made by save_pretrained")
         return str(path), path.name
     return name, name
+
+
+EMBEDDED_PUBLIC = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the embedded Q4_1 GGUF file quantises
+
+
+def public_name(name: str, model: nn.Module) -> str:
+    """A name for the backbone that means something on another machine: the hub id it came from if known,
+    else the file or directory's own name (never an absolute local path)."""
+    if name in (EMBEDDED, "smollm2-135m-instruct"):
+        return EMBEDDED_PUBLIC
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        return path.stem
+    if path.is_dir():
+        recorded = str(getattr(model.config, "_name_or_path", "") or "")
+        hub_like = recorded.count("/") == 1 and not recorded.startswith((".", "/", "~"))
+        return recorded if hub_like and not Path(recorded).exists() else path.resolve().name
+    return name
 
 
 def _text_config(model: nn.Module) -> Any:
@@ -267,11 +287,16 @@ def load_backbone(
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    public = public_name(name, model)
+    # written into saved adapters' base_model_name_or_path (fanlora.train) instead of this machine's cache path;
+    # name_or_path itself stays local, so PEFT's save-time checks read the local config and never go online
+    model.fanlora_public_name = public
     model.eval()
     layout = discover_layout(model, parse_module_map(module_map))
     cfg = _text_config(model)
     identity = {
         "name": display,
+        "public_name": public,
         "source": name,
         "model_type": getattr(cfg, "model_type", type(model).__name__),
         "num_layers": layout.num_layers,

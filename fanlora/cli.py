@@ -6,6 +6,7 @@ Bad input surfaces as :class:`fanlora.errors.UserError`: one line on stderr, exi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -260,11 +261,13 @@ def _config(args: argparse.Namespace, stored_dir: Path | None = None) -> Config:
     return load_config(source, overrides)
 
 
-def _prepared(args: argparse.Namespace, cfg: Config, run_dir: Path, sections: list[str]) -> Config:
+def _prepared(
+    args: argparse.Namespace, cfg: Config, run_dir: Path, sections: list[str], inputs: dict[str, str] | None = None
+) -> Config:
     from fanlora import rundir
 
     def prep() -> dict:
-        return rundir.prepare(run_dir, cfg.to_dict(), sections, args.resume, args.overwrite)
+        return rundir.prepare(run_dir, cfg.to_dict(), sections, args.resume, args.overwrite, inputs)
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch
@@ -389,7 +392,11 @@ def _run(args: argparse.Namespace) -> int:
 
         get_task(cfg.finetune.task, cfg.finetune.data)  # unknown task or split: say so before any work
         run_dir = Path(args.run_dir or f"runs/{cfg.finetune.task}")
-        cfg = _prepared(args, cfg, run_dir, SECTIONS["finetune"])
+        setting = Path(args.setting)
+        if not setting.is_file():
+            raise UserError(f"setting file {setting} does not exist: run `fanlora select` first or fix the path")
+        digest = hashlib.sha256(setting.read_bytes()).hexdigest()
+        cfg = _prepared(args, cfg, run_dir, SECTIONS["finetune"], {"setting_sha256": digest})
         adapter = pipeline.run_finetune(cfg, args.setting, run_dir)
         pipeline.run_evaluate(cfg, cfg.finetune.task, run_dir, adapter=adapter)
         return 0

@@ -36,13 +36,23 @@ def _pick(config: dict[str, Any], section: str, keys: set[str]) -> dict[str, Any
 
 
 def prepare(
-    path: str | Path, config: dict[str, Any], sections: list[str], resume: bool = False, overwrite: bool = False
+    path: str | Path,
+    config: dict[str, Any],
+    sections: list[str],
+    resume: bool = False,
+    overwrite: bool = False,
+    inputs: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Create or re-open ``path``; return the config to use (the stored one under ``--resume``)."""
+    """Create or re-open ``path``; return the config to use (the stored one under ``--resume``).
+
+    ``inputs`` are files the run is made from besides its config (e.g. the setting a task adapter is trained
+    on, by its sha256): they belong to the run's identity, and even ``--resume`` cannot change them.
+    """
     path = Path(path)
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pass one")
     meta_path = path / "run.json"
+    inputs = dict(inputs or {})
     if path.exists() and not path.is_dir():
         raise UserError(f"run directory {path} is a file: choose another --run-dir")
     if path.is_dir() and any(path.iterdir()) and not meta_path.is_file():
@@ -50,9 +60,16 @@ def prepare(
         raise UserError(f"{path} is not empty and is not a fanlora run: choose another --run-dir")
     if meta_path.is_file() and not overwrite:
         try:
-            stored = json.loads(meta_path.read_text())["config"]
+            meta = json.loads(meta_path.read_text())
+            stored = meta["config"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{meta_path} is unreadable: pass --overwrite to start this run again") from None
+        for key, value in inputs.items():
+            if meta.get("inputs", {}).get(key) != value:
+                raise UserError(
+                    f"{path} was made from another {key.removesuffix('_sha256')} ({key} differs): pass --overwrite "
+                    "to replace that run, or choose another --run-dir"
+                )
         diffs = [d for d in _differences(stored, config) if d.split(".")[0] in sections and d not in PER_COMMAND]
         if diffs and not resume:
             raise UserError(
@@ -67,5 +84,8 @@ def prepare(
     elif overwrite and path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(meta_path, {"format": RUN_FORMAT, "fanlora_version": __version__, "config": config})
+    meta = {"format": RUN_FORMAT, "fanlora_version": __version__, "config": config}
+    if inputs:
+        meta["inputs"] = inputs
+    atomic.write_json(meta_path, meta)
     return config

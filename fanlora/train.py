@@ -7,6 +7,7 @@ This module only maps our :class:`TrainParams` onto it and saves the final adapt
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from fanlora import atomic
 from fanlora.config import TrainParams
 from fanlora.data.collate import Collator, ExampleDataset
 from fanlora.data.instruct import Example
@@ -78,6 +80,16 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _portable(adapter_dir: Path, public_name: str | None) -> None:
+    """Record the backbone's public name, not this machine's cache path, as the adapter's base model, so
+    ``AutoPeftModelForCausalLM.from_pretrained(adapter)`` works on another machine."""
+    config = adapter_dir / "adapter_config.json"
+    if public_name and config.is_file():
+        data = json.loads(config.read_text())
+        data["base_model_name_or_path"] = public_name
+        config.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
 def train_adapter(
     model,
     train: Sequence[Example],
@@ -118,9 +130,12 @@ def train_adapter(
                 save(trainer.model, tmp)
             else:
                 trainer.model.save_pretrained(str(tmp))
+            _portable(tmp, getattr(model, "fanlora_public_name", None))
+            atomic.publish_tree(tmp)
             if adapter_dir.exists():
                 shutil.rmtree(adapter_dir)
             tmp.rename(adapter_dir)
+            atomic.fsync_dir(output_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()

@@ -115,3 +115,38 @@ def test_finetune_works_for_every_task(task, setting, tmp_path, tiny_llama):
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "adapter" / "setting.json").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["task"] == task and metrics["n"] == 2 and metrics["adapter"] == str(run / "adapter")
+
+
+def test_finetune_refuses_a_run_dir_made_from_another_setting_and_publishes_portable_files(
+    setting, tmp_path, tiny_llama, capsys
+):
+    import os
+    import stat
+
+    from test_engine import setting_for
+
+    from fanlora.backbone import load_backbone
+
+    other = tmp_path / "other-setting.json"
+    setting_for(load_backbone(str(tiny_llama)), kinds=("Q", "D")).write(other)
+    run = tmp_path / "copa"
+    argv = [
+        "finetune", "--task", "copa", "--backbone", str(tiny_llama), "--run-dir", str(run),
+        "--set", "finetune.max_train_examples=8", "--set", "finetune.max_dev_examples=4",
+        "--set", "finetune.train.max_steps=1", "--set", "finetune.train.batch_size=4",
+        "--set", "evaluate.limit=2",
+    ]  # fmt: skip
+    old = os.umask(0o022)
+    try:
+        assert main([*argv, "--setting", str(setting)]) == 0
+    finally:
+        os.umask(old)
+    err = fail(capsys, [*argv, "--setting", str(other)])
+    assert "another setting" in err and "--overwrite" in err
+    assert main([*argv, "--setting", str(setting)]) == 0  # the same setting continues the run
+    adapter = run / "adapter"
+    assert stat.S_IMODE(adapter.stat().st_mode) == 0o755
+    for f in [*adapter.iterdir(), run / "metrics.json", run / "run.json"]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == tiny_llama.name and "/" not in base
