@@ -5,7 +5,8 @@ The prompts are MT-Bench's own (FastChat's ``judge_prompts.jsonl``, bundled): ``
 reasoning and coding questions, as FastChat does; pairwise uses ``pair-v2`` and judges both orders (A/B and
 B/A), counting a win only when the two verdicts agree and a tie otherwise (FastChat's rule against position
 bias). Judgments are appended to a file as they arrive, so a re-run continues where the last one stopped; the
-answers are never touched. An endpoint that cannot be reached, or that never answers with a rating, stops
+answers are never touched; a judgment counts only for the judge model that made it (judging the same answers
+with another judge asks that judge, into the same file). An endpoint that cannot be reached, or that never answers with a rating, stops
 with one line and exit status 2.
 """
 
@@ -169,12 +170,27 @@ def _first(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def _done(path: Path) -> dict[str, dict[str, Any]]:
+def _done(path: Path, judge_model: str) -> dict[str, dict[str, Any]]:
+    """This judge's earlier judgments, by question and turn; another judge's lines are kept but not reused.
+
+    A last line cut short by a kill (no newline, not JSON) is dropped from the file, so the re-run redoes it.
+    """
     if not path.is_file():
         return {}
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    if cut < len(data):
+        try:
+            json.loads(data[cut:])
+            with open(path, "ab") as fh:  # whole but unterminated: terminate it before appending
+                fh.write(b"\n")
+        except ValueError:
+            with open(path, "r+b") as fh:
+                fh.truncate(cut)
     done = {}
     for _, r in iter_jsonl(path):
-        done[r["key"]] = r
+        if r.get("judge") == judge_model:
+            done[r["key"]] = r
     return done
 
 
@@ -191,7 +207,7 @@ def grade(answers_dir: str | Path, ask: Ask, out_dir: str | Path, judge_model: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "judgments.jsonl"
-    done = _done(path)
+    done = _done(path, judge_model)
     refs, table = references(), prompts()
     todo = [(qid, t) for qid in sorted(answers) for t in (1, 2) if t <= len(answers[qid]["answers"])]
     todo = [(qid, t) for qid, t in todo if f"{qid}-{t}" not in done]
@@ -254,7 +270,7 @@ def compare(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "pairwise.jsonl"
-    done = _done(path)
+    done = _done(path, judge_model)
     refs, table = references(), prompts()
     todo = [(qid, t) for qid in shared for t in (1, 2) if t <= min(len(a[qid]["answers"]), len(b[qid]["answers"]))]
     todo = [(qid, t) for qid, t in todo if f"{qid}-{t}" not in done]

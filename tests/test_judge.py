@@ -125,6 +125,22 @@ def test_grading_scores_every_turn_and_resumes(judge, tmp_path, capsys):
     assert len(judge.requests) == 8
 
 
+def test_another_judge_is_asked_and_a_line_cut_by_a_kill_is_redone(judge, tmp_path):
+    good = answers(tmp_path / "good", "good")
+    argv = ["judge", "--answers", str(good), "--judge-url", judge.url]
+    assert main([*argv, "--judge-model", "judge-a"]) == 0 and len(judge.requests) == 6
+    assert main([*argv, "--judge-model", "judge-b"]) == 0 and len(judge.requests) == 12  # b is asked itself
+    m = json.loads((good / "judge_metrics.json").read_text())
+    assert m["judge"] == "judge-b" and m["judged"] == 6
+    path = good / "judgments.jsonl"
+    lines = path.read_text().splitlines()
+    assert {json.loads(x)["judge"] for x in lines} == {"judge-a", "judge-b"}
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:25])  # killed while writing the last line
+    assert main([*argv, "--judge-model", "judge-b"]) == 0
+    assert len(judge.requests) == 13  # only the cut judgment is asked again
+    assert all(json.loads(x) for x in path.read_text().splitlines())
+
+
 def test_pairwise_judges_both_orders(judge, tmp_path):
     good, bad = answers(tmp_path / "good", "good"), answers(tmp_path / "bad", "bad")
     out = tmp_path / "pair"
