@@ -68,6 +68,12 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mode", choices=["auto", "loglik", "generate"], help="multiple choice: loglik (default) or generate"
     )
+    p.add_argument(
+        "--mc-format",
+        choices=["clean", "lm-eval"],
+        help="multiple-choice text: clean (default: one space before each choice) or lm-eval (stock "
+        "lm-evaluation-harness 0.4, item for item)",
+    )
     p.add_argument("--decoding", choices=["greedy", "sampling", "beam"], help="default greedy")
     p.add_argument("--num-beams", type=int, help="beam search width (default 3, the paper's)")
     p.add_argument("--temperature", type=float, help="sampling temperature (default 0.7)")
@@ -81,6 +87,7 @@ def _apply_eval_options(args: argparse.Namespace, cfg: Config) -> None:
     ev = cfg.evaluate
     for flag, key in (
         ("mode", "mode"),
+        ("mc_format", "mc_format"),
         ("decoding", "decoding"),
         ("num_beams", "num_beams"),
         ("temperature", "temperature"),

@@ -100,6 +100,7 @@ class EvaluateConfig:
     limit: Any = None  # int or null: evaluate the first N examples
     batch_size: int = 16
     mode: str = "auto"  # multiple-choice tasks: loglik (auto) or generate
+    mc_format: str = "clean"  # multiple-choice text: clean (one space) | lm-eval (stock lm-eval's, item for item)
     decoding: str = "greedy"  # greedy | sampling | beam (the paper: beam, num_beams 3)
     num_beams: int = 3
     temperature: float = 0.7
@@ -190,6 +191,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
     "temperature": (lambda v: v > 0, "> 0"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "mc_format": (lambda v: v in ("clean", "lm-eval"), "clean or lm-eval"),
     "limit": (_optional_count, "null or ≥ 1"),
     "max_new_tokens": (_optional_count, "null or ≥ 1"),
     "max_train_examples": (_optional_count, "null or ≥ 1"),

@@ -139,7 +139,8 @@ def single_token_choices(tokenizer: Any, examples: Sequence[MCExample]) -> list[
     out = []
     for ex in examples:
         ids = []
-        for c in ex.choices:
+        for choice in ex.choices:
+            c = ex.delimiter + choice
             if c not in cache:
                 cache[c] = tokenizer(c, add_special_tokens=False)["input_ids"]
             if len(cache[c]) != 1:
@@ -159,7 +160,7 @@ def evaluate_mc(
         per_example = next_token_logprobs(model, tokenizer, contexts, single, batch_size, progress)
         lls = [v for row in per_example for v in row]
     else:
-        pairs = [encode_pair(tokenizer, ex.context, c) for ex in examples for c in ex.choices]
+        pairs = [encode_pair(tokenizer, ex.context, ex.delimiter + c) for ex in examples for c in ex.choices]
         lls = choice_logliks(model, tokenizer, pairs, batch_size, progress)
     preds, hits, hits_norm = [], 0, 0
     pos = 0

@@ -6,8 +6,8 @@ reasoning and coding questions, as FastChat does; pairwise uses ``pair-v2`` and 
 B/A), counting a win only when the two verdicts agree and a tie otherwise (FastChat's rule against position
 bias). Judgments are appended to a file as they arrive, so a re-run continues where the last one stopped; the
 answers are never touched; a judgment counts only for the judge model that made it (judging the same answers
-with another judge asks that judge, into the same file). An endpoint that cannot be reached, or that never answers with a rating, stops
-with one line and exit status 2.
+with another judge asks that judge, into the same file). An endpoint that cannot be reached, or that never
+answers with a rating, stops with one line and exit status 2.
 """
 
 from __future__ import annotations

@@ -386,6 +386,8 @@ def run_evaluate(
         raise UserError(f"task {task_name} is scored by generation only: drop --mode loglik")
     examples = task.examples(ev.split, ev.limit)
     task.check(examples)
+    if task.kind == "mc":
+        examples = task.formatted(examples, ev.mc_format)
     if model is None:
         model, backbone = load_for_eval(cfg, adapter, backbone)
     tok = backbone.tokenizer
@@ -400,6 +402,7 @@ def run_evaluate(
         "task": task_name,
         "split": ev.split,
         "adapter": str(adapter) if adapter else None,
+        **({"mc_format": ev.mc_format} if task.kind == "mc" else {}),
         **result.metrics,
         "seconds": round(time.time() - started, 1),
     }

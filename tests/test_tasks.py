@@ -152,3 +152,30 @@ def test_data_override_replaces_a_split_whole(tmp_path):
     test = copa.examples("test")
     assert len(test) == 5 and test[1].context == "P1 because" and test[1].label == 1
     assert [e.id for e in copa.examples("train", limit=3)] == [e.id for e in rows]  # other splits untouched
+
+
+def test_lm_eval_format_scores_what_lm_eval_scores(tiny_llama):
+    """lm-eval 0.4: target_delimiter " " + doc_to_choice; acc_norm over len(doc_to_choice) alone."""
+    copa, boolq = get_task("copa"), get_task("boolq")
+    ex = copa.examples("test", 1)[0]
+    lm = copa.formatted([ex], "lm-eval")[0]
+    assert [lm.delimiter + c for c in lm.choices] == [" " + c for c in ex.choices]  # two spaces before the text
+    assert lm.choices == ex.choices and copa.formatted([ex], "clean")[0].delimiter == ""
+    bq = boolq.formatted(boolq.examples("test", 1), "lm-eval")[0]
+    assert bq.choices == ["no", "yes"] and bq.delimiter == " "
+    with pytest.raises(UserError, match="unknown multiple-choice format"):
+        copa.formatted([ex], "harness")
+
+    b = load_backbone(str(tiny_llama))
+    tok = b.tokenizer
+    result = evaluate_mc(b.model, tok, [lm], batch_size=1, progress=False)
+    for c, got in zip(lm.choices, result.predictions[0]["loglik"], strict=True):
+        pair = encode_pair(tok, lm.context, "  " + c.removeprefix(" "))
+        ids = torch.tensor([pair.input_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(b.model(input_ids=ids).logits[0].float(), -1)
+        want = sum(logp[i - 1, t].item() for i, t in enumerate(pair.labels) if t != -100)
+        assert got == pytest.approx(want, abs=1e-4)
+    ll = result.predictions[0]["loglik"]
+    norm = [v / len(c) for v, c in zip(ll, lm.choices, strict=True)]  # the delimiter is not counted
+    assert result.predictions[0]["pred_norm"] == max(range(2), key=norm.__getitem__)

@@ -32,6 +32,7 @@ class MCExample:
     choices: list[str]  # continuations, each starting with the delimiter (" yes")
     label: int
     group: str = ""  # e.g. the MMLU subject: accuracy is also reported per group and macro-averaged
+    delimiter: str = ""  # put between context and choice when scoring; acc_norm divides by len(choice) only
 
 
 @dataclass
@@ -89,11 +90,38 @@ class Task:
         return value
 
 
+MC_FORMATS = ("clean", "lm-eval")
+
+
 class MCTask(Task):
+    """Multiple choice, in one of two text formats (``--mc-format``):
+
+    - ``clean`` (the default): the choice follows the context after exactly one space (" yes", " the man
+      left"), and acc_norm divides by the length of that continuation. This is the text a tuned model is
+      trained on in stage d and what a reader would write.
+    - ``lm-eval``: item for item what lm-evaluation-harness 0.4 scores with its stock task configs: its
+      ``target_delimiter`` " " is put before each ``doc_to_choice`` string, and acc_norm divides by the length
+      of that string without the delimiter. For BoolQ that only changes acc_norm ("no"/"yes" are 2/3
+      characters, not 3/4); for COPA, whose lm-eval choices already start with a space, every choice is scored
+      after *two* spaces — which moves the untuned backbone's accuracy by several points.
+    """
+
     kind = "mc"
+    lm_eval_choice_has_space = False  # COPA: lm-eval's doc_to_choice keeps the leading space
 
     def training_pair(self, ex: MCExample) -> tuple[str, str]:
         return ex.context, ex.choices[ex.label]
+
+    def formatted(self, examples: Sequence[MCExample], fmt: str) -> list[MCExample]:
+        if fmt not in MC_FORMATS:
+            raise UserError(f"unknown multiple-choice format {fmt!r}: use one of {', '.join(MC_FORMATS)}")
+        if fmt == "clean":
+            return list(examples)
+        out = []
+        for ex in examples:
+            choices = [c if self.lm_eval_choice_has_space else c.removeprefix(" ") for c in ex.choices]
+            out.append(MCExample(ex.id, ex.context, choices, ex.label, ex.group, delimiter=" "))
+        return out
 
 
 class GenTask(Task):

@@ -1,7 +1,8 @@
 """COPA (SuperGLUE): choose the cause or effect of a premise.
 
 Prompt as lm-evaluation-harness: the premise without its final period, then " because" (cause) or
-" therefore" (effect); each choice follows with a lower-cased first letter.
+" therefore" (effect); each choice follows with a lower-cased first letter, after one space (``--mc-format
+lm-eval``: after two, as stock lm-eval scores it; see :class:`fanlora.tasks.base.MCTask`).
 Splits as the paper (its test labels were not public): train = the 400 train items; the 100-item validation
 set is halved in file order into dev (first 50) and test (last 50).
 """
@@ -20,6 +21,7 @@ def _choice(text: str) -> str:
 class Copa(MCTask):
     name = "copa"
     description = "COPA: causal reasoning, 2 choices, accuracy"
+    lm_eval_choice_has_space = True
 
     def load_split(self, split: str) -> list[MCExample]:
         rows, replaced = self.rows(split, "copa/train" if split == "train" else "copa/val")

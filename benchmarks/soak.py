@@ -1,0 +1,344 @@
+"""A fault soak of `fanlora serve`: minutes of mixed tenants, leaving clients, adapter churn, bad requests and a
+``kill -9`` mid-load followed by a restart. Bounded in time, loopback only.
+
+    python benchmarks/soak.py --seconds 330 --out benchmarks/results/soak.txt
+
+The server is the real CLI (``python -m fanlora serve``, a subprocess, 127.0.0.1, an API key) over the
+embedded backbone with four random-weight tenants on a setting (``--setting``, or V+O in every layer). First
+every (model, prompt) pair is answered once with the server idle: the reference. Then, for ``--seconds``:
+
+- ``--clients`` threads send valid completions (streaming or not, greedy) and check each answer against the
+  reference: a 5xx or a different answer is a failure;
+- one thread opens requests and walks away mid-answer (streaming and non-streaming);
+- one thread unloads and reloads tenants (vLLM's load/unload routes) while the others use them;
+- one thread sends bad requests (over-limit, malformed, oversized and chunked bodies, unknown model, empty
+  prompt, a seed past int64): each must get its 4xx, never a 5xx;
+- half-way, the server is killed with SIGKILL right after an adapter load request goes out, and restarted;
+  clients retry through the restart (connection errors then are counted apart, not as 5xx).
+
+RSS is read from /proc every 5 s; growth is measured from the end of each process's first minute (its
+warm-up) to its end. The adapter directories are hashed before and after. Exit status 0 iff no failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from fanlora import atomic
+from fanlora.backbone import load_backbone
+from fanlora.scoring import ScoreTable
+from fanlora.serving.bench import save_random_adapter
+from fanlora.setting import Setting, select
+
+KEY = "soak-key"
+TENANTS = ["tenant-a", "tenant-b", "tenant-c", "tenant-d"]
+PROMPTS = [
+    "Write one sentence about the sea.",
+    "List three colours.",
+    "What is the capital of Italy?",
+    "Explain what a policy deductible is.",
+]
+
+
+def vo_setting(backbone_name: str) -> Setting:
+    """V and O in every layer: a setting without running stages a-c (the soak is about the server)."""
+    b = load_backbone(backbone_name)
+    layout = b.layout
+    values = {f"{k}.{n}": (1.0 if k in ("V", "O") else -1.0) for k, n in layout.all_modules()}
+    names = {f"{k}.{n}": layout.module_name(k, n) for k, n in layout.all_modules()}
+    table = ScoreTable(
+        backbone=b.identity, kinds=layout.kinds, num_layers=layout.num_layers, module_names=names, values=values
+    )
+    return select(table, 2)
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+        h.update(oct(p.stat().st_mode).encode())
+    return h.hexdigest()
+
+
+class Server:
+    def __init__(self, setting: Path, adapters: Path) -> None:
+        self.cmd = [
+            sys.executable, "-m", "fanlora", "serve", "--setting", str(setting), "--adapter-dir", str(adapters),
+            "--port", "0", "--api-key", KEY, "--max-tokens", "32", "--max-queue", "64", "--max-batch", "8",
+        ]  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.rss: list[list[tuple[float, int]]] = []  # per process: (time, RSS bytes)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("serving on http://127.0.0.1:"):
+            raise SystemExit(f"the server did not start: {line!r}")
+        self.port = int(line.split()[2].split(":")[2].split("/")[0])
+        self.rss.append([])
+
+    def sample_rss(self) -> None:
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return
+        kb = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS:"))
+        self.rss[-1].append((time.monotonic(), kb * 1024))
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def request(port: int, path: str, body: bytes | dict, timeout: float = 120, chunked: bool = False) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+        if chunked:
+            conn.request("POST", path, iter([data[i : i + 8192] for i in range(0, len(data), 8192)]), headers,
+                         encode_chunked=True)  # fmt: skip
+        else:
+            conn.request("POST", path, data, headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def answer(status: int, raw: bytes, stream: bool) -> str | None:
+    if status != 200:
+        return None
+    if not stream:
+        return json.loads(raw)["choices"][0]["text"]
+    text = []
+    for line in raw.decode().splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return None
+            text.append(chunk["choices"][0]["text"])
+    return "".join(text)
+
+
+class Soak:
+    def __init__(self, server: Server, seconds: float, clients: int, max_tokens: int) -> None:
+        self.server, self.clients, self.max_tokens = server, clients, max_tokens
+        self.stop_at = time.monotonic() + seconds
+        self.counts = {
+            "requests": 0, "ok": 0, "errors_5xx": 0, "mismatches": 0, "connection_errors": 0, "disconnects": 0,
+            "reloads": 0, "bad_requests": 0, "bad_request_not_4xx": 0, "restarts": 0,
+        }  # fmt: skip
+        self.lock = threading.Lock()
+        self.reference: dict[tuple[str, str], str] = {}
+        self.failures: list[str] = []
+        self.restarting = threading.Event()
+
+    def add(self, key: str, n: int = 1, failure: str | None = None) -> None:
+        with self.lock:
+            self.counts[key] += n
+            if failure and len(self.failures) < 20:
+                self.failures.append(failure)
+
+    def body(self, model: str, prompt: str, stream: bool) -> dict:
+        return {"model": model, "prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0, "stream": stream}
+
+    def build_reference(self) -> None:
+        for model in ["base", *TENANTS]:
+            for prompt in PROMPTS:
+                status, raw = request(self.server.port, "/v1/completions", self.body(model, prompt, False))
+                if status != 200:
+                    raise SystemExit(f"reference request failed: {status} {raw[:200]!r}")
+                self.reference[(model, prompt)] = answer(status, raw, False)
+
+    def running(self) -> bool:
+        return time.monotonic() < self.stop_at
+
+    def client(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while self.running():
+            model, prompt, stream = rng.choice(["base", *TENANTS]), rng.choice(PROMPTS), rng.random() < 0.5
+            try:
+                status, raw = request(self.server.port, "/v1/completions", self.body(model, prompt, stream))
+            except OSError:  # the server is being restarted: retry
+                self.add("connection_errors")
+                threading.Event().wait(0.5)
+                continue
+            self.add("requests")
+            if status >= 500:
+                self.add("errors_5xx", failure=f"{status} for {model}: {raw[:160]!r}")
+            elif answer(status, raw, stream) != self.reference[(model, prompt)]:
+                self.add("mismatches", failure=f"{model} {prompt!r} stream={stream}: {raw[:160]!r}")
+            else:
+                self.add("ok")
+
+    def leaver(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while self.running():
+            body = self.body(rng.choice(TENANTS), rng.choice(PROMPTS), rng.random() < 0.5)
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=30)
+                headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+                conn.request("POST", "/v1/completions", json.dumps(body), headers)
+                threading.Event().wait(rng.uniform(0.05, 0.6))  # then walk away mid-answer
+                conn.close()
+                self.add("disconnects")
+            except OSError:
+                self.add("connection_errors")
+            threading.Event().wait(0.5)
+
+    def churn(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while self.running():
+            threading.Event().wait(rng.uniform(2, 5))
+            name = rng.choice(TENANTS)
+            try:
+                status, raw = request(self.server.port, "/v1/unload_lora_adapter", {"lora_name": name})
+                if status >= 500:
+                    self.add("errors_5xx", failure=f"unload {name}: {status} {raw[:160]!r}")
+                status, raw = request(self.server.port, "/v1/load_lora_adapter", {"lora_name": name})
+                if status >= 500:
+                    self.add("errors_5xx", failure=f"load {name}: {status} {raw[:160]!r}")
+                self.add("reloads")
+            except OSError:
+                self.add("connection_errors")
+
+    def bad(self, seed: int) -> None:
+        rng = random.Random(seed)
+        cases = [
+            ("/v1/completions", {"model": "base", "prompt": "x", "max_tokens": 10_000}, False),
+            ("/v1/completions", b"{not json", False),
+            ("/v1/completions", {"model": "base", "prompt": "word " * 400_000}, False),
+            ("/v1/completions", {"model": "base", "prompt": "word " * 400_000}, True),
+            ("/v1/completions", {"model": "no-such-tenant", "prompt": "x"}, False),
+            ("/v1/completions", {"model": "../tenant-a", "prompt": "x"}, False),
+            ("/v1/completions", {"model": "base", "prompt": ""}, False),
+            ("/v1/completions", {"model": "base", "prompt": "x", "seed": 2**64, "temperature": 1}, False),
+            ("/v1/chat/completions", {"model": "base", "messages": []}, False),
+            ("/v1/load_lora_adapter", {"lora_name": "/etc"}, False),
+        ]
+        while self.running():
+            path, body, chunked = rng.choice(cases)
+            try:
+                status, raw = request(self.server.port, path, body, chunked=chunked)
+            except OSError:
+                self.add("connection_errors")
+                continue
+            self.add("bad_requests")
+            if not 400 <= status < 500:
+                self.add("bad_request_not_4xx", failure=f"{path} {str(body)[:60]}: {status} {raw[:120]!r}")
+            threading.Event().wait(0.3)
+
+    def kill_mid_load(self) -> None:
+        """SIGKILL right after a load request goes out, then restart the server on a new port."""
+        self.restarting.set()
+        threading.Thread(
+            target=lambda: self._quiet(request, self.server.port, "/v1/load_lora_adapter", {"lora_name": "tenant-b"}),
+            daemon=True,
+        ).start()
+        threading.Event().wait(0.05)
+        self.server.kill()
+        self.server.start()
+        self.add("restarts")
+        self.restarting.clear()
+
+    @staticmethod
+    def _quiet(fn, *args) -> None:
+        with contextlib.suppress(OSError):
+            fn(*args)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--setting", help="default: V and O in every layer of the embedded backbone")
+    ap.add_argument("--seconds", type=float, default=330)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="fanlora-soak-"))
+    setting = Setting.read(args.setting) if args.setting else vo_setting("embedded")
+    setting.write(work / "setting.json")
+    source = setting.backbone.get("source", "embedded")
+    for i, name in enumerate(TENANTS):
+        save_random_adapter(source, setting, work / "adapters" / name, seed=i)
+    before = tree_digest(work / "adapters")
+    server = Server(work / "setting.json", work / "adapters")
+    server.start()
+    soak = Soak(server, args.seconds, args.clients, args.max_tokens)
+    soak.build_reference()
+    soak.stop_at = time.monotonic() + args.seconds
+    started = time.monotonic()
+    threads = [threading.Thread(target=soak.client, args=(i,)) for i in range(args.clients)]
+    threads += [threading.Thread(target=f, args=(100 + i,)) for i, f in enumerate((soak.leaver, soak.churn, soak.bad))]
+    for t in threads:
+        t.start()
+    killed = False
+    while soak.running():
+        server.sample_rss()
+        if not killed and time.monotonic() - started > args.seconds / 2:
+            soak.kill_mid_load()
+            killed = True
+        threading.Event().wait(5)
+    for t in threads:
+        t.join()
+    server.sample_rss()
+    server.stop()
+    after = tree_digest(work / "adapters")
+    growth = []
+    for samples in server.rss:
+        warm = [r for t, r in samples if t - samples[0][0] >= 60] if samples else []
+        if len(warm) >= 2:
+            growth.append((warm[-1] - warm[0]) / 2**20)
+    c = soak.counts
+    rss_growth = max(growth) if growth else float("nan")
+    ok = (
+        c["errors_5xx"] == 0 and c["mismatches"] == 0 and c["bad_request_not_4xx"] == 0 and before == after
+        and rss_growth < 50
+    )  # fmt: skip
+    lines = [
+        f"$ python benchmarks/soak.py {' '.join(sys.argv[1:])}",
+        f"fanlora serve (subprocess, loopback), embedded backbone, setting of {setting.n_modules} modules, "
+        f"{len(TENANTS)} random tenants + base; {args.clients} checking clients, 1 leaving, 1 churning, "
+        f"1 bad; {args.seconds:.0f} s, SIGKILL mid-load + restart half-way; greedy, {args.max_tokens} tokens",
+        "counts: " + json.dumps(c),
+        "RSS per process (MB, every 5 s): "
+        + " | ".join(" ".join(f"{r / 2**20:.0f}" for _, r in s) for s in server.rss),
+        f"RSS growth after each process's first minute (MB): {', '.join(f'{g:.1f}' for g in growth)}",
+        f"adapter directories unchanged: {before == after}",
+        *(f"failure: {f}" for f in soak.failures),
+        f"RESULT requests={c['requests']} errors_5xx={c['errors_5xx']} mismatches={c['mismatches']} "
+        f"disconnects={c['disconnects']} reloads={c['reloads']} restarts={c['restarts']} "
+        f"rss_growth_mb={rss_growth:.1f}",
+    ]
+    print("\n".join(lines))
+    if args.out:
+        atomic.write_text(args.out, "\n".join(lines) + "\n")
+    if not os.environ.get("KEEP_SOAK_DIR"):
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
