@@ -1,0 +1,53 @@
+"""Paired statistics: a known difference is found, identical inputs tie with zero width, unpaired is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fanlora.stats import compare, seed_spread
+
+
+def outcomes(values: np.ndarray) -> dict[int, dict[str, float]]:
+    return {s: {f"item{i}": float(v) for i, v in enumerate(row)} for s, row in enumerate(values)}
+
+
+def test_a_known_difference_is_detected_with_its_size():
+    rng = np.random.default_rng(0)
+    base = rng.normal(2.0, 0.5, size=(3, 400))  # per-item losses under 3 seeds
+    better = base - 0.1 + rng.normal(0, 0.05, size=base.shape)  # 0.1 lower loss on every item
+    c = compare(outcomes(better), outcomes(base), ("ab", "random"), "gold_nll", higher_is_better=False)
+    assert c.mean_diff == pytest.approx(-0.1, abs=0.01)
+    assert c.ci_high < 0 and c.ci_items_high < 0 and c.verdict == "win" and c.p_value < 0.001
+    worse = compare(outcomes(base), outcomes(better), ("random", "ab"), "gold_nll", higher_is_better=False)
+    assert worse.verdict == "loss" and worse.mean_diff == pytest.approx(0.1, abs=0.01)
+
+
+def test_noise_without_a_difference_is_a_tie():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 2, size=(3, 200))
+    b = rng.integers(0, 2, size=(3, 200))
+    c = compare(outcomes(a), outcomes(b), metric="correct")
+    assert c.verdict == "tie" and c.ci_low < 0 < c.ci_high and c.p_value > 0.05
+
+
+def test_identical_inputs_are_a_zero_width_tie():
+    values = np.random.default_rng(2).normal(size=(2, 50))
+    c = compare(outcomes(values), outcomes(values.copy()))
+    assert c.mean_diff == 0 and c.ci_low == c.ci_high == 0 and c.verdict == "tie" and c.p_value == 1.0
+
+
+def test_unpaired_items_or_seeds_are_refused():
+    a = outcomes(np.zeros((2, 5)))
+    b = outcomes(np.zeros((2, 5)))
+    b[1]["item9"] = b[1].pop("item4")
+    with pytest.raises(ValueError, match="unpaired items"):
+        compare(a, b)
+    with pytest.raises(ValueError, match="different seeds"):
+        compare(a, outcomes(np.zeros((3, 5))))
+
+
+def test_seed_spread_counts_items_that_change():
+    m = np.array([[1, 0, 1, 1], [1, 1, 1, 0]])
+    spread = seed_spread(outcomes(m))
+    assert spread["items_that_change_across_seeds"] == 0.5 and spread["seed_means_min"] == 0.75
