@@ -45,6 +45,7 @@ from fanlora.serving.bench import save_random_adapter
 from fanlora.setting import Setting, select
 
 KEY = "soak-key"
+TRANSPORT = (OSError, http.client.HTTPException)  # a connection cut by the kill -9, not an HTTP status
 TENANTS = ["tenant-a", "tenant-b", "tenant-c", "tenant-d"]
 PROMPTS = [
     "Write one sentence about the sea.",
@@ -97,7 +98,7 @@ class Server:
     def sample_rss(self) -> None:
         try:
             status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        except OSError:
+        except TRANSPORT:
             return
         kb = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS:"))
         self.rss[-1].append((time.monotonic(), kb * 1024))
@@ -181,7 +182,7 @@ class Soak:
             model, prompt, stream = rng.choice(["base", *TENANTS]), rng.choice(PROMPTS), rng.random() < 0.5
             try:
                 status, raw = request(self.server.port, "/v1/completions", self.body(model, prompt, stream))
-            except OSError:  # the server is being restarted: retry
+            except TRANSPORT:  # the server is being restarted: retry
                 self.add("connection_errors")
                 threading.Event().wait(0.5)
                 continue
@@ -204,9 +205,9 @@ class Soak:
                 threading.Event().wait(rng.uniform(0.05, 0.6))  # then walk away mid-answer
                 conn.close()
                 self.add("disconnects")
-            except OSError:
+            except TRANSPORT:
                 self.add("connection_errors")
-            threading.Event().wait(0.5)
+            threading.Event().wait(0.5)  # one leaving client at a time
 
     def churn(self, seed: int) -> None:
         rng = random.Random(seed)
@@ -221,7 +222,7 @@ class Soak:
                 if status >= 500:
                     self.add("errors_5xx", failure=f"load {name}: {status} {raw[:160]!r}")
                 self.add("reloads")
-            except OSError:
+            except TRANSPORT:
                 self.add("connection_errors")
 
     def bad(self, seed: int) -> None:
@@ -242,8 +243,9 @@ class Soak:
             path, body, chunked = rng.choice(cases)
             try:
                 status, raw = request(self.server.port, path, body, chunked=chunked)
-            except OSError:
+            except TRANSPORT:
                 self.add("connection_errors")
+                threading.Event().wait(0.5)
                 continue
             self.add("bad_requests")
             if not 400 <= status < 500:
@@ -265,7 +267,7 @@ class Soak:
 
     @staticmethod
     def _quiet(fn, *args) -> None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(*TRANSPORT):
             fn(*args)
 
 

@@ -109,6 +109,9 @@ class EvaluateConfig:
     seed: int = 0  # sampling
     max_length: int = 2048  # prompt + generation; longer prompts are cut from the left
     data: Any = None  # {split: source}, as finetune.data
+    accuracy: bool = True  # score the first `limit` examples with the task's metric
+    gold_loss: bool = False  # also the held-out loss of the gold answers (items.jsonl), over `loss_limit`
+    loss_limit: Any = None  # int or null (the whole split)
 
 
 @dataclass
@@ -194,6 +197,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mc_format": (lambda v: v in ("clean", "lm-eval"), "clean or lm-eval"),
     "limit": (_optional_count, "null or ≥ 1"),
     "max_new_tokens": (_optional_count, "null or ≥ 1"),
+    "loss_limit": (_optional_count, "null or ≥ 1"),
     "max_train_examples": (_optional_count, "null or ≥ 1"),
     "max_dev_examples": (_optional_count, "null or ≥ 1"),
     "max_val_examples": (_optional_count, "null or ≥ 1"),

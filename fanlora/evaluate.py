@@ -52,6 +52,27 @@ def training_examples(tokenizer: Any, task: Task, examples: Sequence[Any], max_l
     return out
 
 
+def gold_losses(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Any],
+    batch_size: int,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> list[tuple[float, int]]:
+    """Per example: the mean negative log-likelihood per token of the gold answer, and its token count.
+
+    The gold answer is what stage d trains on (the correct choice; a generation task's target and EOS), so
+    this is the held-out loss of the training objective: one forward pass per example, every example of the
+    split, and a far more sensitive measure than right-or-wrong on a few hundred items.
+    """
+    pairs = training_examples(tokenizer, task, examples, max_length or 2048)
+    sums = choice_logliks(model, tokenizer, pairs, batch_size, progress, desc=f"{task.name}: gold loss")
+    counts = [sum(t != IGNORE for t in p.labels) for p in pairs]
+    return [(-s / c if c else float("nan"), c) for s, c in zip(sums, counts, strict=True)]
+
+
 @dataclass
 class MCResult:
     metrics: dict[str, Any]

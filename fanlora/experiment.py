@@ -22,7 +22,6 @@ import fnmatch
 import json
 import math
 import shutil
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from fanlora.errors import UserError
 from fanlora.tasks import get_task, known_tasks
 
 FORMAT = "fanlora-experiment/1"
-VARIANT_KEYS = ("k_max", "r1", "scorer", "search_run", "set", "methods")
+VARIANT_KEYS = ("k_max", "r1", "scorer", "setting", "search_run", "set", "methods")
 TOP_KEYS = (
     "name",
     "recipe",
@@ -51,9 +50,13 @@ TOP_KEYS = (
     "task_set",
     "method_options",
     "budget",
+    "reference",
 )
-#: The headline metric per task (what the tables and plots compare).
-METRIC = {"copa": "acc", "boolq": "acc", "mmlu": "acc", "squad": "f1", "gsm8k": "acc", "sql": "execution_accuracy"}
+
+
+def grid_tasks() -> list[str]:
+    """Tasks a grid can run: those with a per-example score (MT-Bench needs a judge)."""
+    return [n for n in known_tasks() if get_task(n).item_key is not None]
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Variant:
     k_max: int | None = None
     r1: Any = None  # int, "budget" or None (finetune.lora.r)
     scorer: str = "ab-exact"
+    setting: str = "top"  # top (the method) | inverse | random:SEED | fixed:KINDS — see setting.select_by_rule
     search_run: str | None = None
     set: list[str] = field(default_factory=list)
     methods: list[str] | None = None
@@ -82,6 +86,7 @@ class Experiment:
     task_set: dict[str, list[str]] = field(default_factory=dict)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     budget: dict[str, int] = field(default_factory=lambda: {"k_max": 2, "r": 12})
+    reference: str | None = None  # the variant FanLoRA's paired comparisons are made against (default: first)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +113,7 @@ def _list(value: Any, where: str, typ: type) -> list[Any]:
 def parse(path: str | Path) -> Experiment:
     """Read and check an experiment config; every name is validated before anything runs."""
     from fanlora.scoring.study import check_method
+    from fanlora.setting import check_rule
 
     path = Path(path)
     if not path.is_file():
@@ -122,7 +128,7 @@ def parse(path: str | Path) -> Experiment:
     if unknown:
         raise UserError(f"{path}: unknown key {unknown[0]!r}; valid keys are {', '.join(TOP_KEYS)}")
     exp = Experiment(name=str(raw.get("name") or path.stem))
-    for key in ("recipe", "search_run", "out", "report"):
+    for key in ("recipe", "search_run", "out", "report", "reference"):
         if key in raw:
             setattr(exp, key, str(raw[key]))
     exp.out = exp.out or f"runs/experiments/{exp.name}"
@@ -139,8 +145,8 @@ def parse(path: str | Path) -> Experiment:
         if m not in methods.METHODS:
             raise UserError(f"{path}: unknown method {m!r}; methods are {', '.join(methods.METHODS)}")
     for t in exp.tasks:
-        if t not in METRIC:
-            valid = [n for n in known_tasks() if n in METRIC]
+        if t not in grid_tasks():
+            valid = grid_tasks()
             raise UserError(
                 f"{path}: task {t!r} cannot be in a grid; tasks are {', '.join(valid)} "
                 "(mtbench needs a judge: use fanlora evaluate + fanlora judge)"
@@ -175,10 +181,13 @@ def parse(path: str | Path) -> Experiment:
         if v.r1 is not None and v.r1 != "budget" and (not isinstance(v.r1, int) or v.r1 < 1):
             raise UserError(f"{path}: variant {name}: r1 must be a rank >= 1 or 'budget', got {v.r1!r}")
         check_method(v.scorer, 1)
+        check_rule(v.setting)
         for m in v.methods or []:
             if m not in exp.methods:
                 raise UserError(f"{path}: variant {name} names method {m!r}, not in methods ({', '.join(exp.methods)})")
         exp.variants[str(name)] = v
+    if exp.reference is not None and exp.reference not in exp.variants:
+        raise UserError(f"{path}: reference {exp.reference!r} is not a variant ({', '.join(exp.variants)})")
     for t in exp.tasks:  # every override must name a real config key, before anything runs
         for v in exp.variants.values():
             cell_config(exp, Cell(t, exp.methods[0], v.name, exp.seeds[0]))
@@ -230,7 +239,7 @@ def prepare_setting(exp: Experiment, variant: Variant) -> tuple[Path, int]:
     from fanlora import pipeline, rundir
     from fanlora.backbone import load_backbone
     from fanlora.scoring import ScoreTable
-    from fanlora.setting import select
+    from fanlora.setting import select, select_by_rule
 
     out = Path(exp.out) / "settings" / f"{variant.name}.json"
     info = out.with_suffix(".rank.json")
@@ -247,7 +256,12 @@ def prepare_setting(exp: Experiment, variant: Variant) -> tuple[Path, int]:
         pipeline.run_score(cfg, run, progress=False)
         table = ScoreTable.read(pipeline.scores_path(cfg, run))
         k_max = variant.k_max or cfg.select.k_max
-        setting = pipeline.run_select(pipeline.scores_path(cfg, run), k_max, out)
+        if variant.setting == "top":
+            setting = pipeline.run_select(pipeline.scores_path(cfg, run), k_max, out)
+        else:
+            source = {"scores": str(pipeline.scores_path(cfg, run)), "method": variant.scorer}
+            setting = select_by_rule(table, variant.setting, k_max, source)
+            setting.write(out)
         rank = cfg.finetune.lora.r
         if isinstance(variant.r1, int):
             rank = variant.r1
@@ -256,7 +270,10 @@ def prepare_setting(exp: Experiment, variant: Variant) -> tuple[Path, int]:
             reference = select(table, exp.budget["k_max"])
             budget = methods.lora_params(backbone, reference.modules, exp.budget["r"])
             rank = methods.lora_rank_for_budget(backbone, setting.modules, budget)
-        atomic.write_json(info, {"r": rank, "k_max": k_max, "scorer": variant.scorer, "search_run": str(run)})
+        atomic.write_json(
+            info,
+            {"r": rank, "k_max": k_max, "scorer": variant.scorer, "setting": variant.setting, "search_run": str(run)},
+        )
         return out, rank
 
 
@@ -301,7 +318,7 @@ def run_cell(exp: Experiment, cell: Cell, progress: bool = False) -> dict[str, A
     )
     trained = time.time()
     metrics = run_evaluate(cfg, cell.task, directory, backbone=backbone, model=built.model.eval(), progress=progress)
-    metric = METRIC[cell.task]
+    metric = get_task(cell.task).metric
     record = {
         **asdict(cell),
         "id": cell.id,
@@ -312,8 +329,10 @@ def run_cell(exp: Experiment, cell: Cell, progress: bool = False) -> dict[str, A
         "train_minutes": round((trained - started) / 60, 2),
         "eval_minutes": round((time.time() - trained) / 60, 2),
         "metric": metric,
-        "value": metrics[metric],
+        "value": metrics.get(metric),
         "n_test": metrics["n"],
+        "gold_nll": metrics.get("gold_nll"),
+        "n_loss": metrics.get("gold_nll_n", 0),
         "resumed": result.resumed_from is not None,
         "config": cfg.to_dict(),
     }
@@ -364,42 +383,24 @@ def run(
         done = (Path(exp.out) / "cells" / cell.id / "cell.json").is_file()
         say(f"[{i}/{len(mine)}] {cell.id}{' (done before)' if done else ''}")
         record = run_cell(exp, cell)
-        say(
-            f"    {record['metric']}={record['value']:.4f} params={record['trainable_parameters']} "
-            f"train {record['train_minutes']} min"
-        )
+        shown = [f"{record['metric']}={record['value']:.4f}"] if record["value"] is not None else []
+        if record.get("gold_nll") is not None:
+            shown.append(f"gold_nll={record['gold_nll']:.4f}")
+        say(f"    {' '.join(shown)} params={record['trainable_parameters']} train {record['train_minutes']} min")
     return aggregate(exp)
 
 
 def aggregate(exp: Experiment) -> dict[str, Any]:
-    """Median over seeds per (task, variant, method) of the finished cells → results.md/.json (+ plots)."""
+    """Summaries per (task, variant, method) of the finished cells and FanLoRA's paired comparisons
+    → results.md / results.json / cells.json (+ plots), through :mod:`fanlora.experiment_report`."""
+    from fanlora import experiment_report as report_
+
     records = []
     for cell in cells(exp):
         path = Path(exp.out) / "cells" / cell.id / "cell.json"
         if path.is_file():
             records.append(json.loads(path.read_text()))
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for r in records:
-        groups.setdefault((r["task"], r["variant"], r["method"]), []).append(r)
-    rows = []
-    for (task, variant, method), rs in groups.items():
-        values = [r["value"] for r in sorted(rs, key=lambda r: r["seed"])]
-        rows.append(
-            {
-                "task": task,
-                "variant": variant,
-                "method": method,
-                "metric": rs[0]["metric"],
-                "trainable_parameters": rs[0]["trainable_parameters"],
-                "seeds": [r["seed"] for r in sorted(rs, key=lambda r: r["seed"])],
-                "values": values,
-                "median": statistics.median(values),
-                "min": min(values),
-                "max": max(values),
-                "train_minutes_median": statistics.median(r["train_minutes"] for r in rs),
-                "n_test": rs[0]["n_test"],
-            }
-        )
+    rows = report_.rows_of(records)
     total = sum(r["train_minutes"] + r["eval_minutes"] for r in records)
     summary = {
         "name": exp.name,
@@ -407,105 +408,13 @@ def aggregate(exp: Experiment) -> dict[str, Any]:
         "cells": len(cells(exp)),
         "grid_minutes": round(total, 1),
         "rows": rows,
+        "comparisons": report_.paired(exp, records),
         "experiment": exp.to_dict(),
     }
     report = Path(exp.report)
     atomic.write_json(report / "results.json", summary)
-    atomic.write_text(report / "results.md", markdown(exp, summary))
+    atomic.write_text(report / "results.md", report_.markdown(exp, summary))
     atomic.write_json(report / "cells.json", records)
     if len(exp.variants) > 1 and rows:
-        plot(exp, rows, report)
+        report_.plot(exp, rows, report)
     return summary
-
-
-def markdown(exp: Experiment, summary: dict[str, Any]) -> str:
-    lines = [
-        f"# {exp.name}",
-        "",
-        f"{summary['cells_done']} of {summary['cells']} cells done; grid cost {summary['grid_minutes']} "
-        "CPU-process minutes (train + evaluate, summed over cells).",
-        "",
-    ]
-    for task in exp.tasks:
-        rows = [r for r in summary["rows"] if r["task"] == task]
-        if not rows:
-            continue
-        lines += [
-            f"## {task} ({rows[0]['metric']}, {rows[0]['n_test']} test examples)",
-            "",
-            "| variant | method | trainable params | median | min – max | per seed | train min (median) |",
-            "|---|---|---:|---:|---:|---|---:|",
-        ]
-        order = {m: i for i, m in enumerate(methods.METHODS)}
-        for r in sorted(rows, key=lambda r: (list(exp.variants).index(r["variant"]), order[r["method"]])):
-            per_seed = ", ".join(f"{v:.3f}" for v in r["values"])
-            lines.append(
-                f"| {r['variant']} | {r['method']} | {r['trainable_parameters']:,} | {r['median']:.3f} | "
-                f"{r['min']:.3f} – {r['max']:.3f} | {per_seed} | {r['train_minutes_median']} |"
-            )
-        lines.append("")
-        lines += verdicts(task, rows)
-    return "\n".join(lines)
-
-
-def verdicts(task: str, rows: list[dict[str, Any]]) -> list[str]:
-    """FanLoRA against every other method of the same variant: win / tie / loss by the seeds' ranges.
-
-    A win needs FanLoRA's worst seed above the other method's best; a loss the reverse; otherwise the
-    ranges overlap and it is a tie (with so few seeds, the medians alone would over-read the noise).
-    """
-    out = []
-    for fan in (r for r in rows if r["method"] == "fanlora"):
-        others = [r for r in rows if r["variant"] == fan["variant"] and r["method"] != "fanlora"]
-        if not others:
-            continue
-        out.append(f"FanLoRA vs the baselines on {task} (variant {fan['variant']}):")
-        out.append("")
-        for o in others:
-            if fan["min"] > o["max"]:
-                verdict = "win"
-            elif fan["max"] < o["min"]:
-                verdict = "loss"
-            else:
-                verdict = "tie (ranges overlap)"
-            ratio = fan["trainable_parameters"] / o["trainable_parameters"]
-            out.append(
-                f"- vs {o['method']}: {verdict}; median {fan['median']:.3f} vs {o['median']:.3f} "
-                f"({fan['median'] - o['median']:+.3f}), with {ratio:.2f}x its trainable parameters"
-            )
-        out.append("")
-    return out
-
-
-def plot(exp: Experiment, rows: list[dict[str, Any]], report: Path) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(exp.variants)
-    for task in exp.tasks:
-        task_rows = [r for r in rows if r["task"] == task]
-        if not task_rows:
-            continue
-        fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(names), 3.2))
-        for method in methods.METHODS:
-            pts = sorted(
-                ((names.index(r["variant"]), r) for r in task_rows if r["method"] == method), key=lambda p: p[0]
-            )
-            if not pts:
-                continue
-            xs = [p[0] for p in pts]
-            med = [p[1]["median"] for p in pts]
-            err = [[p[1]["median"] - p[1]["min"] for p in pts], [p[1]["max"] - p[1]["median"] for p in pts]]
-            ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=method)
-        ax.set_xticks(range(len(names)), names)
-        ax.set_ylabel(f"{task_rows[0]['metric']} (median, min–max over seeds)")
-        ax.set_title(f"{exp.name}: {task}")
-        ax.legend(fontsize=8)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        atomic.write_bytes(report / f"{task}.png", buf.getvalue())

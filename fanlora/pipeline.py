@@ -26,7 +26,13 @@ from fanlora.backbone import Backbone, load_backbone
 from fanlora.config import Config
 from fanlora.data.instruct import InstructionData, load_instruction_data, read_conversations
 from fanlora.errors import UserError
-from fanlora.evaluate import evaluate_generation, evaluate_mc, evaluate_mc_generate, training_examples
+from fanlora.evaluate import (
+    evaluate_generation,
+    evaluate_mc,
+    evaluate_mc_generate,
+    gold_losses,
+    training_examples,
+)
 from fanlora.gates import GatedLoRA
 from fanlora.generate import Decoding
 from fanlora.scoring import ScoreTable, make_batches, memory
@@ -376,7 +382,12 @@ def run_evaluate(
     progress: bool = True,
     model: Any = None,
 ) -> dict[str, Any]:
-    """Evaluate the base model or base + adapter on a task split; write metrics.json + predictions.jsonl."""
+    """Evaluate the base model or base + adapter on a task split.
+
+    Writes metrics.json, predictions.jsonl (the task's metric on the first ``evaluate.limit`` examples) and
+    items.jsonl (one line per example: its score and, with ``evaluate.gold_loss``, the held-out loss of its
+    gold answer — the per-item outcomes that paired comparisons use).
+    """
     ev = cfg.evaluate
     if ev.mode not in MODES:
         raise UserError(f"unknown evaluate mode {ev.mode!r}: use one of {', '.join(MODES)}")
@@ -384,33 +395,62 @@ def run_evaluate(
     decoding = decoding_of(cfg)
     if task.kind == "generate" and ev.mode == "loglik":
         raise UserError(f"task {task_name} is scored by generation only: drop --mode loglik")
-    examples = task.examples(ev.split, ev.limit)
+    if not ev.accuracy and not ev.gold_loss:
+        raise UserError("evaluate.accuracy and evaluate.gold_loss are both off: nothing to evaluate")
+    examples = task.examples(ev.split, ev.limit) if ev.accuracy else []
     task.check(examples)
-    if task.kind == "mc":
-        examples = task.formatted(examples, ev.mc_format)
+    loss_examples = task.examples(ev.split, ev.loss_limit) if ev.gold_loss else []
     if model is None:
         model, backbone = load_for_eval(cfg, adapter, backbone)
     tok = backbone.tokenizer
     started = time.time()
-    if task.kind == "generate":
-        result = evaluate_generation(model, tok, task, examples, decoding, ev.batch_size, ev.max_length, progress)
-    elif ev.mode == "generate":
-        result = evaluate_mc_generate(model, tok, examples, decoding, ev.batch_size, ev.max_length, progress)
-    else:
-        result = evaluate_mc(model, tok, examples, ev.batch_size, progress)
-    metrics = {
-        "task": task_name,
-        "split": ev.split,
-        "adapter": str(adapter) if adapter else None,
-        **({"mc_format": ev.mc_format} if task.kind == "mc" else {}),
-        **result.metrics,
-        "seconds": round(time.time() - started, 1),
-    }
+    metrics: dict[str, Any] = {"task": task_name, "split": ev.split, "adapter": str(adapter) if adapter else None}
+    predictions: list[dict[str, Any]] = []
+    if examples:
+        result = _score_task(cfg, task, model, tok, examples, decoding, progress)
+        if task.kind == "mc":
+            metrics["mc_format"] = ev.mc_format
+        metrics.update(result.metrics)
+        predictions = result.predictions
+    losses = (
+        gold_losses(model, tok, task, loss_examples, ev.batch_size, ev.max_length, progress) if loss_examples else []
+    )
+    if losses:
+        per_item = [v for v, _ in losses]
+        metrics["gold_nll"] = sum(per_item) / len(per_item)
+        metrics["gold_nll_tokens"] = sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses))
+        metrics["gold_nll_n"] = len(losses)
+        metrics.setdefault("n", 0)
+    metrics["seconds"] = round(time.time() - started, 1)
     out = Path(out_dir)
-    atomic.write_jsonl(out / "predictions.jsonl", result.predictions)
+    if predictions:
+        atomic.write_jsonl(out / "predictions.jsonl", predictions)
+    atomic.write_jsonl(out / "items.jsonl", item_rows(task, predictions, loss_examples, losses))
     atomic.write_json(out / "metrics.json", metrics)
     say(f"evaluate: {task_name}/{ev.split} {_headline(metrics)} (n={metrics['n']}) → {out / 'metrics.json'}")
     return metrics
+
+
+def _score_task(cfg: Config, task: Any, model: Any, tok: Any, examples: list[Any], decoding: Decoding, progress: bool):
+    ev = cfg.evaluate
+    if task.kind == "generate":
+        return evaluate_generation(model, tok, task, examples, decoding, ev.batch_size, ev.max_length, progress)
+    examples = task.formatted(examples, ev.mc_format)
+    if ev.mode == "generate":
+        return evaluate_mc_generate(model, tok, examples, decoding, ev.batch_size, ev.max_length, progress)
+    return evaluate_mc(model, tok, examples, ev.batch_size, progress)
+
+
+def item_rows(
+    task: Any, predictions: list[dict[str, Any]], loss_examples: list[Any], losses: list[tuple[float, int]]
+) -> list[dict[str, Any]]:
+    """One row per example id: ``value`` (the task's per-item score) and/or ``gold_nll`` + ``gold_tokens``."""
+    rows: dict[str, dict[str, Any]] = {}
+    for p in predictions:
+        rows.setdefault(str(p["id"]), {"id": str(p["id"])})["value"] = task.item_value(p)
+    for ex, (nll, n) in zip(loss_examples, losses, strict=True):
+        rows.setdefault(str(ex.id), {"id": str(ex.id)}).update({"gold_nll": nll, "gold_tokens": n})
+    return list(rows.values())
 
 
 HEADLINE = ("acc", "acc_norm", "acc_macro", "exact_match", "f1", "f1_em", "execution_accuracy", "answers")
@@ -433,7 +473,8 @@ def run_evaluate_many(
     """Several tasks on one loaded model (the backbone and adapter are loaded once)."""
     for name in tasks:  # every task and its examples are checked before the model loads
         task = get_task(name, cfg.evaluate.data)
-        task.check(task.examples(cfg.evaluate.split, cfg.evaluate.limit))
+        if cfg.evaluate.accuracy:
+            task.check(task.examples(cfg.evaluate.split, cfg.evaluate.limit))
     model, backbone = load_for_eval(cfg, adapter)
     return [
         run_evaluate(cfg, name, out, adapter=adapter, backbone=backbone, model=model)

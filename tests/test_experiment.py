@@ -129,7 +129,11 @@ def test_grid_runs_resumes_cell_by_cell_and_aggregates(tmp_path, recipe_file, ca
         assert r["median"] == pytest.approx(sum(r["values"]) / 2)
     table = (tmp_path / "report" / "results.md").read_text()
     assert "| default | fanlora |" in table and "| default | lora |" in table
-    assert "FanLoRA vs the baselines on copa (variant default):" in table and "- vs lora: " in table
+    assert "Paired comparisons" in table and "- fanlora/default vs lora/default (value, 8 items × 2 seeds)" in table
+    (comparison,) = results["comparisons"]
+    assert comparison["verdict"] in ("win", "tie", "loss") and comparison["n_items"] == 8
+    items = (tmp_path / "grid" / "cells" / "copa__lora__default__s0" / "items.jsonl").read_text().splitlines()
+    assert len(items) == 8 and {"id", "value"} <= set(json.loads(items[0]))
     assert not list((tmp_path / "grid" / "cells").glob("*/checkpoints"))
     # a rerun without --resume, or with a changed config, is refused
     assert "pass --resume" in fail(capsys, ["experiment", str(exp)])
@@ -169,6 +173,8 @@ def test_kmax_variants_share_a_budget_and_plot(tmp_path, recipe_file):
         ({"method_options": {"lora": {"rank": 8}}}, "unknown option 'rank' for method lora"),
         ({"set": ["finetune.trian.seed=1"]}, "unknown config key finetune.trian"),
         ({"grid": {}}, "unknown key 'grid'"),
+        ({"variants": {"a": {"setting": "best"}}}, "unknown setting rule 'best'"),
+        ({"reference": "nope"}, "reference 'nope' is not a variant"),
     ],
 )
 def test_bad_experiment_configs_are_refused_before_anything_runs(tmp_path, recipe_file, capsys, extra, message):
@@ -188,25 +194,34 @@ def test_source_row_ranges_split_one_file():
         read_source("bundled:boolq/val[5000:]")
 
 
-def test_verdicts_need_the_seed_ranges_to_separate():
-    from fanlora.experiment import verdicts
+def test_setting_rules_and_paired_gold_losses(tmp_path, recipe_file):
+    from fanlora.scoring import ScoreTable
+    from fanlora.setting import Setting
 
-    def row(method, lo, hi, params=100):
-        return {
-            "method": method,
-            "variant": "v",
-            "min": lo,
-            "max": hi,
-            "median": (lo + hi) / 2,
-            "trainable_parameters": params,
-        }
-
-    lines = verdicts(
-        "copa", [row("fanlora", 0.6, 0.7, 50), row("lora", 0.4, 0.55), row("ia3", 0.65, 0.8), row("houlsby", 0.75, 0.9)]
-    )
-    text = "\n".join(lines)
-    assert "- vs lora: win; median 0.650 vs 0.475 (+0.175), with 0.50x its trainable parameters" in text
-    assert "- vs ia3: tie (ranges overlap)" in text and "- vs houlsby: loss" in text
+    variants = {
+        "ab": {},
+        "inverse": {"setting": "inverse"},
+        "random1": {"setting": "random:1", "r1": "budget"},
+        "vo": {"setting": "fixed:V,O"},
+    }
+    overrides = ["finetune.train.max_steps=2", "finetune.train.eval_steps=1", "finetune.max_dev_examples=4"]
+    overrides += ["evaluate.gold_loss=true", "evaluate.loss_limit=6"]
+    extra = {"methods": ["fanlora"], "seeds": [0], "variants": variants, "budget": {"k_max": 2, "r": 4}}
+    exp = _grid(tmp_path, recipe_file, set=overrides, **extra)
+    assert main(["experiment", str(exp)]) == 0
+    table = ScoreTable.read(tmp_path / "run" / "scores.json")
+    settings = {name: Setting.read(tmp_path / "grid" / "settings" / f"{name}.json") for name in variants}
+    for layer in range(table.num_layers):
+        ranked = sorted(table.kinds, key=lambda k: table.score(k, layer))
+        assert sorted(settings["inverse"].kept[layer]) == sorted(ranked[:2])
+        assert settings["vo"].kept[layer] == ["V", "O"] and len(settings["random1"].kept[layer]) == 2
+    assert settings["random1"].kept != settings["ab"].kept
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    losses = {c["b"]: c for c in results["comparisons"] if c["metric"] == "gold_nll"}
+    assert set(losses) == {"fanlora/inverse", "fanlora/random1", "fanlora/vo"}
+    assert all(c["n_items"] == 6 and c["n_seeds"] == 1 and not c["higher_is_better"] for c in losses.values())
+    rows = {r["variant"]: r for r in results["rows"]}
+    assert all(r["gold_nll_mean"] > 0 for r in rows.values())
 
 
 @pytest.mark.parametrize("name", ["table1", "kmax", "scorers", "corpus"])

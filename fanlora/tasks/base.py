@@ -51,6 +51,8 @@ class Task:
     description: str = ""
     kind: str = ""  # "mc" or "generate"
     splits: tuple[str, ...] = ("train", "dev", "test")
+    metric: str = "acc"  # the headline metric in metrics.json (what tables and plots compare)
+    item_key: str | None = "correct"  # the per-example score in a prediction record (None: no such score)
 
     def __init__(self, data: dict[str, str] | None = None) -> None:
         self.data = dict(data or {})
@@ -63,6 +65,12 @@ class Task:
 
     def load_split(self, split: str) -> list[Any]:
         raise NotImplementedError
+
+    def item_value(self, prediction: dict[str, Any]) -> float | None:
+        """One example's score (1/0 for right/wrong, F1 for SQuAD), from its prediction record."""
+        if self.item_key is None:
+            return None
+        return float(prediction[self.item_key])
 
     def check(self, examples: Sequence[Any]) -> None:
         """Refuse examples that cannot be scored (e.g. a gold SQL query that fails), before any model work."""
@@ -111,6 +119,9 @@ class MCTask(Task):
 
     def training_pair(self, ex: MCExample) -> tuple[str, str]:
         return ex.context, ex.choices[ex.label]
+
+    def item_value(self, prediction: dict[str, Any]) -> float | None:
+        return float(prediction["pred"] == prediction["label"])
 
     def formatted(self, examples: Sequence[MCExample], fmt: str) -> list[MCExample]:
         if fmt not in MC_FORMATS:

@@ -35,6 +35,8 @@ def references() -> dict[int, list[str]]:
 @register
 class MtBench(GenTask):
     name = "mtbench"
+    metric = "answers"
+    item_key = None
     description = "MT-Bench: 80 two-turn questions, answers judged 1-10 by an LLM (fanlora judge)"
     max_new_tokens = 512
     stop = ()

@@ -24,6 +24,8 @@ TIMEOUT_S = 5.0
 @register
 class Sql(GenTask):
     name = "sql"
+    metric = "execution_accuracy"
+    item_key = "correct"
     description = "insurance text-to-SQL (generated SQLite), execution accuracy"
     max_new_tokens = 128
     stop = ("\n",)

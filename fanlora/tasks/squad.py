@@ -22,6 +22,8 @@ from fanlora.tasks.base import GenExample, GenTask, register
 @register
 class Squad(GenTask):
     name = "squad"
+    metric = "f1"
+    item_key = "f1"
     description = "SQuAD v1.1: extractive QA, exact match, F1 and f1-em"
     max_new_tokens = 32
     stop = ("\n",)

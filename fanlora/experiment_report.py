@@ -1,0 +1,184 @@
+"""Tables, paired comparisons and figures of a finished (or partly finished) experiment grid.
+
+Summaries per (task, variant, method) give the median and range over seeds of the task's metric and the mean
+held-out gold loss. The verdicts are paired: FanLoRA on the reference variant against every other
+(variant, method) on the same task, item by item and seed by seed (:mod:`fanlora.stats`), from each cell's
+``items.jsonl`` — on the gold loss (lower is better) and on the task's per-item score (higher is better).
+Seed ranges that merely overlap are not a verdict.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from fanlora import atomic, methods, stats
+
+ITEM_METRICS = (("gold_nll", False), ("value", True))  # (items.jsonl key, higher is better)
+
+
+def rows_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["variant"], r["method"]), []).append(r)
+    rows = []
+    for (task, variant, method), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        values = [r["value"] for r in rs if r["value"] is not None]
+        losses = [r["gold_nll"] for r in rs if r.get("gold_nll") is not None]
+        rows.append(
+            {
+                "task": task,
+                "variant": variant,
+                "method": method,
+                "metric": rs[0]["metric"],
+                "trainable_parameters": rs[0]["trainable_parameters"],
+                "seeds": [r["seed"] for r in rs],
+                "values": values,
+                "median": statistics.median(values) if values else None,
+                "min": min(values) if values else None,
+                "max": max(values) if values else None,
+                "gold_nll": losses,
+                "gold_nll_mean": statistics.fmean(losses) if losses else None,
+                "train_minutes_median": statistics.median(r["train_minutes"] for r in rs),
+                "n_test": rs[0]["n_test"],
+                "n_loss": rs[0].get("n_loss", 0),
+            }
+        )
+    return rows
+
+
+def item_outcomes(exp: Any, records: list[dict[str, Any]], key: str) -> dict[int, dict[str, float]]:
+    """seed → item id → value of ``key`` in each cell's items.jsonl."""
+    out: dict[int, dict[str, float]] = {}
+    for r in records:
+        path = Path(exp.out) / "cells" / r["id"] / "items.jsonl"
+        if not path.is_file():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        values = {row["id"]: row[key] for row in rows if row.get(key) is not None}
+        if values:
+            out[r["seed"]] = values
+    return out
+
+
+def paired(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """FanLoRA on the reference variant against every other group of the same task, per item metric."""
+    reference = exp.reference or next(iter(exp.variants))
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["variant"], r["method"]), []).append(r)
+    out = []
+    for (task, variant, method), rs in sorted(groups.items()):
+        ref = groups.get((task, reference, "fanlora"))
+        if ref is None or (variant, method) == (reference, "fanlora"):
+            continue
+        for key, higher in ITEM_METRICS:
+            a, b = item_outcomes(exp, ref, key), item_outcomes(exp, rs, key)
+            if not a or not b:
+                continue
+            names = (f"fanlora/{reference}", f"{method}/{variant}")
+            try:
+                c = stats.compare(a, b, names, key, higher)
+            except ValueError as exc:  # another item set or seeds: reported, not compared
+                out.append({"task": task, "a": names[0], "b": names[1], "metric": key, "unpaired": str(exc)})
+                continue
+            out.append({"task": task, **c.to_dict(), "b_trainable_parameters": rs[0]["trainable_parameters"]})
+    return out
+
+
+def markdown(exp: Any, summary: dict[str, Any]) -> str:
+    lines = [
+        f"# {exp.name}",
+        "",
+        f"{summary['cells_done']} of {summary['cells']} cells done; grid cost {summary['grid_minutes']} "
+        "CPU-process minutes (train + evaluate, summed over cells).",
+        "",
+    ]
+    order = {m: i for i, m in enumerate(methods.METHODS)}
+    for task in exp.tasks:
+        rows = [r for r in summary["rows"] if r["task"] == task]
+        if not rows:
+            continue
+        lines += [
+            f"## {task} ({rows[0]['metric']} on {rows[0]['n_test']} test examples; gold loss on {rows[0]['n_loss']})",
+            "",
+            "| variant | method | trainable params | median | min – max | per seed | gold NLL (mean) | train min |",
+            "|---|---|---:|---:|---:|---|---:|---:|",
+        ]
+        for r in sorted(rows, key=lambda r: (list(exp.variants).index(r["variant"]), order[r["method"]])):
+            per_seed = ", ".join(f"{v:.3f}" for v in r["values"])
+            med = "–" if r["median"] is None else f"{r['median']:.3f}"
+            rng = "–" if r["min"] is None else f"{r['min']:.3f} – {r['max']:.3f}"
+            nll = "–" if r["gold_nll_mean"] is None else f"{r['gold_nll_mean']:.4f}"
+            lines.append(
+                f"| {r['variant']} | {r['method']} | {r['trainable_parameters']:,} | {med} | {rng} | {per_seed} | "
+                f"{nll} | {r['train_minutes_median']} |"
+            )
+        lines.append("")
+        lines += verdict_lines(task, summary.get("comparisons", []))
+    return "\n".join(lines)
+
+
+def verdict_lines(task: str, comparisons: list[dict[str, Any]]) -> list[str]:
+    mine = [c for c in comparisons if c["task"] == task]
+    if not mine:
+        return []
+    out = [
+        "Paired comparisons (A − B over the same items and seeds; 95 % interval resampling seeds and items; "
+        "p: sign-flip permutation test):",
+        "",
+    ]
+    for c in mine:
+        if "unpaired" in c:
+            out.append(f"- {c['a']} vs {c['b']} ({c['metric']}): not compared — {c['unpaired']}")
+            continue
+        width = c["ci_high"] - c["ci_low"]
+        out.append(
+            f"- {c['a']} vs {c['b']} ({c['metric']}, {c['n_items']} items × {c['n_seeds']} seeds): "
+            f"{c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] (width {width:.4f}), "
+            f"p = {c['p_value']:.3g} → **{c['verdict']}**"
+        )
+    return [*out, ""]
+
+
+def plot(exp: Any, rows: list[dict[str, Any]], report: Path) -> None:
+    """Per task: the metric (median, min–max over seeds) per variant, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(exp.variants)
+    for task in exp.tasks:
+        task_rows = [r for r in rows if r["task"] == task and r["median"] is not None]
+        if not task_rows:
+            continue
+        fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(names), 3.2))
+        for method in methods.METHODS:
+            pts = sorted(
+                ((names.index(r["variant"]), r) for r in task_rows if r["method"] == method), key=lambda p: p[0]
+            )
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            med = [p[1]["median"] for p in pts]
+            err = [[p[1]["median"] - p[1]["min"] for p in pts], [p[1]["max"] - p[1]["median"] for p in pts]]
+            ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=method)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_ylabel(f"{task_rows[0]['metric']} (median, min–max over seeds)")
+        ax.set_title(f"{exp.name}: {task}")
+        ax.legend(fontsize=8)
+        _save(fig, report / f"{task}.png")
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic.write_bytes(path, buf.getvalue())
