@@ -22,7 +22,7 @@ from fanlora.errors import UserError
 @dataclass
 class BackboneConfig:
     name: str = "embedded"  # 'embedded', an HF id, a local directory or a .gguf file
-    dtype: str = "float32"  # weights dtype; scoring should stay float32 (DESIGN.md: bf16 noise ~ a module's effect)
+    dtype: str = "float32"  # weights dtype; scoring stays float32: bf16 rounding is as large as one module's effect
     module_map: Any = None  # e.g. "Q=self_attn.q_proj,..." when the architecture is not recognised
 
 
@@ -44,7 +44,7 @@ class TrainParams:
     weight_decay: float = 0.0
     eval_steps: int = 200
     patience: int = 10
-    bf16: bool = False  # bf16 autocast (CPUs with avx512_bf16 and recent GPUs); weights stay fp32
+    bf16: bool = False  # bf16 autocast where the hardware has bf16 (AVX512-BF16/AMX, recent GPUs), else fp32
     seed: int = 42
     logging_steps: int = 10
     eval_batch_size: int = 16
