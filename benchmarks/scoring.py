@@ -13,87 +13,37 @@ unless the run directory already holds one.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
+from fanlora.backbone import from_config
 from fanlora.config import load_config
+from fanlora.data.instruct import for_search
 from fanlora.gates import GatedLoRA
-from fanlora.pipeline import backbone_from, instruction_data, run_search
+from fanlora.pipeline import run_search
+from fanlora.rss import PeakRSS
 from fanlora.rundir import prepare
 from fanlora.scoring import make_batches
 from fanlora.scoring.compare import stats
-from fanlora.scoring.progress import Progress
+from fanlora.scoring.journal import Journal
+from fanlora.scoring.naive import naive_ab
 from fanlora.scoring.study import Study, assemble, compute
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 20 ms."""
-
-    def __enter__(self) -> PeakRSS:
-        self.proc = psutil.Process(os.getpid())
-        self.start = self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def extra_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
-
-
-@torch.no_grad()
-def naive(gated: GatedLoRA, batches) -> dict[str, float]:
-    """Eq. 3 the plain way: a whole forward with HF's loss for every model setting."""
-    n = sum(b.n_scored for b in batches)
-
-    def S() -> float:
-        total = 0.0
-        for b in batches:
-            out = gated.model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
-            total += out.loss.item() * b.n_scored
-        return -total / n
-
-    gated.set_all(True)
-    s_all = S()
-    gated.set_all(False)
-    s_null = S()
-    scores = {}
-    for key in gated.keys:
-        with gated.without([key]):
-            without = S()
-        with gated.only([key]):
-            only = S()
-        scores[f"{key[0]}.{key[1]}"] = s_all - without + only - s_null
-    gated.set_all(True)
-    return scores
 
 
 def engine(study: Study, gated: GatedLoRA, batches, directory: Path) -> tuple[dict[str, float], float, float]:
     for p in directory.glob(f"{study.stem}.partial.*.jsonl"):
         p.unlink()
     directory.mkdir(parents=True, exist_ok=True)
-    progress = Progress(directory, study.stem, {"bench": 1})
+    progress = Journal(directory, study.stem, {"bench": 1})
     with PeakRSS() as mem:
         start = time.perf_counter()
         compute(study, gated, batches, progress, study.units(0, 1), 2**40)
         seconds = time.perf_counter() - start
     progress.remove_all()
-    return assemble(study, progress.done).values, seconds, mem.extra_mb
+    return assemble(study, progress.done).values, seconds, mem.mb
 
 
 def main() -> int:
@@ -104,8 +54,8 @@ def main() -> int:
     run_dir = Path(args.run_dir)
     cfg = load_config(prepare(run_dir, load_config("demo").to_dict(), ["backbone", "search"]))
     run_search(cfg, run_dir)
-    backbone = backbone_from(cfg)
-    val = instruction_data(cfg, backbone, val_only=True).val[: args.val_examples]
+    backbone = from_config(cfg.backbone)
+    val = for_search(cfg.search.data, backbone.tokenizer, val_only=True).val[: args.val_examples]
     batches = make_batches(val, backbone.tokenizer.pad_token_id, len(val))
     gated = GatedLoRA.load(backbone.model, backbone.layout, run_dir / "search" / "adapter")
     layout = backbone.layout
@@ -125,10 +75,10 @@ def main() -> int:
     print(f"cached exact (1st): {t_exact1:.1f} s, peak RSS +{mem_exact:.0f} MB", flush=True)
     with PeakRSS() as mem:
         start = time.perf_counter()
-        reference = naive(gated, batches)
+        reference = naive_ab(gated, batches)
         t_naive = time.perf_counter() - start
     passes = 2 + 2 * len(reference)
-    print(f"naive: {t_naive:.1f} s ({passes} passes, {t_naive / passes:.2f} s each), peak RSS +{mem.extra_mb:.0f} MB")
+    print(f"naive: {t_naive:.1f} s ({passes} passes, {t_naive / passes:.2f} s each), peak RSS +{mem.mb:.0f} MB")
     exact2, t_exact2, _ = engine(study("ab-exact"), gated, batches, run_dir / "bench")
     print(f"cached exact (2nd): {t_exact2:.1f} s", flush=True)
     first, t_first, mem_first = engine(study("ab-first-order"), gated, batches, run_dir / "bench")

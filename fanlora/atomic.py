@@ -18,11 +18,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from fanlora.errors import UserError
+
 
 def read_artifact(path: str | Path, fmt: str, what: str, command: str) -> dict[str, Any]:
     """Read a fanlora JSON artifact of format ``fmt``; every way it can be wrong is one clear UserError."""
-    from fanlora.errors import UserError
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist: run `{command}` first or fix the path")

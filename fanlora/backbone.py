@@ -305,3 +305,8 @@ def load_backbone(
         "weights_digest": weights_digest(model, layout),
     }
     return Backbone(model=model, tokenizer=tokenizer, layout=layout, identity=identity)
+
+
+def from_config(cfg: Any) -> Backbone:
+    """The backbone a recipe names (its ``backbone`` section: name, dtype, module_map)."""
+    return load_backbone(cfg.name, dtype=cfg.dtype, module_map=cfg.module_map)

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fanlora.data.instruct import IGNORE, Example
+from fanlora.data.collate import pad_batch
+from fanlora.data.instruct import IGNORE, Example, segments, tokenize_pieces
 from fanlora.generate import Decoding, generate
 from fanlora.tasks.base import GenExample, GenTask, MCExample, Task
 
@@ -41,8 +42,6 @@ def training_examples(tokenizer: Any, task: Task, examples: Sequence[Any], max_l
     whole conversations through the chat template (``meta["messages"]``).
     """
     if getattr(task, "chat", False):
-        from fanlora.data.instruct import segments, tokenize_pieces
-
         return [tokenize_pieces(tokenizer, segments(tokenizer, ex.meta["messages"]), max_length) for ex in examples]
     eos = tokenizer.eos_token if task.kind == "generate" and tokenizer.eos_token else ""
     out = []
@@ -74,7 +73,7 @@ def gold_losses(
 
 
 @dataclass
-class MCResult:
+class EvalResult:
     metrics: dict[str, Any]
     predictions: list[dict[str, Any]]
 
@@ -89,8 +88,6 @@ def choice_logliks(
     desc: str = "scoring choices",
 ) -> list[float]:
     """Summed log-probability of each pair's labelled tokens, batched by length."""
-    from fanlora.data.collate import pad_batch
-
     device = next(model.parameters()).device
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids))
     out = [0.0] * len(pairs)
@@ -173,7 +170,7 @@ def single_token_choices(tokenizer: Any, examples: Sequence[MCExample]) -> list[
 
 def evaluate_mc(
     model: torch.nn.Module, tokenizer: Any, examples: Sequence[MCExample], batch_size: int = 16, progress: bool = True
-) -> MCResult:
+) -> EvalResult:
     """``acc`` (argmax log-likelihood) and ``acc_norm`` (argmax log-likelihood per character)."""
     single = single_token_choices(tokenizer, examples)
     if single is not None:
@@ -197,7 +194,7 @@ def evaluate_mc(
     n = max(1, len(examples))
     metrics: dict[str, Any] = {"acc": hits / n, "acc_norm": hits_norm / n, "n": len(examples), "mode": "loglik"}
     metrics.update(_by_group(examples, [p["pred"] for p in preds]))
-    return MCResult(metrics, preds)
+    return EvalResult(metrics, preds)
 
 
 def _by_group(examples: Sequence[MCExample], preds: Sequence[int]) -> dict[str, Any]:
@@ -233,7 +230,7 @@ def evaluate_mc_generate(
     batch_size: int = 16,
     max_length: int | None = None,
     progress: bool = True,
-) -> MCResult:
+) -> EvalResult:
     """Multiple choice by generation: the model writes its answer after the context; it must name a choice."""
     longest = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for ex in examples for c in ex.choices)
     texts = generate(
@@ -259,7 +256,7 @@ def evaluate_mc_generate(
         "decoding": decoding.strategy,
     }
     metrics.update(_by_group(examples, [p["pred"] for p in preds]))
-    return MCResult(metrics, preds)
+    return EvalResult(metrics, preds)
 
 
 def evaluate_generation(
@@ -271,11 +268,11 @@ def evaluate_generation(
     batch_size: int = 8,
     max_length: int | None = None,
     progress: bool = True,
-) -> MCResult:
+) -> EvalResult:
     """Generate with the task's stop strings and token budget, then score with the task's metric."""
     outputs = task.outputs(model, tokenizer, examples, decoding, batch_size, max_length, progress)
     metrics, preds = task.score(examples, outputs)
     metrics = {**metrics, "n": len(examples), "mode": "generate", "decoding": decoding.strategy}
     if decoding.strategy == "beam":
         metrics["num_beams"] = decoding.num_beams
-    return MCResult(metrics, preds)
+    return EvalResult(metrics, preds)

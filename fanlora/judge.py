@@ -12,7 +12,6 @@ answers with a rating, stops with one line and exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -328,21 +327,3 @@ def _bar(todo: list, desc: str, progress: bool):
         return
     yield todo[0]
     yield from tqdm(todo[1:], desc=desc, disable=not progress, unit="turn", initial=1, total=len(todo))
-
-
-def run_cli(args: argparse.Namespace) -> None:
-    read_answers(args.answers)  # bad directories fail before any request
-    if args.against:
-        read_answers(args.against)
-    kept = f" (the answers in {args.answers} are kept; a re-run continues the judging)"
-    ask = openai_asker(args.judge_url, args.judge_model, os.environ.get(args.api_key_env), args.timeout, kept)
-    if args.against:
-        out = args.out or str(Path(args.answers) / f"pairwise-vs-{Path(args.against).name}")
-        m = compare(args.answers, args.against, ask, out, args.judge_model)
-        print(f"RESULT wins_a={m['wins_a']} wins_b={m['wins_b']} ties={m['ties']} win_rate_a={m['win_rate_a']:.4f}")
-    else:
-        m = grade(args.answers, ask, args.out or args.answers, args.judge_model)
-        print(
-            f"RESULT mtbench_score={m['score']:.4f} turn1={m['score_turn1']} turn2={m['score_turn2']} "
-            f"judged={m['judged']} unrated={m['unrated']}"
-        )

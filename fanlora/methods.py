@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -51,13 +50,7 @@ class Built:
     method: str
     trainable: int
     callbacks: list[Any] = field(default_factory=list)
-    custom_save: Any = None  # callable(model, dir) for non-PEFT models
-
-    def save(self, directory: str | Path) -> None:
-        if self.custom_save is not None:
-            self.custom_save(self.model, directory)
-        else:
-            self.model.save_pretrained(str(directory))
+    custom_save: Any = None  # callable(model, dir) for non-PEFT models (train.train_adapter calls it)
 
 
 def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -139,6 +132,17 @@ def build(
         return Built(peft, method, peft.get_nb_trainable_parameters()[0])
     houlsby.add(model, backbone.layout, opts["size"], tuple(opts["kinds"]))
     return Built(model, method, houlsby.n_trainable(model), custom_save=houlsby.save)
+
+
+def randomize(model: nn.Module, seed: int = 0, std: float = 0.02, markers: tuple[str, ...] = ("lora_", "ia3_")) -> None:
+    """Random (non-zero) adapter weights: for speed and memory measurements, whose results do not depend on
+    the values, and for tests that need an adapter whose effect is visible."""
+    import torch
+
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if any(m in name for m in markers):
+            p.data.normal_(0, std)
 
 
 def lora_params(backbone: Backbone, modules: list[str], r: int) -> int:

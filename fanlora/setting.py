@@ -18,7 +18,7 @@ from peft import LoraConfig
 from fanlora import atomic
 from fanlora.backbone import KINDS, Backbone
 from fanlora.errors import UserError
-from fanlora.scoring import ScoreTable
+from fanlora.score_table import ScoreTable
 
 SETTING_FORMAT = "fanlora-setting/1"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from fanlora import atomic
 from fanlora.config import TrainParams
 from fanlora.data.collate import Collator, ExampleDataset
 from fanlora.data.instruct import Example
+from fanlora.dist import world_size
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,6 @@ def _arguments(params: TrainParams, output_dir: Path, n_train: int, world: int) 
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _portable(adapter_dir: Path, public_name: str | None) -> None:

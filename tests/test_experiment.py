@@ -67,12 +67,14 @@ def test_houlsby_starts_as_identity_trains_only_itself_and_round_trips(tiny_llam
     with torch.no_grad():
         after = bb.model(input_ids=ids).logits
     assert not torch.allclose(after, before)
-    built.save(tmp_path / "a")
+    houlsby.save(built.model, tmp_path / "a")
     assert {p.name for p in (tmp_path / "a").iterdir()} == {houlsby.CONFIG, houlsby.WEIGHTS}
-    fresh = load_backbone(str(tiny_llama))
-    houlsby.load(fresh.model, fresh.layout, tmp_path / "a")
+    from fanlora.adapt import load_for_eval  # `fanlora evaluate --adapter DIR` loads it the same way
+    from fanlora.config import load_config
+
+    loaded, _ = load_for_eval(load_config(None, [f"backbone.name={tiny_llama}"]), tmp_path / "a")
     with torch.no_grad():
-        assert torch.allclose(fresh.model(input_ids=ids).logits, after, atol=1e-6)
+        assert torch.allclose(loaded(input_ids=ids).logits, after, atol=1e-6)
 
 
 def test_adalora_reallocates_its_budget_during_training(tiny_llama, tmp_path):
@@ -226,7 +228,7 @@ def test_setting_rules_and_paired_gold_losses(tmp_path, recipe_file):
 
 @pytest.mark.parametrize("name", ["table1", "kmax", "scorers", "corpus"])
 def test_committed_experiment_configs_parse(name):
-    from fanlora.experiment import cells, parse
+    from fanlora.experiment_config import cells, parse
 
     exp = parse(Path(__file__).parents[1] / "fanlora" / "configs" / "experiments" / f"{name}.yaml")
     assert exp.name == name and len(cells(exp)) == len(exp.seeds) * sum(

@@ -59,7 +59,7 @@ def test_cached_exact_engine_equals_naive_on_the_real_backbone(smol, tmp_path):
     """The cached, batched AB-score of the last 3 layers equals whole-pass eq. 3 to 1e-5 on SmolLM2."""
     from fanlora.data.instruct import segments, tokenize_pieces
     from fanlora.scoring import exact
-    from fanlora.scoring.progress import Progress
+    from fanlora.scoring.journal import Journal
 
     tok = smol.tokenizer
     examples = [
@@ -73,7 +73,7 @@ def test_cached_exact_engine_equals_naive_on_the_real_backbone(smol, tmp_path):
         for name, p in gated.model.named_parameters():
             if "lora_B" in name:
                 p.data.normal_(0, 0.01)
-        progress = Progress(tmp_path, "scores", {})
+        progress = Journal(tmp_path, "scores", {})
         layers = [27, 28, 29]
         exact.run(gated, batches, progress, layers, 2**40)
         keys = [f"{k}.{n}" for n in layers for k in smol.layout.kinds]

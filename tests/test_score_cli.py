@@ -12,7 +12,7 @@ from conftest import fail, tiny_recipe
 from fanlora.cli import main
 from fanlora.config import load_config
 from fanlora.errors import UserError
-from fanlora.pipeline import run_score
+from fanlora.scoring.stage import run_score
 
 
 @pytest.fixture(scope="module")

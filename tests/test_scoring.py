@@ -15,7 +15,8 @@ from fanlora.data.instruct import Example
 from fanlora.errors import UserError
 from fanlora.gates import GatedLoRA
 from fanlora.scoring import ScoreTable, exact, gradient, make_batches, performance, shapley
-from fanlora.scoring.progress import Progress
+from fanlora.scoring.journal import Journal
+from fanlora.scoring.naive import naive_ab
 from fanlora.scoring.rowgates import RowGates
 from fanlora.scoring.study import Study, assemble, compute
 
@@ -60,25 +61,8 @@ def study_for(gated: GatedLoRA, batches, method: str = "ab-exact", **kw) -> Stud
     )
 
 
-def naive_ab(gated: GatedLoRA, batches) -> dict[str, float]:
-    """Eq. 3 with a whole pass per model setting and PEFT's own switches: the reference."""
-    gated.set_all(True)
-    s_all = performance(gated, batches)
-    gated.set_all(False)
-    s_null = performance(gated, batches)
-    out = {}
-    for key in gated.keys:
-        with gated.without([key]):
-            without = performance(gated, batches)
-        with gated.only([key]):
-            only = performance(gated, batches)
-        out[f"{key[0]}.{key[1]}"] = s_all - without + only - s_null
-    gated.set_all(True)
-    return out
-
-
 def run_study(study: Study, gated, batches, tmp_path: Path, limit: int = BIG, world: int = 1) -> ScoreTable:
-    progress = Progress(tmp_path, study.stem, {"t": 1})
+    progress = Journal(tmp_path, study.stem, {"t": 1})
     for rank in range(world):
         compute(study, gated, batches, progress, study.units(rank, world), limit)
     progress.close()
@@ -151,8 +135,8 @@ def test_resume_recomputes_only_missing_entries(setup, tmp_path, monkeypatch):
     assert len(lines) == 1 + 2 + 21
     partial.write_text("\n".join(lines[:8]) + "\n" + lines[8][:10])  # 7 entries kept + a line cut by a kill
     recorded = []
-    real = Progress.record
-    monkeypatch.setattr(Progress, "record", lambda self, e: recorded.append(e["id"]) or real(self, e))
+    real = Journal.record
+    monkeypatch.setattr(Journal, "record", lambda self, e: recorded.append(e["id"]) or real(self, e))
     again = run_study(study, gated, batches, tmp_path)
     assert len(recorded) == 24 - 1 - 7 and not set(recorded) & {json.loads(x)["id"] for x in lines[1:8]}
     assert again.values == pytest.approx(full.values, abs=1e-9)
@@ -161,18 +145,18 @@ def test_resume_recomputes_only_missing_entries(setup, tmp_path, monkeypatch):
 def test_foreign_or_corrupt_partial_is_refused(tmp_path):
     (tmp_path / "scores.partial.1.jsonl").write_text(json.dumps({"format": "fanlora-scores-partial/2", "x": 2}) + "\n")
     with pytest.raises(UserError, match="partial scores of another run"):
-        Progress(tmp_path, "scores", {"x": 1})
+        Journal(tmp_path, "scores", {"x": 1})
     (tmp_path / "scores.partial.1.jsonl").write_text(
         json.dumps({"format": "fanlora-scores-partial/2", "x": 1}) + "\nGARBAGE\n{}\n"
     )
     with pytest.raises(UserError, match="is corrupt"):
-        Progress(tmp_path, "scores", {"x": 1})
+        Journal(tmp_path, "scores", {"x": 1})
 
 
 def test_incomplete_entries_are_refused(setup, tmp_path):
     gated, batches, _ = setup
     study = study_for(gated, batches)
-    progress = Progress(tmp_path, "scores", {})
+    progress = Journal(tmp_path, "scores", {})
     compute(study, gated, batches, progress, study.units(0, 2), BIG)  # half the layers only
     with pytest.raises(UserError, match="incomplete"):
         assemble(study, progress.done)
@@ -181,9 +165,9 @@ def test_incomplete_entries_are_refused(setup, tmp_path):
 def test_entries_from_differently_chunked_runs_combine(setup, tmp_path):
     gated, batches, _ = setup
     study = study_for(gated, batches)
-    whole = Progress(tmp_path / "a", "scores", {})
+    whole = Journal(tmp_path / "a", "scores", {})
     compute(study, gated, batches, whole, [0, 1, 2], BIG)
-    chunked = Progress(tmp_path / "b", "scores", {})
+    chunked = Journal(tmp_path / "b", "scores", {})
     compute(study, gated, batches, chunked, [0, 1, 2], 1)
     mixed = {k: v for k, v in chunked.done.items() if not k.endswith(".2")}
     mixed.update({k: v for k, v in whole.done.items() if k.endswith(".2")})
@@ -245,7 +229,7 @@ def one_layer(tmp_path_factory):
 def test_shapley_exact_is_efficient_and_sampling_converges(one_layer, tmp_path):
     gated, batches = one_layer
     players = gated.keys  # 7 modules → 128 coalitions
-    phi = shapley.exact(gated, batches, players)
+    phi = shapley.exact_values(gated, batches, players)
     gated.set_all(True)
     s_all = performance(gated, batches)
     gated.set_all(False)
@@ -264,7 +248,7 @@ def test_shapley_exact_is_efficient_and_sampling_converges(one_layer, tmp_path):
 def test_shapley_steps_equal_whole_passes(setup, tmp_path):
     """The incremental (cached) walk through a permutation gives the same v(S) as whole passes."""
     gated, batches, _ = setup
-    progress = Progress(tmp_path, "s", {})
+    progress = Journal(tmp_path, "s", {})
     shapley.run(gated, batches, progress, [0], seed=7, memory_limit=BIG)
     curve = progress.done["0-3:p0"]["nll"]
     n = sum(b.n_scored for b in batches)

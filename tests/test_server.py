@@ -217,8 +217,8 @@ def test_bench_runs_every_configuration_and_prints_the_result_line(tmp_path, tin
     assert last[0] == "RESULT" and [kv.split("=")[0] for kv in last[1:]] == [
         "fanlora_vs_base",
         "fanlora_vs_adalora",
-        "mixed16_vs_single",
-        "mixed16_vs_peft",
+        "mixed_vs_single",
+        "mixed_vs_peft",
     ]
 
 

@@ -178,3 +178,16 @@ def load_instruction_data(
     if not val or (not train and max_records != 0):
         raise UserError(f"no example keeps a response token within max_length={max_length}: raise max_length")
     return InstructionData(train=train, val=val, sources=list(sources))
+
+
+def for_search(data: Any, tokenizer: Any, conversations: list | None = None, val_only: bool = False) -> InstructionData:
+    """Stage a's train/val examples as a recipe's ``search.data`` section describes them."""
+    return load_instruction_data(
+        tokenizer,
+        data.sources,
+        max_length=data.max_length,
+        val_fraction=data.val_fraction,
+        split_seed=data.split_seed,
+        max_records=0 if val_only else data.max_train_examples,
+        conversations=conversations,
+    )

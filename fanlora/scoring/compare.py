@@ -13,7 +13,8 @@ from pathlib import Path
 from scipy import stats
 
 from fanlora.errors import UserError
-from fanlora.scoring.table import ScoreTable
+from fanlora.score_table import ScoreTable
+from fanlora.setting import select
 
 
 @dataclass
@@ -47,8 +48,6 @@ class Comparison:
 
 
 def _selected(table: ScoreTable, k_max: int) -> set[str]:
-    from fanlora.setting import select
-
     try:
         setting = select(table, k_max)
     except UserError:  # every score negative: nothing selected

@@ -21,7 +21,7 @@ import torch
 from fanlora.errors import UserError
 from fanlora.gates import GatedLoRA
 from fanlora.scoring import memory
-from fanlora.scoring.progress import Progress
+from fanlora.scoring.journal import Journal
 from fanlora.scoring.replay import Batch, Replayer
 from fanlora.scoring.rowgates import RowGates, row_gate
 
@@ -46,7 +46,7 @@ def entry_id(chunk: tuple[int, int], key: str) -> str:
 def run(
     gated: GatedLoRA,
     batches: Sequence[Batch],
-    progress: Progress,
+    progress: Journal,
     layers: Sequence[int],
     memory_limit: int,
     tick: Callable[[int], None] = lambda n: None,

@@ -19,7 +19,7 @@ import torch
 
 from fanlora.errors import UserError
 from fanlora.gates import GatedLoRA
-from fanlora.scoring.progress import Progress
+from fanlora.scoring.journal import Journal
 from fanlora.scoring.replay import Batch, Replayer
 from fanlora.scoring.rowgates import RowGates
 
@@ -37,7 +37,7 @@ def run(
     method: str,
     gated: GatedLoRA,
     batches: Sequence[Batch],
-    progress: Progress,
+    progress: Journal,
     mine: Sequence[int],
     n_tokens: int,
     tick: Callable[[int], None] = lambda n: None,

@@ -23,7 +23,7 @@ from fanlora.errors import UserError
 from fanlora.gates import GatedLoRA, Key
 from fanlora.scoring import memory
 from fanlora.scoring.exact import tile_ranges
-from fanlora.scoring.progress import Progress
+from fanlora.scoring.journal import Journal
 from fanlora.scoring.replay import Batch, Replayer
 from fanlora.scoring.rowgates import RowGates
 
@@ -43,7 +43,7 @@ def entry_id(chunk: tuple[int, int], index: int) -> str:
 def run(
     gated: GatedLoRA,
     batches: Sequence[Batch],
-    progress: Progress,
+    progress: Journal,
     mine: Sequence[int],
     seed: int,
     memory_limit: int,
@@ -119,7 +119,7 @@ def assemble(
 
 
 @torch.no_grad()
-def exact(gated: GatedLoRA, batches: Sequence[Batch], players: Sequence[Key]) -> dict[str, float]:
+def exact_values(gated: GatedLoRA, batches: Sequence[Batch], players: Sequence[Key]) -> dict[str, float]:
     """Exact Shapley values by enumerating all 2^n coalitions (n ≤ ~10; one full pass per coalition)."""
     players = list(players)
     n = len(players)

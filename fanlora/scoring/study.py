@@ -15,10 +15,10 @@ from typing import Any
 
 from fanlora.errors import UserError
 from fanlora.gates import GatedLoRA
+from fanlora.score_table import ScoreTable
 from fanlora.scoring import exact, gradient, shapley
-from fanlora.scoring.progress import Progress
+from fanlora.scoring.journal import Journal
 from fanlora.scoring.replay import Batch
-from fanlora.scoring.table import ScoreTable
 
 METHODS = ("ab-exact", "ab-first-order", "sensitivity", "shapley")
 SHARD_FORMAT = "fanlora-scores-shard/1"
@@ -59,7 +59,7 @@ class Study:
         return [u for u in range(count) if u % world == rank]
 
     def cost(self) -> int:
-        """Progress-bar units: passes for ab-exact, forward-backward passes or permutations otherwise."""
+        """Journal-bar units: passes for ab-exact, forward-backward passes or permutations otherwise."""
         if self.method == "ab-exact":
             return 2 + 2 * len(self.keys)
         if self.method == "shapley":
@@ -86,7 +86,7 @@ def compute(
     study: Study,
     gated: GatedLoRA,
     batches: Sequence[Batch],
-    progress: Progress,
+    progress: Journal,
     units: Sequence[int],
     memory_limit: int,
     tick: Callable[[int], None] = lambda n: None,

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fanlora.errors import UserError
+from fanlora.generate import generate
 from fanlora.serving.adapters import LoadedAdapter, read_adapter
 from fanlora.setting import Setting
 
@@ -251,8 +252,6 @@ class Engine:
         progress: bool = False,
     ) -> list[str]:
         """Each prompt continued with its own adapter, batched together (fanlora.generate does the batching)."""
-        from fanlora.generate import generate
-
         if len(prompts) != len(names):
             raise ValueError(f"{len(prompts)} prompts for {len(names)} adapter names")
         for n in names:

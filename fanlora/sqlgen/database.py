@@ -214,91 +214,90 @@ def _pick(rng: random.Random, weighted: tuple[tuple[str, int], ...]) -> str:
     return rng.choices([v for v, _ in weighted], [w for _, w in weighted])[0]
 
 
-def build_database(path: str | Path, seed: int = 0, n_customers: int = 2000) -> dict[str, int]:
-    """Write the database to ``path`` (which must not exist); return the row count of each table."""
-    rng = random.Random(seed)
-    conn = sqlite3.connect(str(path))
-    conn.executescript(SCHEMA)
-    agents = []
-    for i in range(1, 61):
-        agents.append(
-            (
-                i,
-                rng.choice(FIRST),
-                rng.choice(LAST),
-                rng.choice(REGIONS),
-                _day(rng, START, date(2022, 12, 31)).isoformat(),
-                round(rng.uniform(0.03, 0.15), 3),
-            )
+def _agents(rng: random.Random) -> list[tuple]:
+    return [
+        (
+            i,
+            rng.choice(FIRST),
+            rng.choice(LAST),
+            rng.choice(REGIONS),
+            _day(rng, START, date(2022, 12, 31)).isoformat(),
+            round(rng.uniform(0.03, 0.15), 3),
         )
-    conn.executemany("INSERT INTO agents VALUES (?,?,?,?,?,?)", agents)
+        for i in range(1, 61)
+    ]
+
+
+def _customers(rng: random.Random, n: int) -> list[tuple]:
     customers = []
     states = list(STATE_WEIGHTS)
-    for i in range(1, n_customers + 1):
+    for i in range(1, n + 1):
         first, last = rng.choice(FIRST), rng.choice(LAST)
         state = rng.choices(states, [STATE_WEIGHTS[s] for s in states])[0]
         email = None if rng.random() < 0.08 else f"{first.lower()}.{last.lower()}{i}@example.com"
+        born = _day(rng, date(1945, 1, 1), date(2004, 12, 31)).isoformat()
+        gender, city = rng.choice("FM"), rng.choice(CITIES[state])
         customers.append(
-            (
-                i,
-                first,
-                last,
-                _day(rng, date(1945, 1, 1), date(2004, 12, 31)).isoformat(),
-                rng.choice("FM"),
-                rng.choice(CITIES[state]),
-                state,
-                email,
-                _day(rng).isoformat(),
-                rng.randrange(1, 61),
-            )
+            (i, first, last, born, gender, city, state, email, _day(rng).isoformat(), rng.randrange(1, 61))
         )
-    conn.executemany("INSERT INTO customers VALUES (?,?,?,?,?,?,?,?,?,?)", customers)
-    policies, coverages, claims, payments = [], [], [], []
-    types = list(POLICY_TYPES)
-    for cust in customers:
+    return customers
+
+
+def _policy(rng: random.Random, cust: tuple, tables: dict[str, list[tuple]]) -> None:
+    """One policy of ``cust`` with its coverages, premium payments and claims (in this order of draws)."""
+    policies, coverages = tables["policies"], tables["coverages"]
+    pid = len(policies) + 1
+    ptype = rng.choices(list(POLICY_TYPES), POLICY_TYPE_WEIGHTS)[0]
+    start = _day(rng, START, date(2024, 6, 30))
+    end = start + timedelta(days=365 * rng.choice((1, 1, 1, 2, 3)))
+    lo, hi = POLICY_TYPES[ptype]
+    premium = round(rng.uniform(lo, hi), 2)
+    agent = cust[9] if rng.random() < 0.8 else rng.randrange(1, 61)
+    policies.append(
+        (pid, cust[0], agent, ptype, start.isoformat(), end.isoformat(), premium, _pick(rng, POLICY_STATUS))
+    )
+    for ctype in rng.sample(COVERAGES[ptype], rng.randint(1, len(COVERAGES[ptype]))):
+        limit = float(rng.choice((5, 10, 25, 50, 100, 250, 500, 1000)) * 1000)
+        deductible = float(rng.choice((0, 100, 250, 500, 1000, 2500)))
+        coverages.append((len(coverages) + 1, pid, ctype, limit, deductible))
+    last_day = min(end, END)
+    payments = tables["payments"]
+    for k in range(max(1, (last_day - start).days // 120)):
+        when = start + timedelta(days=120 * k + rng.randrange(0, 10))
+        if when > last_day:
+            break
+        payments.append((len(payments) + 1, pid, when.isoformat(), round(premium / 3, 2), _pick(rng, PAYMENT_METHODS)))
+    claims = tables["claims"]
+    for _ in range(rng.choices((0, 1, 2), (55, 35, 10))[0]):
+        ctype, lo_c, hi_c = rng.choice(CLAIM_TYPES[ptype])
+        amount = round(rng.uniform(lo_c, hi_c), 2)
+        status = _pick(rng, CLAIM_STATUS)
+        paid = round(amount * rng.uniform(0.5, 1.0), 2) if status == "paid" else (0.0 if status == "denied" else None)
+        claims.append((len(claims) + 1, pid, _day(rng, start, last_day).isoformat(), ctype, amount, paid, status))
+
+
+TABLES = ("agents", "customers", "policies", "coverages", "claims", "payments")
+
+
+def build_database(path: str | Path, seed: int = 0, n_customers: int = 2000) -> dict[str, int]:
+    """Write the database to ``path`` (which must not exist); return the row count of each table.
+
+    Every value comes from one ``random.Random(seed)`` in a fixed order of draws, so the same seed gives the
+    same database byte for byte (the SQL task's splits and gold results depend on it).
+    """
+    rng = random.Random(seed)
+    tables: dict[str, list[tuple]] = {t: [] for t in TABLES}
+    tables["agents"] = _agents(rng)
+    tables["customers"] = _customers(rng, n_customers)
+    for cust in tables["customers"]:
         for _ in range(rng.choices((1, 2, 3, 4), (45, 33, 15, 7))[0]):
-            pid = len(policies) + 1
-            ptype = rng.choices(types, POLICY_TYPE_WEIGHTS)[0]
-            start = _day(rng, START, date(2024, 6, 30))
-            end = start + timedelta(days=365 * rng.choice((1, 1, 1, 2, 3)))
-            lo, hi = POLICY_TYPES[ptype]
-            premium = round(rng.uniform(lo, hi), 2)
-            agent = cust[9] if rng.random() < 0.8 else rng.randrange(1, 61)
-            policies.append(
-                (pid, cust[0], agent, ptype, start.isoformat(), end.isoformat(), premium, _pick(rng, POLICY_STATUS))
-            )
-            for ctype in rng.sample(COVERAGES[ptype], rng.randint(1, len(COVERAGES[ptype]))):
-                limit = float(rng.choice((5, 10, 25, 50, 100, 250, 500, 1000)) * 1000)
-                deductible = float(rng.choice((0, 100, 250, 500, 1000, 2500)))
-                coverages.append((len(coverages) + 1, pid, ctype, limit, deductible))
-            last_day = min(end, END)
-            for k in range(max(1, (last_day - start).days // 120)):
-                when = start + timedelta(days=120 * k + rng.randrange(0, 10))
-                if when > last_day:
-                    break
-                payments.append(
-                    (len(payments) + 1, pid, when.isoformat(), round(premium / 3, 2), _pick(rng, PAYMENT_METHODS))
-                )
-            for _ in range(rng.choices((0, 1, 2), (55, 35, 10))[0]):
-                ctype, lo_c, hi_c = rng.choice(CLAIM_TYPES[ptype])
-                amount = round(rng.uniform(lo_c, hi_c), 2)
-                status = _pick(rng, CLAIM_STATUS)
-                paid = (
-                    round(amount * rng.uniform(0.5, 1.0), 2)
-                    if status == "paid"
-                    else (0.0 if status == "denied" else None)
-                )
-                claims.append(
-                    (len(claims) + 1, pid, _day(rng, start, last_day).isoformat(), ctype, amount, paid, status)
-                )
-    conn.executemany("INSERT INTO policies VALUES (?,?,?,?,?,?,?,?)", policies)
-    conn.executemany("INSERT INTO coverages VALUES (?,?,?,?,?)", coverages)
-    conn.executemany("INSERT INTO claims VALUES (?,?,?,?,?,?,?)", claims)
-    conn.executemany("INSERT INTO payments VALUES (?,?,?,?,?)", payments)
+            _policy(rng, cust, tables)
+    conn = sqlite3.connect(str(path))
+    conn.executescript(SCHEMA)
+    for name in TABLES:
+        rows = tables[name]
+        conn.executemany(f"INSERT INTO {name} VALUES ({','.join('?' * len(rows[0]))})", rows)
     conn.commit()
-    counts = {
-        t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-        for t in ("agents", "customers", "policies", "coverages", "claims", "payments")
-    }
+    counts = {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in TABLES}
     conn.close()
     return counts

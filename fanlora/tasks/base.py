@@ -21,6 +21,7 @@ from typing import Any
 
 from fanlora.data.records import BUNDLED_PREFIX, read_source
 from fanlora.errors import UserError
+from fanlora.generate import generate
 
 Rows = list[tuple[str, dict[str, Any]]]  # (file:line, record)
 
@@ -157,8 +158,6 @@ class GenTask(Task):
         progress: bool,
     ) -> list[Any]:
         """What the model says for each example (multi-turn tasks override this)."""
-        from fanlora.generate import generate
-
         return generate(
             model,
             tokenizer,

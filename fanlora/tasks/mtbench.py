@@ -14,8 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fanlora.data.instruct import render, split_indices, to_messages
 from fanlora.data.records import BUNDLED_PREFIX, read_source
 from fanlora.errors import UserError
+from fanlora.generate import generate
 from fanlora.tasks.base import GenExample, GenTask, register
 
 INSTRUCT_SOURCES = ("bundled:instruct/gpteacher_codegen", "bundled:instruct/gpteacher_roleplay")
@@ -58,8 +60,6 @@ class MtBench(GenTask):
         return out
 
     def _instruction_split(self, split: str) -> list[GenExample]:
-        from fanlora.data.instruct import split_indices, to_messages
-
         sources = [self.data[split]] if split in self.data else list(INSTRUCT_SOURCES)
         records = [(w, r) for s in sources for w, r in read_source(s)]
         if split in self.data:
@@ -85,9 +85,6 @@ class MtBench(GenTask):
         progress: bool,
     ) -> list[list[str]]:
         """Both turns' answers per question; turn 2 sees the model's own turn-1 answer."""
-        from fanlora.data.instruct import render
-        from fanlora.generate import generate
-
         budget = decoding.max_new_tokens or self.max_new_tokens
         answers: list[list[str]] = [[] for _ in examples]
         for turn in range(max(len(ex.meta["turns"]) for ex in examples)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fanlora.data.records import iter_jsonl
 from fanlora.errors import UserError
 from fanlora.metrics import sql as sqlmetric
 from fanlora.sqlgen import PROMPT_SCHEMA, dataset_dir
@@ -34,8 +35,6 @@ class Sql(GenTask):
         if split in self.data:
             rows, replaced = self.rows(split, "")
         else:
-            from fanlora.data.records import iter_jsonl
-
             path = dataset_dir() / "pairs.jsonl"
             rows, replaced = [(f"{path}:{n}", r) for n, r in iter_jsonl(path)], False
         out = []

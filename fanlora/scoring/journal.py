@@ -43,7 +43,7 @@ def _read(path: Path, header: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return done
 
 
-class Progress:
+class Journal:
     """The entries finished so far (by any process) and this process's append-only record."""
 
     def __init__(self, directory: str | Path, stem: str, header: dict[str, Any], rank: int = 0) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fanlora import atomic
+from fanlora.errors import UserError
 
 SCORES_FORMAT = "fanlora-scores/1"
 METRIC = "neg_mean_response_token_loss"
@@ -88,8 +89,6 @@ class ScoreTable:
 
     @classmethod
     def read(cls, path: str | Path) -> ScoreTable:
-        from fanlora.errors import UserError
-
         data = atomic.read_artifact(path, SCORES_FORMAT, "scores", "fanlora score")
         values, names, columns = {}, {}, {}
         try:

@@ -1,0 +1,208 @@
+"""Stage d and evaluation as library calls: train a task adapter on a setting, evaluate a model on a task.
+
+``run_evaluate`` writes, per task and split, ``metrics.json``, ``predictions.jsonl`` (the task's metric on the
+first ``evaluate.limit`` examples) and ``items.jsonl`` (per example: its score and, with
+``evaluate.gold_loss``, the held-out loss of its gold answer — what paired comparisons use).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fanlora import atomic, houlsby
+from fanlora.backbone import Backbone, from_config
+from fanlora.config import Config
+from fanlora.dist import is_main, say
+from fanlora.errors import UserError
+from fanlora.evaluate import evaluate_generation, evaluate_mc, evaluate_mc_generate, gold_losses, training_examples
+from fanlora.generate import Decoding
+from fanlora.methods import build
+from fanlora.setting import Setting
+from fanlora.tasks import get_task
+from fanlora.train import train_adapter
+
+MODES = ("auto", "loglik", "generate")
+
+
+def decoding_of(cfg: Config) -> Decoding:
+    ev = cfg.evaluate
+    return Decoding(ev.decoding, ev.num_beams, ev.temperature, ev.top_p, ev.max_new_tokens, ev.seed).check()
+
+
+def load_for_eval(cfg: Config, adapter: str | Path | None, backbone: Backbone | None = None) -> tuple[Any, Backbone]:
+    """The backbone, with the adapter on top when given (its setting checked against the backbone first)."""
+    backbone = backbone or from_config(cfg.backbone)
+    model = backbone.model
+    if adapter is not None and (Path(adapter) / houlsby.CONFIG).is_file():  # a Houlsby baseline's adapter
+        model = houlsby.load(model, backbone.layout, adapter)
+    elif adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"{adapter} is not a PEFT or Houlsby adapter directory (no adapter_config.json)")
+        setting_file = Path(adapter) / "setting.json"
+        if setting_file.is_file():
+            Setting.read(setting_file).validate(backbone)
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    return model, backbone
+
+
+def run_evaluate(
+    cfg: Config,
+    task_name: str,
+    out_dir: str | Path,
+    adapter: str | Path | None = None,
+    backbone: Backbone | None = None,
+    progress: bool = True,
+    model: Any = None,
+) -> dict[str, Any]:
+    """Evaluate the base model or base + adapter on a task split.
+
+    Writes metrics.json, predictions.jsonl (the task's metric on the first ``evaluate.limit`` examples) and
+    items.jsonl (one line per example: its score and, with ``evaluate.gold_loss``, the held-out loss of its
+    gold answer — the per-item outcomes that paired comparisons use).
+    """
+    ev = cfg.evaluate
+    if ev.mode not in MODES:
+        raise UserError(f"unknown evaluate mode {ev.mode!r}: use one of {', '.join(MODES)}")
+    task = get_task(task_name, ev.data)
+    decoding = decoding_of(cfg)
+    if task.kind == "generate" and ev.mode == "loglik":
+        raise UserError(f"task {task_name} is scored by generation only: drop --mode loglik")
+    if not ev.accuracy and not ev.gold_loss:
+        raise UserError("evaluate.accuracy and evaluate.gold_loss are both off: nothing to evaluate")
+    examples = task.examples(ev.split, ev.limit) if ev.accuracy else []
+    task.check(examples)
+    loss_examples = task.examples(ev.split, ev.loss_limit) if ev.gold_loss else []
+    if model is None:
+        model, backbone = load_for_eval(cfg, adapter, backbone)
+    tok = backbone.tokenizer
+    started = time.time()
+    metrics: dict[str, Any] = {"task": task_name, "split": ev.split, "adapter": str(adapter) if adapter else None}
+    predictions: list[dict[str, Any]] = []
+    if examples:
+        result = _score_task(cfg, task, model, tok, examples, decoding, progress)
+        if task.kind == "mc":
+            metrics["mc_format"] = ev.mc_format
+        metrics.update(result.metrics)
+        predictions = result.predictions
+    losses = (
+        gold_losses(model, tok, task, loss_examples, ev.batch_size, ev.max_length, progress) if loss_examples else []
+    )
+    if losses:
+        per_item = [v for v, _ in losses]
+        metrics["gold_nll"] = sum(per_item) / len(per_item)
+        metrics["gold_nll_tokens"] = sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses))
+        metrics["gold_nll_n"] = len(losses)
+        metrics.setdefault("n", 0)
+    metrics["seconds"] = round(time.time() - started, 1)
+    out = Path(out_dir)
+    if predictions:
+        atomic.write_jsonl(out / "predictions.jsonl", predictions)
+    atomic.write_jsonl(out / "items.jsonl", item_rows(task, predictions, loss_examples, losses))
+    atomic.write_json(out / "metrics.json", metrics)
+    say(f"evaluate: {task_name}/{ev.split} {_headline(metrics)} (n={metrics['n']}) → {out / 'metrics.json'}")
+    return metrics
+
+
+def _score_task(cfg: Config, task: Any, model: Any, tok: Any, examples: list[Any], decoding: Decoding, progress: bool):
+    ev = cfg.evaluate
+    if task.kind == "generate":
+        return evaluate_generation(model, tok, task, examples, decoding, ev.batch_size, ev.max_length, progress)
+    examples = task.formatted(examples, ev.mc_format)
+    if ev.mode == "generate":
+        return evaluate_mc_generate(model, tok, examples, decoding, ev.batch_size, ev.max_length, progress)
+    return evaluate_mc(model, tok, examples, ev.batch_size, progress)
+
+
+def item_rows(
+    task: Any, predictions: list[dict[str, Any]], loss_examples: list[Any], losses: list[tuple[float, int]]
+) -> list[dict[str, Any]]:
+    """One row per example id: ``value`` (the task's per-item score) and/or ``gold_nll`` + ``gold_tokens``."""
+    rows: dict[str, dict[str, Any]] = {}
+    for p in predictions:
+        rows.setdefault(str(p["id"]), {"id": str(p["id"])})["value"] = task.item_value(p)
+    for ex, (nll, n) in zip(loss_examples, losses, strict=True):
+        rows.setdefault(str(ex.id), {"id": str(ex.id)}).update({"gold_nll": nll, "gold_tokens": n})
+    return list(rows.values())
+
+
+HEADLINE = ("acc", "acc_norm", "acc_macro", "exact_match", "f1", "f1_em", "execution_accuracy", "answers")
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    parts = []
+    for key in HEADLINE:
+        value = metrics.get(key)
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.4f}")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def run_evaluate_many(
+    cfg: Config, tasks: list[str], outs: list[Path], adapter: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """Several tasks on one loaded model (the backbone and adapter are loaded once)."""
+    for name in tasks:  # every task and its examples are checked before the model loads
+        task = get_task(name, cfg.evaluate.data)
+        if cfg.evaluate.accuracy:
+            task.check(task.examples(cfg.evaluate.split, cfg.evaluate.limit))
+    model, backbone = load_for_eval(cfg, adapter)
+    return [
+        run_evaluate(cfg, name, out, adapter=adapter, backbone=backbone, model=model)
+        for name, out in zip(tasks, outs, strict=True)
+    ]
+
+
+def task_training_data(cfg: Config, backbone: Backbone) -> tuple[list[Any], list[Any]]:
+    """Stage d's train and dev examples of ``cfg.finetune.task`` (shared by `fanlora finetune` and the grids)."""
+    ft = cfg.finetune
+    task = get_task(ft.task, ft.data)
+    tok = backbone.tokenizer
+    train = training_examples(tok, task, task.examples("train", ft.max_train_examples), ft.max_length)
+    dev = training_examples(tok, task, task.examples("dev", ft.max_dev_examples), ft.max_length)
+    return train, dev
+
+
+def run_finetune(cfg: Config, setting_path: str | Path, out_dir: str | Path) -> Path:
+    """Stage d: fresh LoRA (rank r1) on exactly the setting's modules, trained on the task's train split."""
+    out = Path(out_dir)
+    adapter = out / "adapter"
+    if (adapter / "adapter_config.json").is_file():
+        say(f"stage d: done before, adapter at {adapter}")
+        return adapter
+    setting = Setting.read(setting_path)
+    backbone = from_config(cfg.backbone)
+    setting.validate(backbone)
+    ft = cfg.finetune
+    tok = backbone.tokenizer
+    train, dev = task_training_data(cfg, backbone)
+    torch.manual_seed(ft.train.seed)
+    model = build("fanlora", backbone, {"r": ft.lora.r, "alpha": ft.lora.alpha}, setting, dropout=ft.lora.dropout).model
+    say(
+        f"stage d: {ft.task}: {len(train)} train / {len(dev)} dev; LoRA r={ft.lora.r} on {setting.n_modules} modules "
+        f"({model.get_nb_trainable_parameters()[0]} trainable parameters)"
+    )
+    result = train_adapter(model, train, dev, ft.train, out, tok.pad_token_id)
+    if is_main():
+        setting.write(result.adapter_dir / "setting.json")  # travels with the adapter: serving checks it
+        atomic.write_json(
+            out / "train_metrics.json",
+            {
+                "task": ft.task,
+                "steps": result.steps,
+                "best_dev_loss": result.best_eval_loss,
+                "train_loss": result.train_loss,
+                "trainable_parameters": model.get_nb_trainable_parameters()[0],
+                "setting": str(setting_path),
+            },
+        )
+    say(f"stage d: adapter at {result.adapter_dir}")
+    return result.adapter_dir

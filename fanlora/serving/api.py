@@ -1,0 +1,181 @@
+"""The OpenAI-compatible wire format of ``fanlora serve``: request bodies, the error shape, the body cap, and
+how a job's events become a whole answer or a server-sent-event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from fanlora.serving.scheduler import Job
+
+
+class Limits(BaseModel):
+    max_tokens: int = 512  # per request
+    max_body_bytes: int = 1_000_000
+    max_queue: int = 64
+    max_batch: int = 16
+
+
+class SamplingRequest(BaseModel):
+    model: str
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    n: int = Field(1, ge=1, le=1)
+    num_beams: int = Field(1, ge=1, le=8)  # extension (vLLM had use_beam_search): beam search, answered whole
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str = Field(min_length=1)
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class AdapterRequest(BaseModel):
+    lora_name: str
+    lora_path: str | None = None  # must be the adapter directory's own sub-directory of that name
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+class BodyLimit:
+    """ASGI middleware: read at most ``max_bytes`` of a request body, however it is sent (chunked or not).
+
+    The body is read here, before the route parses it; past the limit the client gets 413 and the rest is
+    never read. Starlette has no such cap of its own (it trusts Content-Length or reads everything).
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                response = error(413, f"request body is over the limit of {self.max_bytes} bytes")
+                return await response(scope, receive, send)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later: http.disconnect when the client goes away
+
+        await self.app(scope, replay, send)
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+async def collect(job: Job) -> tuple[str, str]:
+    parts = []
+    while True:
+        kind, value = await job.events.get()
+        if kind == "text":
+            parts.append(value)
+        elif kind == "error":
+            raise ApiError(500, value, "server_error")
+        else:
+            return "".join(parts), value
+
+
+async def watch_disconnect(request: Request, job: Job) -> None:
+    """Cancel ``job`` when its (non-streaming) client goes away: nobody would read the answer."""
+    while not job.finished and not job.cancelled:
+        message = await request.receive()  # after the body, the next message is http.disconnect
+        if message["type"] == "http.disconnect":
+            job.cancelled = True
+            return
+
+
+async def whole_answer(job: Job, rid: str, model: str, chat: bool, n_prompt: int, request: Request) -> dict[str, Any]:
+    watcher = asyncio.create_task(watch_disconnect(request, job))
+    try:
+        text, reason = await collect(job)
+    except asyncio.CancelledError:
+        job.cancelled = True
+        raise
+    finally:
+        watcher.cancel()
+    usage = {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": len(job.tokens),
+        "total_tokens": n_prompt + len(job.tokens),
+    }
+    choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage,
+    }
+
+
+async def stream_answer(job: Job, rid: str, model: str, chat: bool):
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta: str | None, reason: str | None, first: bool = False) -> str:
+        if chat:
+            d: dict[str, Any] = {"role": "assistant"} if first else {}
+            if delta:
+                d["content"] = delta
+            choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": delta or "", "finish_reason": reason}
+        body = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        if chat:
+            yield chunk(None, None, first=True)
+        while True:
+            kind, value = await job.events.get()
+            if kind == "text":
+                yield chunk(value, None)
+            elif kind == "error":
+                yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error', 'code': 500}})}\n\n"
+                break
+            else:
+                yield chunk(None, value)
+                break
+        yield "data: [DONE]\n\n"
+    finally:  # the client went away (or the stream ended): its row stops at the next decoding step
+        job.cancelled = True
