@@ -71,3 +71,29 @@ def recipe_file(tmp_path: Path, tiny_llama: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe(tiny_llama)))
     return path
+
+
+@pytest.fixture(scope="session")
+def searched_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> tuple[Path, Path]:
+    """(recipe, run): stages a and b of the tiny recipe, run once per session through the CLI.
+
+    Modules that go on from it copy the run directory first (:func:`copy_run`), so none sees another's files.
+    """
+    import yaml
+
+    from fanlora.cli import main
+
+    root = tmp_path_factory.mktemp("searched")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_llama)))
+    run = root / "run"
+    assert main(["search", "--config", str(recipe), "--run-dir", str(run)]) == 0
+    assert main(["score", "--run-dir", str(run)]) == 0
+    return recipe, run
+
+
+def copy_run(run: Path, where: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, where)
+    return where

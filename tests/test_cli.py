@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import fail, tiny_recipe
+from conftest import copy_run, fail
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
@@ -32,13 +31,9 @@ def search_on(data: Path, recipe: Path, tmp_path: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, tiny_llama):
-    root = tmp_path_factory.mktemp("cli")
-    recipe = root / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_llama)))
-    run = root / "run"
-    assert main(["search", "--config", str(recipe), "--run-dir", str(run)]) == 0
-    assert main(["score", "--run-dir", str(run)]) == 0
+def pipeline_run(tmp_path_factory, searched_run):
+    recipe, searched = searched_run  # stages a and b, shared with test_score_cli
+    run = copy_run(searched, tmp_path_factory.mktemp("cli") / "run")
     assert main(["select", "--run-dir", str(run), "--k-max", "2"]) == 0
     assert (
         main(

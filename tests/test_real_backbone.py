@@ -26,10 +26,13 @@ def test_embedded_backbone_shape(smol):
     assert smol.tokenizer.chat_template
 
 
-def test_copa_zero_shot_beats_nothing_obvious(smol):
-    result = evaluate_mc(smol.model, smol.tokenizer, get_task("copa").examples("dev", limit=8), 8, progress=False)
-    assert result.metrics["n"] == 8 and 0.0 <= result.metrics["acc"] <= 1.0
-    assert all(max(p["loglik"]) < 0 for p in result.predictions)
+def test_the_untuned_backbone_beats_chance_on_copa(smol):
+    task = get_task("copa")
+    examples = task.examples("test")
+    for fmt in ("clean", "lm-eval"):  # measured: 0.62 and 0.70 (benchmarks/results/lm_eval_parity.txt)
+        result = evaluate_mc(smol.model, smol.tokenizer, task.formatted(examples, fmt), 16, progress=False)
+        assert result.metrics["n"] == 50 and result.metrics["acc"] > 0.5, (fmt, result.metrics)
+        assert all(max(p["loglik"]) < 0 for p in result.predictions)
 
 
 def test_gates_on_the_real_backbone(smol):

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import fail, tiny_recipe
+from conftest import copy_run, fail, tiny_recipe
 
 from fanlora.cli import main
 from fanlora.config import load_config
@@ -16,15 +16,10 @@ from fanlora.scoring.stage import run_score
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory, tiny_llama):
-    """A run directory with stage a done and the paper's AB-score computed."""
-    root = tmp_path_factory.mktemp("score-cli")
-    recipe = root / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_llama)))
-    run = root / "run"
-    assert main(["search", "--config", str(recipe), "--run-dir", str(run)]) == 0
-    assert main(["score", "--run-dir", str(run)]) == 0
-    return recipe, run
+def searched(tmp_path_factory, searched_run):
+    """A run directory with stage a done and the paper's AB-score computed (a copy of the session's)."""
+    recipe, run = searched_run
+    return recipe, copy_run(run, tmp_path_factory.mktemp("score-cli") / "run")
 
 
 def scores(path) -> dict[str, float]:

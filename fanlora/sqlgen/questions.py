@@ -4,6 +4,11 @@ Each intent (a kind of question: a filter, a join, an aggregate, a group-by, a t
 gold SQL shape and several phrasings; slot values (cities, types, years, names, thresholds) are drawn from the
 database itself so that most answers are non-empty. Pairs are deduplicated by question text, and every gold
 query is executed once when the set is built (a gold that fails is a bug and stops the build).
+
+Long by design: one short function per intent (26). Each template's random draws are part of the dataset's
+identity — the same seed must give the same 4,000 pairs, and the SQL task's splits hash the gold queries — and
+several templates derive slots (year ranges, months, name parts) in their own order of draws, which a generic
+table would have to reproduce draw for draw. Adding an intent is adding one function to ``TEMPLATES``.
 """
 
 from __future__ import annotations
