@@ -34,7 +34,7 @@ from fanlora.score_table import ScoreTable
 from fanlora.scoring.compare import compare
 from fanlora.scoring.stage import run_score
 from fanlora.setting import Setting, file_sha256, select
-from fanlora.train import train_adapter
+from fanlora.train import environment, train_adapter
 
 
 def run_search(cfg: Config, run_dir: str | Path) -> Path:
@@ -148,6 +148,7 @@ def run_demo(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
         "split": cfg.evaluate.split,
         f"{task}_acc_base": base["acc"],
         f"{task}_acc_fanlora": tuned["acc"],
+        "environment": environment(),
     }
     atomic.write_json(run_dir / "summary.json", summary)
     return summary

@@ -52,6 +52,26 @@ def native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
+def environment() -> dict[str, Any]:
+    """What a run's numbers depend on beyond its config: float results are reproducible bit for bit only with
+    the same torch build, thread count and instruction set (GEMM reduction orders differ otherwise), and the
+    training precision follows the hardware (:func:`native_bf16`)."""
+    import platform
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "native_bf16": native_bf16(),
+    }
+
+
 def use_bf16(params: TrainParams) -> bool:
     """``bf16: true`` means bf16 autocast where the hardware has it; elsewhere fp32, said once on stderr."""
     if not params.bf16:

@@ -147,7 +147,7 @@ def test_setting_rules_and_paired_gold_losses(tmp_path, recipe_file):
     assert all(r["gold_nll_mean"] > 0 for r in rows.values())
 
 
-@pytest.mark.parametrize("name", ["table1", "kmax", "scorers", "corpus"])
+@pytest.mark.parametrize("name", ["table1", "kmax", "scorers", "corpus", "setting-study-pilot"])
 def test_committed_experiment_configs_parse(name):
     from fanlora.experiment_config import cells, parse
 
