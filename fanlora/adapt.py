@@ -126,7 +126,9 @@ def item_rows(
     """One row per example id: ``value`` (the task's per-item score) and/or ``gold_nll`` + ``gold_tokens``."""
     rows: dict[str, dict[str, Any]] = {}
     for p in predictions:
-        rows.setdefault(str(p["id"]), {"id": str(p["id"])})["value"] = task.item_value(p)
+        value = task.item_value(p)
+        if value is not None:  # MT-Bench answers have no per-item score until a judge gives one
+            rows.setdefault(str(p["id"]), {"id": str(p["id"])})["value"] = value
     for ex, (nll, n) in zip(loss_examples, losses, strict=True):
         rows.setdefault(str(ex.id), {"id": str(ex.id)}).update({"gold_nll": nll, "gold_tokens": n})
     return list(rows.values())

@@ -271,3 +271,5 @@ def test_demo_prints_a_machine_readable_result(recipe_file, tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert int(fields["modules_kept"]) == summary["modules_kept"] >= 1
     assert float(fields["copa_acc_fanlora"]) == pytest.approx(summary["copa_acc_fanlora"], abs=1e-4)
+    env = summary["environment"]  # what the figures are reproducible under: torch build, threads, CPU, precision
+    assert env["threads"] >= 1 and env["torch"] and env["cpu"] and isinstance(env["native_bf16"], bool)

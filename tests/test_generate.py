@@ -112,7 +112,7 @@ def test_generation_targets_end_with_eos_and_only_they_are_learned(tiny):
 
 
 def test_mtbench_second_turn_sees_the_first_answer(tiny, monkeypatch):
-    import fanlora.generate as gen
+    import fanlora.tasks.mtbench as mtbench
 
     seen: list[list[str]] = []
 
@@ -120,7 +120,7 @@ def test_mtbench_second_turn_sees_the_first_answer(tiny, monkeypatch):
         seen.append(list(prompts))
         return [f"answer{len(seen)}-{i}" for i in range(len(prompts))]
 
-    monkeypatch.setattr(gen, "generate", fake)
+    monkeypatch.setattr(mtbench, "generate", fake)
     task = get_task("mtbench")
     exs = task.examples("test", limit=2)
     result = evaluate_generation(tiny.model, tiny.tokenizer, task, exs, Decoding(), 2, None, progress=False)

@@ -20,7 +20,7 @@ from test_engine import make_adapter, setting_for
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
 from fanlora.generate import Decoding
-from fanlora.serving import server as server_module
+from fanlora.serving import api as server_module
 from fanlora.serving.engine import Engine
 from fanlora.serving.scheduler import Job, QueueFull, Scheduler
 from fanlora.serving.server import Limits, check_serve_options, create_app
@@ -149,34 +149,41 @@ def test_loading_an_adapter_never_blocks_the_event_loop(world, monkeypatch):
     assert box["result"][0] == 200 and "beta" in engine.adapters
 
 
-def test_a_non_streaming_client_that_disconnects_has_its_row_cancelled(world):
+def wait_for(condition, what: str) -> None:
+    """Poll a condition the server makes true from another thread; fail after WAIT seconds."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, what
+        threading.Event().wait(0.02)
+
+
+def test_a_non_streaming_client_that_disconnects_has_its_job_cancelled(world):
     port, gate, scheduler = world["port"], world["gate"], world["app"].state.scheduler
     before = scheduler.cancelled
+    admitted: list[Job] = []
+    real_submit = scheduler.submit
+    scheduler.submit = lambda job: (real_submit(job), admitted.append(job))
     gate.armed = True
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
-    body = {"model": "base", "prompt": "Count:", "max_tokens": 60, "temperature": 0}
-    conn.request(
-        "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json", "Authorization": "Bearer key"}
-    )
     try:
-        gate.wait_entered()  # the prefill is held at the gate
-        gate.step(3)
-        gate.wait_entered()
-        conn.close()  # the client leaves
-        deadline = time.monotonic() + WAIT
-        job = None
-        while job is None and time.monotonic() < deadline:  # the watcher marks the running job cancelled
-            jobs = [j for j in scheduler.current if j.cancelled]
-            job = jobs[0] if jobs else None
-            threading.Event().wait(0.02)
-        assert job is not None, "the disconnect was never noticed"
+        blocker, _ = in_thread(post, port, "/v1/completions", {"model": "base", "prompt": "Hi", "max_tokens": 3})
+        gate.wait_entered()  # the worker is busy: the next request waits in the queue
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+        body = {"model": "base", "prompt": "Count:", "max_tokens": 60, "temperature": 0}
+        conn.request(
+            "POST",
+            "/v1/completions",
+            json.dumps(body),
+            {"Content-Type": "application/json", "Authorization": "Bearer key"},
+        )
+        wait_for(lambda: len(admitted) == 2, "the second request was never admitted")
+        conn.close()  # the client leaves before its answer
+        wait_for(lambda: admitted[1].cancelled, "the disconnect was never noticed")
     finally:
+        scheduler.submit = real_submit
         gate.open()
-    deadline = time.monotonic() + WAIT
-    while scheduler.cancelled == before and time.monotonic() < deadline:
-        threading.Event().wait(0.02)
-    assert scheduler.cancelled == before + 1
-    assert len(job.tokens) < 60
+    blocker.join(WAIT)
+    wait_for(lambda: scheduler.cancelled == before + 1, "the cancelled job was not dropped")
+    assert admitted[1].tokens == []  # dropped from the queue: none of its 60 tokens was computed
 
 
 def test_unloading_an_adapter_fails_no_admitted_request(world):

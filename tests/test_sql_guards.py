@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 from conftest import fail
 
-from fanlora import pipeline
+from fanlora import adapt
 from fanlora.metrics import sql
 from fanlora.tasks import get_task
 from fanlora.tasks.base import GenExample
@@ -81,7 +81,7 @@ def test_a_broken_gold_query_stops_before_the_model_loads(tmp_path, tiny_llama, 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the gold queries were checked")
 
-    monkeypatch.setattr(pipeline, "load_for_eval", no_model)
+    monkeypatch.setattr(adapt, "load_for_eval", no_model)
     out = tmp_path / "eval"
     argv = ["evaluate", "--task", "sql", "--base", "--backbone", str(tiny_llama), "--data", f"test={data}"]
     err = fail(capsys, [*argv, "--out", str(out)])

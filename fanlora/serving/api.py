@@ -4,6 +4,7 @@ how a job's events become a whole answer or a server-sent-event stream."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from typing import Any
@@ -58,18 +59,28 @@ class ApiError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
-class BodyLimit:
-    """ASGI middleware: read at most ``max_bytes`` of a request body, however it is sent (chunked or not).
+class Guard:
+    """ASGI middleware in front of every route but ``/health``: the API key, then the body size.
 
-    The body is read here, before the route parses it; past the limit the client gets 413 and the rest is
-    never read. Starlette has no such cap of its own (it trusts Content-Length or reads everything).
+    The key is compared in constant time. The body is read here, before the route parses it, however it is
+    sent (chunked or not): past ``max_bytes`` the client gets 413 and the rest is never read — Starlette has
+    no such cap of its own. A pure ASGI middleware rather than ``@app.middleware("http")``: Starlette's
+    BaseHTTPMiddleware wraps ``receive`` in a way that can swallow the ``http.disconnect`` message a
+    non-streaming request watches for.
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, api_key: str | None, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        refused = self._refuse(headers)
+        if refused is not None:
+            return await refused(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
@@ -80,8 +91,9 @@ class BodyLimit:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.max_bytes:
-                response = error(413, f"request body is over the limit of {self.max_bytes} bytes")
-                return await response(scope, receive, send)
+                return await error(413, f"request body is over the limit of {self.max_bytes} bytes")(
+                    scope, receive, send
+                )
         body = b"".join(chunks)
         replayed = False
 
@@ -93,6 +105,15 @@ class BodyLimit:
             return await receive()  # later: http.disconnect when the client goes away
 
         await self.app(scope, replay, send)
+
+    def _refuse(self, headers: dict[bytes, bytes]) -> JSONResponse | None:
+        sent = headers.get(b"authorization", b"")
+        if self.expected is not None and not hmac.compare_digest(sent, self.expected):
+            return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return error(413, f"request body of {length} bytes is over the limit of {self.max_bytes}")
+        return None
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:

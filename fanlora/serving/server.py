@@ -17,7 +17,6 @@ disconnects, streaming or not, has its row cancelled at the next decoding step.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import re
 import uuid
 from pathlib import Path
@@ -33,10 +32,10 @@ from fanlora.generate import Decoding, prompt_ids
 from fanlora.serving.api import (
     AdapterRequest,
     ApiError,
-    BodyLimit,
     ChatMessage,
     ChatRequest,
     CompletionRequest,
+    Guard,
     Limits,
     SamplingRequest,
     error,
@@ -104,25 +103,11 @@ class Tenants:
 
 
 def _install_guards(app: FastAPI, api_key: str | None, limits: Limits) -> None:
-    """Body cap, API key (constant-time), and OpenAI-shaped 4xx for our own and pydantic's errors."""
-    expected = f"Bearer {api_key}".encode() if api_key else None
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)  # inner: auth (below) is checked first
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path != "/health":
-            sent = request.headers.get("authorization", "").encode()
-            if expected is not None and not hmac.compare_digest(sent, expected):
-                return error(
-                    401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error"
-                )
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > limits.max_body_bytes:
-                return error(413, f"request body of {length} bytes is over the limit of {limits.max_body_bytes}")
-        return await call_next(request)
+    """The API key and body cap (:class:`Guard`), and OpenAI-shaped 4xx for our own and pydantic's errors."""
+    app.add_middleware(Guard, api_key=api_key, max_bytes=limits.max_body_bytes)
 
     @app.exception_handler(ApiError)
-    async def apierror(request: Request, exc: ApiError):
+    async def api_error(request: Request, exc: ApiError):
         return error(exc.status, exc.message, exc.kind)
 
     @app.exception_handler(RequestValidationError)
