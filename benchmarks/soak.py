@@ -107,9 +107,15 @@ class Server:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """SIGTERM; whether the server exited within 30 s (else it is killed, and that is a failure)."""
         self.proc.terminate()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+            return True
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return False
 
 
 def request(port: int, path: str, body: bytes | dict, timeout: float = 120, chunked: bool = False) -> tuple[int, bytes]:
@@ -306,7 +312,7 @@ def main() -> int:
     for t in threads:
         t.join()
     server.sample_rss()
-    server.stop()
+    stopped = server.stop()
     after = tree_digest(work / "adapters")
     growth = []
     for samples in server.rss:
@@ -317,7 +323,7 @@ def main() -> int:
     rss_growth = max(growth) if growth else float("nan")
     ok = (
         c["errors_5xx"] == 0 and c["mismatches"] == 0 and c["bad_request_not_4xx"] == 0 and before == after
-        and rss_growth < 50
+        and rss_growth < 50 and stopped
     )  # fmt: skip
     lines = [
         f"$ python benchmarks/soak.py {' '.join(sys.argv[1:])}",
@@ -328,7 +334,7 @@ def main() -> int:
         "RSS per process (MB, every 5 s): "
         + " | ".join(" ".join(f"{r / 2**20:.0f}" for _, r in s) for s in server.rss),
         f"RSS growth after each process's first minute (MB): {', '.join(f'{g:.1f}' for g in growth)}",
-        f"adapter directories unchanged: {before == after}",
+        f"adapter directories unchanged: {before == after}; server stopped on SIGTERM within 30 s: {stopped}",
         *(f"failure: {f}" for f in soak.failures),
         f"RESULT requests={c['requests']} errors_5xx={c['errors_5xx']} mismatches={c['mismatches']} "
         f"disconnects={c['disconnects']} reloads={c['reloads']} restarts={c['restarts']} "

@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
 from fanlora.generate import Decoding
+from fanlora.methods import randomize
 from fanlora.scoring import ScoreTable
 from fanlora.serving.engine import Engine
 from fanlora.setting import select
@@ -30,14 +31,11 @@ def setting_for(backbone, kinds=("V", "O")):
 
 def make_adapter(path, tiny_llama, setting, r, alpha, seed, **extra):
     """A PEFT adapter with random (non-zero) A and B on the setting's modules, as fanlora finetune saves it."""
-    torch.manual_seed(seed)
     model = get_peft_model(
         load_backbone(str(tiny_llama)).model,
         LoraConfig(r=r, lora_alpha=alpha, target_modules=setting.modules, init_lora_weights=False, **extra),
     )
-    for n, p in model.named_parameters():
-        if "lora_" in n:
-            p.data.normal_(0, 0.5)
+    randomize(model, seed, std=0.5)
     model.save_pretrained(path)
     setting.write(path / "setting.json")
     return path

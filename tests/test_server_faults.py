@@ -87,7 +87,7 @@ def world(tmp_path_factory, tiny_llama):
     while not srv.started and time.monotonic() < deadline:
         threading.Event().wait(0.05)
     port = srv.servers[0].sockets[0].getsockname()[1]
-    yield {"port": port, "app": app, "engine": engine, "gate": gate, "root": root}
+    yield {"port": port, "app": app, "engine": engine, "gate": gate, "root": root, "server": srv}
     gate.open()
     srv.should_exit = True
     thread.join(timeout=10)
@@ -184,6 +184,8 @@ def test_a_non_streaming_client_that_disconnects_has_its_job_cancelled(world):
     blocker.join(WAIT)
     wait_for(lambda: scheduler.cancelled == before + 1, "the cancelled job was not dropped")
     assert admitted[1].tokens == []  # dropped from the queue: none of its 60 tokens was computed
+    # and its handler ended too (a handler left waiting for a dropped job would hold the server's shutdown)
+    wait_for(lambda: not world["server"].server_state.tasks, "a request handler is still running")
 
 
 def test_unloading_an_adapter_fails_no_admitted_request(world):

@@ -141,15 +141,25 @@ async def watch_disconnect(request: Request, job: Job) -> None:
             return
 
 
-async def whole_answer(job: Job, rid: str, model: str, chat: bool, n_prompt: int, request: Request) -> dict[str, Any]:
+async def whole_answer(
+    job: Job, rid: str, model: str, chat: bool, n_prompt: int, request: Request
+) -> dict[str, Any] | JSONResponse:
+    """The whole answer — or, when the client leaves first, nothing: its job is cancelled and this handler
+    ends at once instead of waiting for events that a dropped job never sends."""
     watcher = asyncio.create_task(watch_disconnect(request, job))
+    collector = asyncio.create_task(collect(job))
     try:
-        text, reason = await collect(job)
+        await asyncio.wait({watcher, collector}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         job.cancelled = True
         raise
     finally:
         watcher.cancel()
+        if not collector.done():
+            collector.cancel()
+    if not collector.done() or collector.cancelled():
+        return error(499, "client closed the request", "client_closed")  # nobody reads it
+    text, reason = collector.result()
     usage = {
         "prompt_tokens": n_prompt,
         "completion_tokens": len(job.tokens),

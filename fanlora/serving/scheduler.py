@@ -149,7 +149,8 @@ class Scheduler:
         with self._count:
             self.waiting -= len(batch)
         for job in batch:
-            if job.cancelled:
+            if job.cancelled:  # its client left while it waited: never decoded
+                job.emit("done", "cancelled")
                 self._finish(job)
         return [j for j in batch if not j.cancelled]
 

@@ -276,4 +276,5 @@ def serve(
     sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
     bound = sock.getsockname()[1]
     print(f"serving on http://{host}:{bound}/v1 (models: {', '.join(app.state.known())})", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    # a stop (SIGTERM, Ctrl-C) waits at most 10 s for requests in flight
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)).run(sockets=[sock])
