@@ -230,4 +230,5 @@ def aggregate(exp: Experiment) -> dict[str, Any]:
     atomic.write_json(report / "cells.json", records)
     if len(exp.variants) > 1 and rows:
         report_.plot(exp, rows, report)
+        report_.loss_plot(exp, records, report)
     return summary

@@ -175,6 +175,46 @@ def plot(exp: Any, rows: list[dict[str, Any]], report: Path) -> None:
         _save(fig, report / f"{task}.png")
 
 
+def loss_plot(exp: Any, records: list[dict[str, Any]], report: Path) -> None:
+    """Per task: held-out gold loss of every (variant, method) with its 95 % item interval; random settings
+    in grey (the null distribution), the reference variant's FanLoRA as a red star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    reference = exp.reference or next(iter(exp.variants))
+    for task in exp.tasks:
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in records:
+            if r["task"] == task and r.get("gold_nll") is not None:
+                groups.setdefault((r["variant"], r["method"]), []).append(r)
+        if len(groups) < 2:
+            continue
+        points = []
+        for (variant, method), rs in groups.items():
+            outcomes = item_outcomes(exp, rs, "gold_nll")
+            seeds = sorted(outcomes)
+            items = sorted(outcomes[seeds[0]])
+            per_item = stats.matrix(outcomes, seeds, items).mean(axis=0)
+            rng = np.random.default_rng(0)
+            boots = [per_item[rng.integers(0, len(per_item), len(per_item))].mean() for _ in range(2000)]
+            lo, hi = np.quantile(boots, [0.025, 0.975])
+            points.append((f"{method}/{variant}", per_item.mean(), lo, hi, variant, method))
+        points.sort(key=lambda p: p[1])
+        fig, ax = plt.subplots(figsize=(6.5, 0.9 + 0.35 * len(points)))
+        for y, (_, mean, lo, hi, variant, method) in enumerate(points):
+            is_ref = variant == reference and method == "fanlora"
+            color = "tab:red" if is_ref else ("0.6" if variant.startswith("random") else "tab:blue")
+            ax.errorbar(mean, y, xerr=[[mean - lo], [hi - mean]], fmt="*" if is_ref else "o", color=color,
+                        markersize=12 if is_ref else 6, capsize=3)  # fmt: skip
+        ax.set_yticks(range(len(points)), [p[0] for p in points])
+        ax.set_xlabel(f"{task}: held-out gold loss (mean NLL per token; 95 % item interval)")
+        ax.set_title(f"{exp.name}: red star = FanLoRA/{reference}, grey = random settings")
+        _save(fig, report / f"{task}_gold_loss.png")
+
+
 def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 

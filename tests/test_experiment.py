@@ -145,6 +145,7 @@ def test_setting_rules_and_paired_gold_losses(tmp_path, recipe_file):
     assert all(c["n_items"] == 6 and c["n_seeds"] == 1 and not c["higher_is_better"] for c in losses.values())
     rows = {r["variant"]: r for r in results["rows"]}
     assert all(r["gold_nll_mean"] > 0 for r in rows.values())
+    assert (tmp_path / "report" / "copa_gold_loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("name", ["table1", "kmax", "scorers", "corpus", "setting-study-pilot"])
