@@ -30,34 +30,27 @@ from fanlora.evaluate import evaluate_mc
 from fanlora.tasks import get_task
 from fanlora.tasks.base import halve
 
-COPA_YAML = """task: fanlora_copa
+TASK_YAML = """task: fanlora_{name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
 output_type: multiple_choice
 test_split: test
-doc_to_text: !function copa_utils.doc_to_text
-doc_to_target: !function copa_utils.doc_to_target
-doc_to_choice: !function copa_utils.doc_to_choice
+{prompt}
 metric_list:
   - metric: acc
   - metric: acc_norm
 """
-BOOLQ_YAML = """task: fanlora_boolq
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{{{passage}}}}\\nQuestion: {{{{question}}}}?\\nAnswer:"
-doc_to_target: label
-doc_to_choice: ["no", "yes"]
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
+# each task's prompt as lm-eval's stock config writes it (COPA through lm-eval's own utils functions)
+PROMPTS = {
+    "copa": "doc_to_text: !function copa_utils.doc_to_text\n"
+    "doc_to_target: !function copa_utils.doc_to_target\n"
+    "doc_to_choice: !function copa_utils.doc_to_choice",
+    "boolq": 'doc_to_text: "{{passage}}\\nQuestion: {{question}}?\\nAnswer:"\n'
+    "doc_to_target: label\n"
+    'doc_to_choice: ["no", "yes"]',
+}
 COPA_UTILS = "from lm_eval.tasks.super_glue.copa.utils import doc_to_choice, doc_to_target, doc_to_text  # noqa\n"
 
 
@@ -74,8 +67,8 @@ def lm_eval_samples(model, tokenizer, files: dict[str, Path], workdir: Path, bat
     from lm_eval.tasks import TaskManager
 
     (workdir / "copa_utils.py").write_text(COPA_UTILS)
-    (workdir / "fanlora_copa.yaml").write_text(COPA_YAML.format(data=files["copa"]))
-    (workdir / "fanlora_boolq.yaml").write_text(BOOLQ_YAML.format(data=files["boolq"]))
+    for name, data in files.items():
+        (workdir / f"fanlora_{name}.yaml").write_text(TASK_YAML.format(name=name, data=data, prompt=PROMPTS[name]))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out = lm_eval.simple_evaluate(
         model=lm,

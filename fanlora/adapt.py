@@ -60,6 +60,7 @@ def run_evaluate(
     backbone: Backbone | None = None,
     progress: bool = True,
     model: Any = None,
+    checked: bool = False,
 ) -> dict[str, Any]:
     """Evaluate the base model or base + adapter on a task split.
 
@@ -77,7 +78,8 @@ def run_evaluate(
     if not ev.accuracy and not ev.gold_loss:
         raise UserError("evaluate.accuracy and evaluate.gold_loss are both off: nothing to evaluate")
     examples = task.examples(ev.split, ev.limit) if ev.accuracy else []
-    task.check(examples)
+    if not checked:  # run_evaluate_many checks every task's examples once, before the model loads
+        task.check(examples)
     loss_examples = task.examples(ev.split, ev.loss_limit) if ev.gold_loss else []
     if model is None:
         model, backbone = load_for_eval(cfg, adapter, backbone)
@@ -158,7 +160,7 @@ def run_evaluate_many(
             task.check(task.examples(cfg.evaluate.split, cfg.evaluate.limit))
     model, backbone = load_for_eval(cfg, adapter)
     return [
-        run_evaluate(cfg, name, out, adapter=adapter, backbone=backbone, model=model)
+        run_evaluate(cfg, name, out, adapter=adapter, backbone=backbone, model=model, checked=True)
         for name, out in zip(tasks, outs, strict=True)
     ]
 
