@@ -160,7 +160,6 @@ class Soak:
         self.lock = threading.Lock()
         self.reference: dict[tuple[str, str], str] = {}
         self.failures: list[str] = []
-        self.restarting = threading.Event()
 
     def add(self, key: str, n: int = 1, failure: str | None = None) -> None:
         with self.lock:
@@ -260,7 +259,6 @@ class Soak:
 
     def kill_mid_load(self) -> None:
         """SIGKILL right after a load request goes out, then restart the server on a new port."""
-        self.restarting.set()
         threading.Thread(
             target=lambda: self._quiet(request, self.server.port, "/v1/load_lora_adapter", {"lora_name": "tenant-b"}),
             daemon=True,
@@ -269,7 +267,6 @@ class Soak:
         self.server.kill()
         self.server.start()
         self.add("restarts")
-        self.restarting.clear()
 
     @staticmethod
     def _quiet(fn, *args) -> None:
