@@ -41,7 +41,7 @@ from pathlib import Path
 from fanlora import atomic
 from fanlora.backbone import load_backbone
 from fanlora.scoring import ScoreTable
-from fanlora.serving.bench import save_random_adapter
+from fanlora.serving.timing import save_random_adapter
 from fanlora.setting import Setting, select
 
 KEY = "soak-key"

@@ -106,7 +106,16 @@ def _method_parsers(sub: Any) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--scores", help="scores.json from `fanlora score`")
     src.add_argument("--run-dir", help="a run directory holding scores.json")
-    p.add_argument("--k-max", type=int, default=2, help="modules kept per layer at most (paper: 2)")
+    p.add_argument(
+        "--k-max", type=int, help="modules kept per layer at most (default 2, the paper's; with --budget: no cap)"
+    )
+    p.add_argument(
+        "--budget",
+        help="choose the modules maximising the summed score within a budget: params=N (trainable parameters "
+        "at rank --r1, e.g. params=1M) or latency=P%% (decode slowdown, from `fanlora profile`)",
+    )
+    p.add_argument("--r1", type=int, default=12, help="stage-d LoRA rank a params budget is costed at (default 12)")
+    p.add_argument("--profile", help="latency profile (default: this backbone's cached `fanlora profile`)")
     p.add_argument("--out", help="setting path (default: setting.json next to the scores)")
     p.add_argument("--backbone", help="the backbone the setting is for; scores of another one are refused")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
@@ -179,6 +188,15 @@ def _serving_parsers(sub: Any) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--tenants", type=int, default=16, help="distinct adapters in the multi-tenant batch")
     p.add_argument("--out", help="also write the report to this file (e.g. benchmarks/results/serving.txt)")
+
+    p = sub.add_parser("profile", help="decode cost of LoRA on each module kind, for latency budgets (cached)")
+    p.set_defaults(func=commands.profile)
+    p.add_argument("--backbone", default="embedded", help="model to profile (default: the embedded backbone)")
+    p.add_argument("--r", type=int, default=12, help="LoRA rank profiled (default 12, stage d's)")
+    p.add_argument("--rounds", type=int, default=8, help="balanced rounds (the median ratio is used)")
+    p.add_argument("--prompt-tokens", type=int, default=276)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--out", help="profile path (default: the cache, where `select --budget` finds it)")
 
 
 def _grid_parsers(sub: Any) -> None:

@@ -201,7 +201,12 @@ def select(args: argparse.Namespace) -> int:
     scores = Path(args.scores) if args.scores else Path(args.run_dir) / "scores.json"
     out = Path(args.out) if args.out else scores.parent / "setting.json"
     plots = None if args.no_plots else out.parent / "plots"
-    pipeline.run_select(scores, args.k_max, out, plots, _intended_backbone(args))
+    if args.budget is None and args.profile:
+        raise UserError("--profile is only used with --budget latency=P%")
+    if args.k_max is not None and args.k_max < 1:
+        raise UserError(f"--k-max must be >= 1, got {args.k_max}: leave it out for no per-layer cap")
+    backbone = _intended_backbone(args)
+    pipeline.run_select(scores, args.k_max, out, plots, backbone, args.budget, args.r1, args.profile)
     return 0
 
 
@@ -293,6 +298,15 @@ def bench(args: argparse.Namespace) -> int:
     if args.out:
         command = "fanlora " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "fanlora bench …"
         atomic.write_text(args.out, f"$ {command}\n" + "\n".join(lines) + "\n")
+    return 0
+
+
+def profile(args: argparse.Namespace) -> int:
+    from fanlora.serving import profile as latency
+
+    if min(args.r, args.rounds, args.prompt_tokens, args.new_tokens) < 1:
+        raise UserError("--r, --rounds, --prompt-tokens and --new-tokens must be ≥ 1")
+    latency.run_profile(args.backbone, args.r, args.prompt_tokens, args.new_tokens, args.rounds, args.out)
     return 0
 
 

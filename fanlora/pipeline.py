@@ -80,10 +80,15 @@ def run_select(
     setting_path: str | Path,
     plots_dir: str | Path | None = None,
     backbone: dict[str, Any] | None = None,
+    budget: str | None = None,
+    r1: int = 12,
+    profile: str | None = None,
 ) -> Setting:
     """Stage c: top-k_max non-negative modules per layer → setting.json (+ figures).
 
     ``backbone`` (an identity) is the backbone the setting is meant for; scores of any other are refused.
+    With ``budget`` (``params=N`` or ``latency=P%``) the modules are chosen by :mod:`fanlora.budget` instead,
+    ``k_max`` then being an optional per-layer cap (None: no cap).
     """
     table = ScoreTable.read(scores_path)
     theirs = table.backbone.get("weights_digest")
@@ -98,11 +103,20 @@ def run_select(
         "method": table.method,
         "metric": table.metric,
     }
-    setting = select(table, k_max, source)
+    if budget is None:
+        setting = select(table, 2 if k_max is None else k_max, source)
+        how = f"K_max={setting.k_max}"
+    else:
+        from fanlora.budget import budget_setting, parse_budget
+
+        setting = budget_setting(table, budget, k_max, r1, profile, source)
+        b = setting.source["budget"]
+        cap = "no per-layer cap" if k_max is None else f"at most {k_max} per layer"
+        how = f"budget {b['text']}, {cap}; predicted cost {parse_budget(budget).describe(b['predicted_cost'])}"
     setting.write(setting_path)
     if plots_dir is not None:
         plots.write_all(table, setting, plots_dir)
-    say(f"stage c: {setting.n_modules} modules kept (K_max={k_max}) → {setting_path}")
+    say(f"stage c: {setting.n_modules} modules kept ({how}) → {setting_path}")
     return setting
 
 

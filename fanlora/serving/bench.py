@@ -3,10 +3,12 @@
 Part 1 (batch 1): the bare backbone, FanLoRA through this engine and through PEFT, LoRA on all modules,
 AdaLoRA and (IA)3 (PEFT, unmerged), each decoding ``--new-tokens`` tokens after a ``--prompt-tokens``-token
 prompt with beam 1 and beam 3. Every configuration is its own copy of the backbone, and the runs are
-interleaved round by round (the machine is shared and noisy: only ratios measured in the same run mean
-anything); tokens/s are medians over rounds, ratios are medians of the per-round ratios (each round's
-configurations run back to back, so slow drift of the machine cancels), with the peak resident memory
-above the level before the run.
+interleaved in balanced rounds (:func:`fanlora.serving.timing.balanced_rounds`: a shuffled order, then its
+reverse — only ratios measured in the same run mean anything on a shared CPU); tokens/s are medians over
+rounds, ratios are medians of the per-round ratios with their range. The peak resident memory above the
+level before a decode is measured in a separate, untimed pass (a sampler thread would share the 2 cores).
+If the backbone has a latency profile (``fanlora profile``), the slowdown it predicts for the setting is
+printed beside the measured one.
 
 Part 2 (multi-tenant): a batch of ``--tenants`` prompts, each with its own adapter, through the engine's
 mixed batch; the same batch all on one adapter; and PEFT's ``adapter_names=`` mixed path.
@@ -22,7 +24,6 @@ import gc
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,17 +36,15 @@ from fanlora.backbone import Backbone, load_backbone
 from fanlora.methods import randomize
 from fanlora.rss import PeakRSS
 from fanlora.serving.engine import Engine
+from fanlora.serving.timing import (
+    balanced_rounds,
+    decode_seconds,
+    per_round_ratios,
+    prompt_ids,
+    save_random_adapter,
+    spread,
+)
 from fanlora.setting import Setting
-
-
-def save_random_adapter(backbone_name: str, setting: Setting, path: Path, seed: int, r: int = 12) -> Path:
-    from peft import get_peft_model
-
-    model = get_peft_model(load_backbone(backbone_name).model, setting.lora_config(r, 2 * r))
-    randomize(model, seed)
-    model.save_pretrained(path)
-    setting.write(path / "setting.json")
-    return path
 
 
 def _baseline(backbone_name: str, method: str) -> torch.nn.Module:
@@ -73,27 +72,6 @@ def configurations(backbone_name: str, setting: Setting, workdir: Path) -> dict[
     }
 
 
-def _decode(model: Any, ids: torch.Tensor, new_tokens: int, beams: int, pad: int, **extra: Any) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            num_beams=beams,
-            pad_token_id=pad,
-            **extra,
-        )
-    return time.perf_counter() - start
-
-
-def _prompt(tok: Any, n: int, rows: int = 1) -> torch.Tensor:
-    text = " ".join(["The quick brown fox jumps over the lazy dog."] * 60)
-    return torch.tensor([tok(text, add_special_tokens=False)["input_ids"][:n]] * rows)
-
-
 def _ratio(times: dict[Any, list[float]], num: Any, den: Any) -> float:
     """Median over rounds of the speed ratio num/den within a round (drift between rounds cancels)."""
     return statistics.median(d / n for n, d in zip(times[num], times[den], strict=True))
@@ -102,33 +80,36 @@ def _ratio(times: dict[Any, list[float]], num: Any, den: Any) -> float:
 def table3(
     backbone_name: str, setting: Setting, work: Path, ids: torch.Tensor, new_tokens: int, rounds: int, pad: int, say
 ) -> dict[str, float]:
-    """Batch-1 decode speed and peak memory of every configuration, interleaved round by round."""
+    """Batch-1 decode speed of every configuration in balanced rounds; peak memory in a separate pass after."""
     configs = configurations(backbone_name, setting, work)
-    times: dict[tuple[str, int], list[float]] = {(n, b): [] for n in configs for b in (1, 3)}
-    peak: dict[tuple[str, int], float] = dict.fromkeys(times, 0.0)
-    for model, route in configs.values():  # warm-up (both beam widths), not timed
-        route()
-        _decode(model, ids, 2, 1, pad)
-        _decode(model, ids, 2, 3, pad)
-    for r in range(rounds):
+    runs: dict[str, Callable[[], float]] = {}
+    for name, (model, route) in configs.items():
         for beams in (1, 3):
-            for name, (model, route) in configs.items():
-                route()
-                with PeakRSS() as mem:
-                    times[(name, beams)].append(_decode(model, ids, new_tokens, beams, pad))
-                peak[(name, beams)] = max(peak[(name, beams)], mem.mb)
-        say(f"round {r + 1}/{rounds} done")
+            runs[f"{name}|{beams}"] = lambda m=model, r=route, b=beams: (
+                r(),
+                decode_seconds(m, ids, new_tokens, b, pad),
+            )[1]
+    for fn in runs.values():  # warm-up, not timed
+        fn()
+    times = balanced_rounds(runs, rounds, on_round=lambda r: say(f"round {r + 1}/{rounds} done"))
+    peak: dict[str, float] = {}
+    for key, fn in runs.items():  # memory, untimed: the sampler thread would slow a timed decode on 2 cores
+        with PeakRSS() as mem:
+            fn()
+        peak[key] = mem.mb
     say("")
-    say("| configuration | beam | tokens/s | vs base (median of per-round ratios) | peak RSS above start (MB) |")
+    say("| configuration | beam | tokens/s | speed vs base (median [min, max] of rounds) | peak RSS above start (MB) |")
     say("|---|---:|---:|---:|---:|")
-    for (name, beams), v in times.items():
-        ratio = _ratio(times, (name, beams), ("base", beams))
+    for key, v in times.items():
+        name, beams = key.split("|")
+        s = spread([1 / x for x in per_round_ratios(times, key, f"base|{beams}")])
         say(
-            f"| {name} | {beams} | {new_tokens / statistics.median(v):.2f} | {ratio:.3f}x | {peak[(name, beams)]:.0f} |"
+            f"| {name} | {beams} | {new_tokens / statistics.median(v):.2f} | {s['median']:.3f}x "
+            f"[{s['min']:.3f}, {s['max']:.3f}] | {peak[key]:.0f} |"
         )
     return {
-        "fanlora_vs_base": _ratio(times, ("fanlora (engine)", 1), ("base", 1)),
-        "fanlora_vs_adalora": _ratio(times, ("fanlora (engine)", 1), ("adalora (PEFT)", 1)),
+        "fanlora_vs_base": _ratio(times, "fanlora (engine)|1", "base|1"),
+        "fanlora_vs_adalora": _ratio(times, "fanlora (engine)|1", "adalora (PEFT)|1"),
     }
 
 
@@ -154,16 +135,16 @@ def multi_tenant(
     for i, p in enumerate(paths[1:], 1):
         peft_model.load_adapter(str(p), adapter_name=f"m{i}")
     peft_model.eval()
-    short = _prompt(tok, prompt_tokens, tenants)
+    short = prompt_ids(tok, prompt_tokens, tenants)
     names = [f"m{i}" for i in range(tenants)]
 
     def engine_run(rows: list[str]) -> float:
         engine.use(rows)
-        return _decode(engine.model, short, new_tokens, 1, pad)
+        return decode_seconds(engine.model, short, new_tokens, 1, pad)
 
     def peft_one() -> float:
         peft_model.set_adapter("m0")
-        return _decode(peft_model, short, new_tokens, 1, pad)
+        return decode_seconds(peft_model, short, new_tokens, 1, pad)
 
     mixed, single, peft_mixed = (
         f"engine, {tenants} distinct adapters",
@@ -173,15 +154,12 @@ def multi_tenant(
     runs: dict[str, Callable[[], float]] = {
         mixed: lambda: engine_run(names),
         single: lambda: engine_run(["m0"] * tenants),
-        peft_mixed: lambda: _decode(peft_model, short, new_tokens, 1, pad, adapter_names=names),
+        peft_mixed: lambda: decode_seconds(peft_model, short, new_tokens, 1, pad, adapter_names=names),
         "PEFT, one adapter": peft_one,
     }
     for fn in runs.values():
         fn()  # warm-up
-    mt: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for k, fn in runs.items():
-            mt[k].append(fn())
+    mt = balanced_rounds(runs, rounds, seed=1)
     say("")
     say(f"multi-tenant: {tenants} prompts of {short.shape[1]} tokens, {new_tokens} new tokens each, greedy")
     say("| path | tokens/s | vs engine one adapter |")
@@ -193,6 +171,28 @@ def multi_tenant(
         "per adapter while loading)"
     )
     return {"mixed_vs_single": _ratio(mt, mixed, single), "mixed_vs_peft": _ratio(mt, mixed, peft_mixed)}
+
+
+def _against_profile(
+    setting: Setting, identity: dict[str, Any], speed: float, shape: tuple[int, int], say: Callable[[str], None]
+) -> dict[str, float]:
+    """The decode slowdown the backbone's latency profile predicts for this setting, beside the measured one."""
+    from fanlora.errors import UserError
+    from fanlora.serving import profile as latency
+
+    try:
+        where, prof = latency.find_profile(identity)
+    except UserError as exc:
+        say(f"latency: no prediction ({exc})")
+        return {}
+    predicted, measured = latency.predict(setting, prof), 1 / speed - 1
+    same = (prof["prompt_tokens"], prof["new_tokens"]) == shape
+    say(
+        f"latency: profile {where} predicts {predicted * 100:+.2f}% decode time for this setting; measured "
+        f"{measured * 100:+.2f}% (engine vs base, median of per-round ratios)"
+        + ("" if same else f" — the profile timed a {prof['prompt_tokens']}+{prof['new_tokens']}-token decode")
+    )
+    return {"latency_predicted": predicted, "latency_measured": measured}
 
 
 def run(
@@ -213,15 +213,17 @@ def run(
     setting.validate(probe)
     tok = probe.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = _prompt(tok, prompt_tokens)
+    ids = prompt_ids(tok, prompt_tokens)
     say(
         f"backbone {backbone_name}; setting {setting_path} ({setting.n_modules} modules); "
         f"prompt {ids.shape[1]} tokens, {new_tokens} new tokens, batch 1, {rounds} rounds, "
         f"{torch.get_num_threads()} threads"
     )
     work = Path(tempfile.mkdtemp(prefix="fanlora-bench-"))
+    probe_identity = probe.identity
     del probe
     result = table3(backbone_name, setting, work, ids, new_tokens, rounds, pad, say)
+    result |= _against_profile(setting, probe_identity, result["fanlora_vs_base"], (prompt_tokens, new_tokens), say)
     gc.collect()
     result |= multi_tenant(
         backbone_name, setting, work, tok, tenants, tenant_prompt_tokens, tenant_new_tokens, rounds, pad, say

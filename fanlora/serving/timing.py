@@ -1,0 +1,86 @@
+"""What every decode-speed measurement here shares: the prompt, one timed ``generate``, a balanced run order.
+
+Used by ``fanlora bench`` and ``fanlora profile`` so that a profile's prediction and a bench's measurement
+time the same thing. Only ratios of configurations measured in the same run mean anything on a shared CPU;
+:func:`balanced_rounds` runs every configuration twice per round, in a shuffled order and then its reverse
+(ABBA generalised), so a drift within a round weighs on every configuration alike. Nothing samples memory
+while a decode is timed.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fanlora.backbone import load_backbone
+from fanlora.methods import randomize
+from fanlora.setting import Setting
+
+
+def prompt_ids(tok: Any, n: int, rows: int = 1) -> torch.Tensor:
+    text = " ".join(["The quick brown fox jumps over the lazy dog."] * 60)
+    return torch.tensor([tok(text, add_special_tokens=False)["input_ids"][:n]] * rows)
+
+
+def decode_seconds(model: Any, ids: torch.Tensor, new_tokens: int, beams: int, pad: int, **extra: Any) -> float:
+    """Wall time of one greedy (or beam) ``generate`` of exactly ``new_tokens`` tokens after ``ids``."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            num_beams=beams,
+            pad_token_id=pad,
+            **extra,
+        )
+    return time.perf_counter() - start
+
+
+def save_random_adapter(backbone_name: str, setting: Setting, path: Path, seed: int, r: int = 12) -> Path:
+    """A PEFT LoRA adapter of rank ``r`` on the setting's modules with random factors (speed ignores values)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(load_backbone(backbone_name).model, setting.lora_config(r, 2 * r))
+    randomize(model, seed)
+    model.save_pretrained(path)
+    setting.write(path / "setting.json")
+    return path
+
+
+def balanced_rounds(
+    runs: dict[str, Callable[[], float]], rounds: int, seed: int = 0, on_round: Callable[[int], None] | None = None
+) -> dict[str, list[float]]:
+    """name → per-round time (mean of its two runs in the round); order shuffled per round, then reversed."""
+    rng = random.Random(seed)
+    names = list(runs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = rng.sample(names, len(names))
+        got: dict[str, list[float]] = {n: [] for n in names}
+        for name in order + order[::-1]:
+            got[name].append(runs[name]())
+        for name in names:
+            times[name].append(statistics.fmean(got[name]))
+        if on_round:
+            on_round(r)
+    return times
+
+
+def per_round_ratios(times: dict[str, list[float]], num: str, den: str) -> list[float]:
+    """Time ratio num/den within each round (> 1: ``num`` is slower)."""
+    return [a / b for a, b in zip(times[num], times[den], strict=True)]
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median and the range and quartiles of per-round ratios."""
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "q1": q[0], "q3": q[2], "min": min(values), "max": max(values)}
