@@ -193,10 +193,10 @@ def _serving_parsers(sub: Any) -> None:
     p.set_defaults(func=commands.profile)
     p.add_argument("--backbone", default="embedded", help="model to profile (default: the embedded backbone)")
     p.add_argument("--r", type=int, default=12, help="LoRA rank profiled (default 12, stage d's)")
-    p.add_argument("--rounds", type=int, default=8, help="balanced rounds (the median ratio is used)")
-    p.add_argument("--prompt-tokens", type=int, default=276)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--out", help="profile path (default: the cache, where `select --budget` finds it)")
+    p.add_argument("--rounds", type=int, default=30, help="balanced rounds (the median ratio is used)")
+    p.add_argument("--prompt-tokens", type=int, default=276, help="the decode steps' position (cache length)")
+    p.add_argument("--steps", type=int, default=8, help="decode steps per timed run")
+    p.add_argument("--out", help="also write the profile here (it always goes to the cache, where select finds it)")
 
 
 def _grid_parsers(sub: Any) -> None:
@@ -208,6 +208,11 @@ def _grid_parsers(sub: Any) -> None:
     p.add_argument("--list", action="store_true", help="list the cells and whether each is done; run nothing")
     p.add_argument("--cells", nargs="+", metavar="GLOB", help="run only cells whose id matches, e.g. 'copa__*'")
     p.add_argument("--aggregate", action="store_true", help="only rebuild the tables from the finished cells")
+
+    p = sub.add_parser("report", help="one self-contained HTML page showing a run (open it from disk)")
+    p.set_defaults(func=commands.report)
+    p.add_argument("run_dir", help="a run directory (search/score/select/demo)")
+    p.add_argument("--out", help="page path (default: RUN_DIR/report.html)")
 
     p = sub.add_parser("demo", help="the whole method on the embedded backbone, then COPA before/after")
     p.set_defaults(func=commands.demo)
@@ -232,7 +237,9 @@ def _discard_if_fresh(run_dir: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = (
-        Path(args.run_dir) if getattr(args, "run_dir", None) and args.command not in ("select", "scores") else None
+        Path(args.run_dir)
+        if getattr(args, "run_dir", None) and args.command not in ("select", "scores", "report")
+        else None
     )
     fresh = run_dir is not None and not (run_dir / "run.json").exists()
     try:

@@ -182,11 +182,12 @@ def score(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from fanlora import pipeline
+    from fanlora import pipeline, report
 
     cfg = prepared(args, _stage_config(args), Path(args.run_dir), SECTIONS["demo"])
     s = pipeline.run_demo(cfg, Path(args.run_dir))
     t = s["task"]
+    print(f"report: {report.write_report(args.run_dir)}", flush=True)
     print(
         f"RESULT run_dir={s['run_dir']} minutes={s['minutes']:.2f} modules_kept={s['modules_kept']} "
         f"{t}_acc_base={s[f'{t}_acc_base']:.4f} {t}_acc_fanlora={s[f'{t}_acc_fanlora']:.4f}",
@@ -304,9 +305,24 @@ def bench(args: argparse.Namespace) -> int:
 def profile(args: argparse.Namespace) -> int:
     from fanlora.serving import profile as latency
 
-    if min(args.r, args.rounds, args.prompt_tokens, args.new_tokens) < 1:
-        raise UserError("--r, --rounds, --prompt-tokens and --new-tokens must be ≥ 1")
-    latency.run_profile(args.backbone, args.r, args.prompt_tokens, args.new_tokens, args.rounds, args.out)
+    if min(args.r, args.rounds, args.prompt_tokens, args.steps) < 1:
+        raise UserError("--r, --rounds, --prompt-tokens and --steps must be ≥ 1")
+    latency.run_profile(
+        args.backbone,
+        args.r,
+        args.prompt_tokens,
+        args.steps,
+        args.rounds,
+        args.out,
+        lambda line: print(line, flush=True),
+    )
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    from fanlora.report import write_report
+
+    print(f"report: {write_report(args.run_dir, args.out)}")
     return 0
 
 

@@ -78,6 +78,10 @@ def prepare_setting(exp: Experiment, variant: Variant) -> tuple[Path, int]:
         k_max = variant.k_max or cfg.select.k_max
         if variant.setting == "top":
             setting = pipeline.run_select(stage.scores_path(cfg, run), k_max, out)
+        elif variant.setting.startswith("budget:"):  # k_max only caps a layer if the variant sets it
+            r1 = variant.r1 if isinstance(variant.r1, int) else cfg.finetune.lora.r
+            budget = variant.setting.partition(":")[2]
+            setting = pipeline.run_select(stage.scores_path(cfg, run), variant.k_max, out, None, None, budget, r1)
         else:
             source = {"scores": str(stage.scores_path(cfg, run)), "method": variant.scorer}
             setting = select_by_rule(table, variant.setting, k_max, source)

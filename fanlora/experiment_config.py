@@ -48,7 +48,7 @@ class Variant:
     k_max: int | None = None
     r1: Any = None  # int, "budget" or None (finetune.lora.r)
     scorer: str = "ab-exact"
-    setting: str = "top"  # top (the method) | inverse | random:SEED | fixed:KINDS — see setting.select_by_rule
+    setting: str = "top"  # top | inverse | all | random:SEED | fixed:KINDS | budget:UNIT=VALUE (setting.RULES)
     search_run: str | None = None
     set: list[str] = field(default_factory=list)
     methods: list[str] | None = None
@@ -157,6 +157,13 @@ def _parse_variant(path: Path, name: Any, spec: Any, exp: Experiment) -> Variant
         raise UserError(f"{path}: variant {name}: r1 must be a rank >= 1 or 'budget', got {v.r1!r}")
     check_method(v.scorer, 1)
     check_rule(v.setting)
+    if str(v.setting).startswith("budget:"):
+        from fanlora.budget import parse_budget
+
+        try:
+            parse_budget(v.setting.partition(":")[2])
+        except UserError as exc:
+            raise UserError(f"{path}: variant {name}: {exc}") from None
     for m in v.methods or []:
         if m not in exp.methods:
             raise UserError(f"{path}: variant {name} names method {m!r}, not in methods ({', '.join(exp.methods)})")

@@ -158,13 +158,18 @@ def from_table(table: ScoreTable, kept: dict[int, list[str]], k_max: int, source
     )
 
 
-RULES = ("top", "inverse", "random:SEED", "fixed:KINDS")
+RULES = ("top", "inverse", "all", "random:SEED", "fixed:KINDS", "budget:UNIT=VALUE")
 
 
 def check_rule(rule: Any) -> None:
-    """Refuse a malformed setting rule before any work (the kinds of ``fixed:`` are checked against scores)."""
+    """Refuse a malformed setting rule before any work (the kinds of ``fixed:`` are checked against scores).
+
+    ``budget:`` rules are made by :func:`fanlora.budget.budget_setting` (the experiment runner dispatches them);
+    their budget text is checked there.
+    """
     kind, _, arg = str(rule).partition(":")
-    ok = (kind in ("top", "inverse") and not arg) or (kind == "random" and arg.isdigit()) or (kind == "fixed" and arg)
+    ok = (kind in ("top", "inverse", "all") and not arg) or (kind == "random" and arg.isdigit())
+    ok = ok or (kind in ("fixed", "budget") and bool(arg))
     if not isinstance(rule, str) or not ok:
         raise UserError(f"unknown setting rule {rule!r}: use one of {', '.join(RULES)}")
 
@@ -176,7 +181,8 @@ def select_by_rule(table: ScoreTable, rule: str, k_max: int = 2, source: dict[st
     - ``inverse``: the ``k_max`` *lowest*-scoring kinds of every layer, whatever their sign — if it does as
       well as ``top``, the score carries no information;
     - ``random:SEED``: ``k_max`` kinds per layer drawn uniformly, independently per layer;
-    - ``fixed:Q,V`` (any kinds): the same kinds in every layer, as LoRA is used without a search.
+    - ``fixed:Q,V`` (any kinds): the same kinds in every layer, as LoRA is used without a search;
+    - ``all``: every module of every layer (LoRA as PEFT users apply it to all linear layers).
     """
     _check_k_max(k_max)
     kind, _, arg = rule.partition(":")
@@ -189,6 +195,9 @@ def select_by_rule(table: ScoreTable, rule: str, k_max: int = 2, source: dict[st
     elif kind == "random" and arg.isdigit():
         rng = random.Random(int(arg))
         kept = {n: rng.sample(table.kinds, min(k_max, len(table.kinds))) for n in layers}
+    elif kind == "all" and not arg:
+        kept = {n: list(table.kinds) for n in layers}
+        k_max = len(table.kinds)
     elif kind == "fixed" and arg:
         kinds = [k.strip() for k in arg.split(",")]
         bad = [k for k in kinds if k not in table.kinds]

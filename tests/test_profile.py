@@ -23,7 +23,7 @@ def profiled(tiny_llama, tmp_path_factory):
     old = os.environ.get("FANLORA_CACHE")
     os.environ["FANLORA_CACHE"] = str(cache)
     try:
-        argv = ["profile", "--backbone", str(tiny_llama), "--rounds", "1", "--prompt-tokens", "8", "--new-tokens", "2"]
+        argv = ["profile", "--backbone", str(tiny_llama), "--rounds", "2", "--prompt-tokens", "8", "--steps", "2"]
         assert main(argv) == 0
         backbone = load_backbone(str(tiny_llama))
         path = latency.default_path(backbone.identity)
@@ -41,7 +41,7 @@ def test_profile_has_every_kind_and_predicts_a_sum(profiled, tiny_llama):
     assert prof["format"] == latency.PROFILE_FORMAT and path.name.startswith(backbone.identity["weights_digest"])
     assert list(prof["kinds"]) == backbone.layout.kinds
     for kind in prof["kinds"].values():
-        assert len(kind["ratios"]) == 1 and kind["ratio"]["median"] > 0
+        assert len(kind["ratios"]) == 2 and kind["ratio"]["median"] > 0
         assert kind["per_module"] == pytest.approx((kind["ratio"]["median"] - 1) / backbone.layout.num_layers)
     setting = setting_for(backbone, ("V", "O"))
     want = sum(max(0.0, prof["kinds"][k]["per_module"]) for k in ("V", "O")) * backbone.layout.num_layers
@@ -89,3 +89,23 @@ def test_bench_puts_the_prediction_beside_the_measurement(profiled, tiny_llama, 
     assert f"predicts {latency.predict(setting, prof) * 100:+.2f}%" in line
     result = dict(kv.split("=") for kv in report.strip().splitlines()[-1].split()[1:])
     assert float(result["latency_predicted"]) == pytest.approx(latency.predict(setting, prof), abs=1e-3)
+
+
+def test_step_runner_times_the_same_position_every_call(tiny_llama):
+    from fanlora.serving.timing import prompt_ids, step_runner
+
+    backbone = load_backbone(str(tiny_llama))
+    seen: list[int] = []
+    forward = backbone.model.forward
+
+    def spy(*args, **kwargs):
+        cache = kwargs.get("past_key_values")
+        seen.append(0 if cache is None else cache.get_seq_length())
+        return forward(*args, **kwargs)
+
+    backbone.model.forward = spy
+    ids = prompt_ids(backbone.tokenizer, 9)
+    run = step_runner(backbone.model, ids, steps=3)
+    run()
+    run()
+    assert seen[0] == 0 and seen[1:] == [ids.shape[1]] * 6  # prefill once, then six steps at the same length

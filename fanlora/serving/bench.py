@@ -7,8 +7,8 @@ interleaved in balanced rounds (:func:`fanlora.serving.timing.balanced_rounds`: 
 reverse — only ratios measured in the same run mean anything on a shared CPU); tokens/s are medians over
 rounds, ratios are medians of the per-round ratios with their range. The peak resident memory above the
 level before a decode is measured in a separate, untimed pass (a sampler thread would share the 2 cores).
-If the backbone has a latency profile (``fanlora profile``), the slowdown it predicts for the setting is
-printed beside the measured one.
+Then the engine's decode step against the base's (:func:`fanlora.serving.profile.step_ratios`, the
+measure ``fanlora profile`` uses), beside what the backbone's latency profile predicts when it has one.
 
 Part 2 (multi-tenant): a batch of ``--tenants`` prompts, each with its own adapter, through the engine's
 mixed batch; the same batch all on one adapter; and PEFT's ``adapter_names=`` mixed path.
@@ -107,9 +107,14 @@ def table3(
             f"| {name} | {beams} | {new_tokens / statistics.median(v):.2f} | {s['median']:.3f}x "
             f"[{s['min']:.3f}, {s['max']:.3f}] | {peak[key]:.0f} |"
         )
+    from fanlora.serving.profile import step_ratios
+
+    base, engine = configs["base"][0], configs["fanlora (engine)"]
+    steps = step_ratios({"base": (base, None), "engine": engine}, ids, 8, 6 * rounds)["engine"]
     return {
         "fanlora_vs_base": _ratio(times, "fanlora (engine)|1", "base|1"),
         "fanlora_vs_adalora": _ratio(times, "fanlora (engine)|1", "adalora (PEFT)|1"),
+        "step_time_vs_base": statistics.median(steps),
     }
 
 
@@ -174,23 +179,24 @@ def multi_tenant(
 
 
 def _against_profile(
-    setting: Setting, identity: dict[str, Any], speed: float, shape: tuple[int, int], say: Callable[[str], None]
+    setting: Setting, identity: dict[str, Any], step_ratio: float, prompt_tokens: int, say: Callable[[str], None]
 ) -> dict[str, float]:
-    """The decode slowdown the backbone's latency profile predicts for this setting, beside the measured one."""
+    """The decode-step slowdown the backbone's latency profile predicts for this setting, beside the measured one."""
     from fanlora.errors import UserError
     from fanlora.serving import profile as latency
 
+    measured = step_ratio - 1
     try:
         where, prof = latency.find_profile(identity)
     except UserError as exc:
-        say(f"latency: no prediction ({exc})")
-        return {}
-    predicted, measured = latency.predict(setting, prof), 1 / speed - 1
-    same = (prof["prompt_tokens"], prof["new_tokens"]) == shape
+        say(f"latency: decode step {measured * 100:+.2f}% vs base; no prediction ({exc})")
+        return {"latency_measured": measured}
+    predicted = latency.predict(setting, prof)
+    same = prof["prompt_tokens"] == prompt_tokens
     say(
-        f"latency: profile {where} predicts {predicted * 100:+.2f}% decode time for this setting; measured "
-        f"{measured * 100:+.2f}% (engine vs base, median of per-round ratios)"
-        + ("" if same else f" — the profile timed a {prof['prompt_tokens']}+{prof['new_tokens']}-token decode")
+        f"latency: profile {where} predicts {predicted * 100:+.2f}% decode-step time for this setting; measured "
+        f"{measured * 100:+.2f}% (median of per-round ratios, engine vs base)"
+        + ("" if same else f" — the profile timed steps after a {prof['prompt_tokens']}-token prompt")
     )
     return {"latency_predicted": predicted, "latency_measured": measured}
 
@@ -223,7 +229,7 @@ def run(
     probe_identity = probe.identity
     del probe
     result = table3(backbone_name, setting, work, ids, new_tokens, rounds, pad, say)
-    result |= _against_profile(setting, probe_identity, result["fanlora_vs_base"], (prompt_tokens, new_tokens), say)
+    result |= _against_profile(setting, probe_identity, result.pop("step_time_vs_base"), prompt_tokens, say)
     gc.collect()
     result |= multi_tenant(
         backbone_name, setting, work, tok, tenants, tenant_prompt_tokens, tenant_new_tokens, rounds, pad, say

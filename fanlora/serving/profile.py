@@ -1,12 +1,16 @@
 """``fanlora profile``: what LoRA on one module of each kind costs the serving engine at decode, per backbone.
 
 For every kind the engine is built with LoRA (rank ``r``, random factors) on that kind in *every* layer — one
-module's cost alone is below the machine's noise — and timed against the bare backbone in balanced rounds
-(:func:`fanlora.serving.timing.balanced_rounds`): the per-module cost of a kind is
-``(median per-round time ratio − 1) / layers``. The profile is cached per backbone weights and thread count
-(the costs depend on both) under ``$FANLORA_CACHE/profiles/``; ``fanlora select --budget latency=P%`` reads it,
-and predicts a setting's slowdown as the sum of its modules' costs (:func:`predict`), which
-``fanlora bench`` then puts beside the measured one.
+module's cost alone is below the machine's noise — and its decode step (one token after a
+``prompt_tokens``-token prompt, :func:`fanlora.serving.timing.step_runner`) is timed against the bare
+backbone's in balanced rounds (:func:`fanlora.serving.timing.balanced_rounds`): the per-module cost of a kind
+is ``(median per-round time ratio − 1) / layers``. Whole ``generate`` calls were tried first and were too
+noisy here (quartiles ±5 % around 1–6 % effects over 8 rounds); short interleaved steps are not.
+
+The profile is cached per backbone weights and thread count (the costs depend on both) under
+``$FANLORA_CACHE/profiles/``; ``fanlora select --budget latency=P%`` reads it and predicts a setting's
+slowdown as the sum of its modules' costs (:func:`predict`), which ``fanlora bench`` then puts beside the
+measured one.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ from fanlora.errors import UserError
 from fanlora.serving.engine import Engine
 from fanlora.serving.timing import (
     balanced_rounds,
-    decode_seconds,
     per_round_ratios,
     prompt_ids,
     save_random_adapter,
     spread,
+    step_runner,
 )
 from fanlora.setting import Setting
 
@@ -57,31 +61,39 @@ def default_path(identity: dict[str, Any], threads: int | None = None) -> Path:
 
 
 def overheads(
-    backbone_name: str, settings: dict[str, Setting], r: int, prompt_tokens: int, new_tokens: int, rounds: int,
+    backbone_name: str, settings: dict[str, Setting], r: int, prompt_tokens: int, steps: int, rounds: int,
     say: Callable[[str], None] = print,
 ) -> dict[str, list[float]]:  # fmt: skip
-    """name → per-round decode-time ratio of the engine on that setting to the bare backbone (one run)."""
+    """name → per-round decode-step time ratio of the engine on that setting to the bare backbone (one run)."""
     probe = load_backbone(backbone_name)
-    tok = probe.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = prompt_ids(tok, prompt_tokens)
-    base = probe.model.eval()
-    runs: dict[str, Callable[[], float]] = {"base": lambda: decode_seconds(base, ids, new_tokens, 1, pad)}
+    ids = prompt_ids(probe.tokenizer, prompt_tokens)
+    models: dict[str, tuple[Any, Callable[[], None] | None]] = {"base": (probe.model.eval(), None)}
     work = Path(tempfile.mkdtemp(prefix="fanlora-profile-"))
     for i, (name, setting) in enumerate(settings.items()):
         engine = Engine.from_backbone(load_backbone(backbone_name), setting)
         engine.load("t", save_random_adapter(backbone_name, setting, work / f"a{i}", i, r))
-        engine.use(["t"])
-        runs[name] = lambda e=engine: decode_seconds(e.model, ids, new_tokens, 1, pad)
+        models[name] = (engine.model, lambda e=engine: e.use(["t"]))
         gc.collect()
+    return step_ratios(models, ids, steps, rounds, say)
+
+
+def step_ratios(
+    models: dict[str, tuple[Any, Callable[[], None] | None]], ids: torch.Tensor, steps: int, rounds: int,
+    say: Callable[[str], None] = print,
+) -> dict[str, list[float]]:  # fmt: skip
+    """Per-round step-time ratio of every model in ``models`` to ``models["base"]`` (name → (model, route))."""
+    runs = {name: step_runner(model, ids, steps, route) for name, (model, route) in models.items()}
     for fn in runs.values():  # warm-up, not timed
         fn()
-    times = balanced_rounds(runs, rounds, on_round=lambda n: say(f"round {n + 1}/{rounds} done"))
-    return {name: per_round_ratios(times, name, "base") for name in settings}
+    every = max(1, rounds // 4)
+    times = balanced_rounds(
+        runs, rounds, on_round=lambda n: say(f"round {n + 1}/{rounds} done") if (n + 1) % every == 0 else None
+    )
+    return {name: per_round_ratios(times, name, "base") for name in models if name != "base"}
 
 
 def run_profile(
-    backbone_name: str, r: int = 12, prompt_tokens: int = 276, new_tokens: int = 32, rounds: int = 8,
+    backbone_name: str, r: int = 12, prompt_tokens: int = 276, steps: int = 8, rounds: int = 30,
     out: str | Path | None = None, say: Callable[[str], None] = print,
 ) -> dict[str, Any]:  # fmt: skip
     """Profile every kind of ``backbone_name``; write it (default: the cache) and return it."""
@@ -90,10 +102,10 @@ def run_profile(
     layers = backbone.layout.num_layers
     say(
         f"profiling {backbone.identity.get('name')}: LoRA r={r} on one kind in all {layers} layers vs the bare "
-        f"backbone, {prompt_tokens}-token prompt, {new_tokens} new tokens, {rounds} balanced rounds, "
+        f"backbone, decode steps after a {prompt_tokens}-token prompt ({steps} per run), {rounds} balanced rounds, "
         f"{torch.get_num_threads()} threads"
     )
-    ratios = overheads(backbone_name, settings, r, prompt_tokens, new_tokens, rounds, say)
+    ratios = overheads(backbone_name, settings, r, prompt_tokens, steps, rounds, say)
     kinds = {}
     for kind, values in ratios.items():
         s = spread(values)
@@ -104,22 +116,24 @@ def run_profile(
         "r": r,
         "layers": layers,
         "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
+        "steps": steps,
         "rounds": rounds,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "kinds": kinds,
     }
-    path = Path(out) if out else default_path(backbone.identity)
+    path = default_path(backbone.identity)  # where select --budget finds it
     atomic.write_json(path, profile)
+    if out:
+        atomic.write_json(out, profile)
     say("")
     say("| kind | time vs base, all layers (median [q1, q3]) | per module |")
     say("|---|---:|---:|")
     for kind, k in kinds.items():
         rr = k["ratio"]
         say(f"| {kind} | {rr['median']:.4f} [{rr['q1']:.4f}, {rr['q3']:.4f}] | {k['per_module'] * 100:+.3f}% |")
-    say(f"profile → {path}")
+    say(f"profile → {path}" + (f" and {out}" if out else ""))
     return profile
 
 

@@ -45,6 +45,35 @@ def decode_seconds(model: Any, ids: torch.Tensor, new_tokens: int, beams: int, p
     return time.perf_counter() - start
 
 
+def step_runner(
+    model: Any, ids: torch.Tensor, steps: int, route: Callable[[], None] | None = None
+) -> Callable[[], float]:
+    """A callable timing ``steps`` single-token decode steps at a fixed position after the prompt ``ids``.
+
+    The prompt is prefilled once; every step feeds one token against that cache, which is then cropped back,
+    so every call does the same work. A whole ``generate`` call (prefill, sampling, a growing cache) takes
+    seconds and drifts with the machine; steps of a few tens of ms can be interleaved finely between
+    configurations, which is what makes the few-percent costs of LoRA modules measurable on a shared CPU.
+    """
+    if route:
+        route()
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def run() -> float:
+        if route:
+            route()
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(steps):
+                model(input_ids=token, past_key_values=cache, use_cache=True)
+                cache.crop(-1)  # back to the prompt: every step does the same work
+        return time.perf_counter() - start
+
+    return run
+
+
 def save_random_adapter(backbone_name: str, setting: Setting, path: Path, seed: int, r: int = 12) -> Path:
     """A PEFT LoRA adapter of rank ``r`` on the setting's modules with random factors (speed ignores values)."""
     from peft import get_peft_model
