@@ -78,10 +78,15 @@ def main(argv: list[str] | None = None) -> int:
                 "overhead_q1": s["q1"] - 1,
                 "overhead_q3": s["q3"] - 1,
                 "overhead_predicted": latency.predict(setting, prof),
+                "overhead_predicted_ci": list(latency.predict_interval(setting, prof)),
                 "gold_nll": statistics.fmean(per[name]["gold_nll"]) if name in per else None,
                 "vs_reference": vs_ref,
             }
         )
+    noise = spread(ratios[latency.AGAIN])
+    say(
+        f"noise floor (base vs base, same run): median {noise['median']:.4f} [q1 {noise['q1']:.4f}, q3 {noise['q3']:.4f}]"
+    )
     say("")
     say(f"| variant | modules | params | time vs base [q1, q3] | predicted | gold NLL | {ref} − variant [95% CI] |")
     say("|---|---:|---:|---:|---:|---:|---:|")
@@ -92,10 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         say(
             f"| {r['variant']} | {r['modules']} | {r['trainable_parameters'] or '—'} | "
             f"{r['overhead_measured'] * 100:+.2f}% [{r['overhead_q1'] * 100:+.2f}, {r['overhead_q3'] * 100:+.2f}] | "
-            f"{r['overhead_predicted'] * 100:+.2f}% | {nll} | {diff} |"
+            f"{r['overhead_predicted'] * 100:+.2f}% [{r['overhead_predicted_ci'][0] * 100:+.2f}, "
+            f"{r['overhead_predicted_ci'][1] * 100:+.2f}] | {nll} | {diff} |"
         )
     out = Path(args.out)
-    atomic.write_json(out.with_suffix(".json"), {"rows": rows, "profile_r": prof["r"], "rounds": args.rounds})
+    atomic.write_json(
+        out.with_suffix(".json"), {"rows": rows, "noise": noise, "profile_r": prof["r"], "rounds": args.rounds}
+    )
     atomic.write_text(out.with_suffix(".txt"), "\n".join(lines) + "\n")
     plot(rows, ref, out.with_suffix(".png"))
     return 0

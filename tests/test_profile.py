@@ -99,7 +99,7 @@ def test_step_runner_times_the_same_position_every_call(tiny_llama):
     forward = backbone.model.forward
 
     def spy(*args, **kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache")
         seen.append(0 if cache is None else cache.get_seq_length())
         return forward(*args, **kwargs)
 

@@ -107,14 +107,19 @@ def table3(
             f"| {name} | {beams} | {new_tokens / statistics.median(v):.2f} | {s['median']:.3f}x "
             f"[{s['min']:.3f}, {s['max']:.3f}] | {peak[key]:.0f} |"
         )
-    from fanlora.serving.profile import step_ratios
+    from fanlora.serving.profile import AGAIN, overheads
 
-    base, engine = configs["base"][0], configs["fanlora (engine)"]
-    steps = step_ratios({"base": (base, None), "engine": engine}, ids, 8, 6 * rounds)["engine"]
+    del configs, runs
+    gc.collect()
+    say("")
+    say("decode steps, engine on this setting vs the bare backbone on the same weights (balanced rounds):")
+    steps = overheads(backbone_name, {"engine": setting}, 12, ids.shape[1], 8, 6 * rounds, say)
+    noise = spread(steps[AGAIN])
+    say(f"noise floor (base vs base): median {noise['median']:.4f} [q1 {noise['q1']:.4f}, q3 {noise['q3']:.4f}]")
     return {
         "fanlora_vs_base": _ratio(times, "fanlora (engine)|1", "base|1"),
         "fanlora_vs_adalora": _ratio(times, "fanlora (engine)|1", "adalora (PEFT)|1"),
-        "step_time_vs_base": statistics.median(steps),
+        "step_time_vs_base": statistics.median(steps["engine"]),
     }
 
 
@@ -191,10 +196,11 @@ def _against_profile(
     except UserError as exc:
         say(f"latency: decode step {measured * 100:+.2f}% vs base; no prediction ({exc})")
         return {"latency_measured": measured}
-    predicted = latency.predict(setting, prof)
+    predicted, (lo, hi) = latency.predict(setting, prof), latency.predict_interval(setting, prof)
     same = prof["prompt_tokens"] == prompt_tokens
     say(
-        f"latency: profile {where} predicts {predicted * 100:+.2f}% decode-step time for this setting; measured "
+        f"latency: profile {where} predicts {predicted * 100:+.2f}% [95% CI {lo * 100:+.2f}, {hi * 100:+.2f}] "
+        f"decode-step time for this setting; measured "
         f"{measured * 100:+.2f}% (median of per-round ratios, engine vs base)"
         + ("" if same else f" — the profile timed steps after a {prof['prompt_tokens']}-token prompt")
     )

@@ -22,7 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from scipy import stats as sps
 
 from fanlora import atomic
 from fanlora.backbone import Backbone, cache_dir, load_backbone
@@ -39,6 +41,7 @@ from fanlora.serving.timing import (
 from fanlora.setting import Setting
 
 PROFILE_FORMAT = "fanlora-profile/1"
+AGAIN = "base (again)"
 
 
 def layer_setting(backbone: Backbone, kinds: list[str]) -> Setting:
@@ -60,21 +63,62 @@ def default_path(identity: dict[str, Any], threads: int | None = None) -> Path:
     return cache_dir() / "profiles" / f"{identity.get('weights_digest', 'unknown')}-t{threads}.json"
 
 
+class Wirings:
+    """Several settings' LoRA wrappings of *one* backbone model, swapped in and out in place.
+
+    Separate copies of the backbone differ in speed by themselves on this machine (an A/A test of two copies
+    of the same weights gave a 5.6 % median difference, one copy against itself 1.5 %), so every
+    configuration is timed on the same weights in memory: :meth:`activate` puts one setting's wrapped modules
+    in place (``None``: the bare backbone) before its timed steps.
+    """
+
+    def __init__(self, backbone: Backbone, settings: dict[str, Setting], adapters: dict[str, Path]) -> None:
+        self.model = backbone.model.eval()
+        self.wrapped: dict[str, dict[str, torch.nn.Module]] = {}
+        self.bases: dict[str, torch.nn.Module] = {}
+        for name, setting in settings.items():
+            engine = Engine(self.model, backbone.tokenizer, setting, backbone.identity)
+            engine.load("t", adapters[name])
+            engine.use(["t"])
+            self.wrapped[name] = dict(engine.modules)
+            self.bases.update({full: w.base for full, w in engine.modules.items()})
+            self.activate(None)
+
+    def _put(self, full: str, module: torch.nn.Module) -> None:
+        parent, _, child = full.rpartition(".")
+        setattr(self.model.get_submodule(parent), child, module)
+
+    def activate(self, name: str | None) -> None:
+        for full, base in self.bases.items():
+            self._put(full, base)
+        for full, wrapped in self.wrapped.get(name, {}).items():
+            self._put(full, wrapped)
+
+
 def overheads(
     backbone_name: str, settings: dict[str, Setting], r: int, prompt_tokens: int, steps: int, rounds: int,
     say: Callable[[str], None] = print,
 ) -> dict[str, list[float]]:  # fmt: skip
-    """name → per-round decode-step time ratio of the engine on that setting to the bare backbone (one run)."""
-    probe = load_backbone(backbone_name)
-    ids = prompt_ids(probe.tokenizer, prompt_tokens)
-    models: dict[str, tuple[Any, Callable[[], None] | None]] = {"base": (probe.model.eval(), None)}
+    """name → per-round decode-step time ratio of the engine on that setting to the bare backbone (one run).
+
+    ``"base (again)"`` is the bare backbone timed as a configuration of its own: its ratios are the
+    machine's noise floor (an A/A test).
+    """
+    backbone = load_backbone(backbone_name)
+    ids = prompt_ids(backbone.tokenizer, prompt_tokens)
     work = Path(tempfile.mkdtemp(prefix="fanlora-profile-"))
-    for i, (name, setting) in enumerate(settings.items()):
-        engine = Engine.from_backbone(load_backbone(backbone_name), setting)
-        engine.load("t", save_random_adapter(backbone_name, setting, work / f"a{i}", i, r))
-        models[name] = (engine.model, lambda e=engine: e.use(["t"]))
-        gc.collect()
-    return step_ratios(models, ids, steps, rounds, say)
+    adapters = {
+        n: save_random_adapter(backbone_name, s, work / f"a{i}", i, r) for i, (n, s) in enumerate(settings.items())
+    }
+    gc.collect()
+    wirings = Wirings(backbone, settings, adapters)
+    models: dict[str, tuple[Any, Callable[[], None] | None]] = {
+        name: (wirings.model, lambda n=name: wirings.activate(n)) for name in settings
+    }
+    models["base"] = models[AGAIN] = (wirings.model, lambda: wirings.activate(None))
+    ratios = step_ratios(models, ids, steps, rounds, say)
+    wirings.activate(None)
+    return ratios
 
 
 def step_ratios(
@@ -107,9 +151,16 @@ def run_profile(
     )
     ratios = overheads(backbone_name, settings, r, prompt_tokens, steps, rounds, say)
     kinds = {}
-    for kind, values in ratios.items():
-        s = spread(values)
-        kinds[kind] = {"per_module": (s["median"] - 1) / layers, "ratio": s, "ratios": values}
+    for kind in settings:
+        s = spread(ratios[kind])
+        lo, hi = median_interval(ratios[kind])
+        kinds[kind] = {
+            "per_module": (s["median"] - 1) / layers,
+            "per_module_ci": [(lo - 1) / layers, (hi - 1) / layers],
+            "ratio": s,
+            "ratios": ratios[kind],
+        }
+    noise = spread(ratios[AGAIN])
     profile = {
         "format": PROFILE_FORMAT,
         "backbone": backbone.identity,
@@ -122,17 +173,26 @@ def run_profile(
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "kinds": kinds,
+        "noise": {"ratio": noise, "ci": list(median_interval(ratios[AGAIN])), "ratios": ratios[AGAIN]},
     }
     path = default_path(backbone.identity)  # where select --budget finds it
     atomic.write_json(path, profile)
     if out:
         atomic.write_json(out, profile)
     say("")
-    say("| kind | time vs base, all layers (median [q1, q3]) | per module |")
+    say("| kind | step time vs base, all layers: median [q1, q3] | per module [95% CI of the median] |")
     say("|---|---:|---:|")
     for kind, k in kinds.items():
-        rr = k["ratio"]
-        say(f"| {kind} | {rr['median']:.4f} [{rr['q1']:.4f}, {rr['q3']:.4f}] | {k['per_module'] * 100:+.3f}% |")
+        rr, (lo, hi) = k["ratio"], k["per_module_ci"]
+        say(
+            f"| {kind} | {rr['median']:.4f} [{rr['q1']:.4f}, {rr['q3']:.4f}] | "
+            f"{k['per_module'] * 100:+.3f}% [{lo * 100:+.3f}, {hi * 100:+.3f}] |"
+        )
+    lo, hi = profile["noise"]["ci"]
+    say(
+        f"| noise floor: base vs base (A/A) | {noise['median']:.4f} [{noise['q1']:.4f}, {noise['q3']:.4f}] | "
+        f"95% CI of the median [{lo:.4f}, {hi:.4f}] |"
+    )
     say(f"profile → {path}" + (f" and {out}" if out else ""))
     return profile
 
@@ -154,6 +214,31 @@ def find_profile(identity: dict[str, Any], path: str | Path | None = None) -> tu
     if profile["backbone"].get("weights_digest") != identity.get("weights_digest"):
         raise UserError(f"{where} profiles another backbone: profile this one with `fanlora profile`")
     return where, profile
+
+
+def median_interval(values: list[float], seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the median (scipy.stats.bootstrap)."""
+    if len(values) < 3 or len(set(values)) == 1:
+        return min(values), max(values)
+    res = sps.bootstrap(
+        (np.asarray(values),), np.median, confidence_level=0.95, n_resamples=2000, method="percentile",
+        random_state=np.random.default_rng(seed),
+    )  # fmt: skip
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def predict_interval(setting: Setting, profile: dict[str, Any], resamples: int = 2000) -> tuple[float, float]:
+    """95 % interval of :func:`predict`: every kind's rounds resampled (bootstrap), the sum recomputed each time."""
+    rng = np.random.default_rng(0)
+    counts = {k: sum(k in kinds for kinds in setting.kept.values()) for k in profile["kinds"]}
+    total = np.zeros(resamples)
+    for kind, n in counts.items():
+        ratios = np.asarray(profile["kinds"][kind]["ratios"])
+        if n == 0 or ratios.size == 0:
+            continue
+        medians = np.median(ratios[rng.integers(0, ratios.size, (resamples, ratios.size))], axis=1)
+        total += n * np.maximum(0.0, (medians - 1) / profile["layers"])
+    return float(np.quantile(total, 0.025)), float(np.quantile(total, 0.975))
 
 
 def per_module(profile: dict[str, Any]) -> dict[str, float]:

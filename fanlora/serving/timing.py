@@ -67,7 +67,7 @@ def step_runner(
         start = time.perf_counter()
         with torch.no_grad():
             for _ in range(steps):
-                model(input_ids=token, past_key_values=cache, use_cache=True)
+                model(input_ids=token, cache=cache, use_cache=True)
                 cache.crop(-1)  # back to the prompt: every step does the same work
         return time.perf_counter() - start
 
