@@ -84,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     noise = spread(ratios[latency.AGAIN])
-    say(
-        f"noise floor (base vs base, same run): median {noise['median']:.4f} [q1 {noise['q1']:.4f}, q3 {noise['q3']:.4f}]"
-    )
+    say(f"noise floor (base vs base): median {noise['median']:.4f} [q1 {noise['q1']:.4f}, q3 {noise['q3']:.4f}]")
     say("")
     say(f"| variant | modules | params | time vs base [q1, q3] | predicted | gold NLL | {ref} − variant [95% CI] |")
     say("|---|---:|---:|---:|---:|---:|---:|")
