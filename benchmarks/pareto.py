@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="the experiment grid whose settings and cells to plot")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--out", default="benchmarks/results/pareto", help="writes OUT.txt, OUT.json, OUT.png")
+    p.add_argument(
+        "--timings",
+        help="reuse the decode-step ratios a previous run saved (OUT.timings.json) instead of timing again: "
+        "the grid's cells can finish after the settings were timed",
+    )
     args = p.parse_args(argv)
     exp = experiment_config.parse(args.config)
     settings = {v: Setting.read(Path(exp.out) / "settings" / f"{v}.json") for v in exp.variants}
@@ -60,8 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(line)
 
     say(f"$ python benchmarks/pareto.py {' '.join(sys.argv[1:] if argv is None else argv)}")
-    ratios = latency.overheads(first.backbone.get("source", "embedded"), settings, prof["r"], 276, 8, args.rounds, say)
-    per, paired = quality(exp)
+    out = Path(args.out)
+    if args.timings:
+        ratios = json.loads(Path(args.timings).read_text())["ratios"]
+        say(f"decode-step ratios from {args.timings}")
+    else:
+        backbone = first.backbone.get("source", "embedded")
+        ratios = latency.overheads(backbone, settings, prof["r"], 276, 8, args.rounds, say)
+        atomic.write_json(out.with_suffix(".timings.json"), {"ratios": ratios, "rounds": args.rounds})
+    per, paired = quality(exp) if (Path(exp.report) / "results.json").is_file() else ({}, [])
     ref = exp.reference or next(iter(exp.variants))
     rows = []
     for name, setting in settings.items():
@@ -98,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['overhead_predicted'] * 100:+.2f}% [{r['overhead_predicted_ci'][0] * 100:+.2f}, "
             f"{r['overhead_predicted_ci'][1] * 100:+.2f}] | {nll} | {diff} |"
         )
-    out = Path(args.out)
     atomic.write_json(
         out.with_suffix(".json"), {"rows": rows, "noise": noise, "profile_r": prof["r"], "rounds": args.rounds}
     )

@@ -101,8 +101,8 @@ def loss_svg(history: list[dict[str, Any]], width: int = 460, height: int = 220)
     parts = [f'<svg id="loss" width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">']
     parts.append(f'<line x1="{pad}" y1="{height - pad}" x2="{width - 20}" y2="{height - pad}" stroke="#888"/>')
     parts.append(f'<line x1="{pad}" y1="20" x2="{pad}" y2="{height - pad}" stroke="#888"/>')
-    parts.append(f'<text x="{pad}" y="{height - 12}" font-size="11">step {x0:g}</text>')
-    parts.append(f'<text x="{width - 80}" y="{height - 12}" font-size="11">step {x1:g}</text>')
+    parts.append(f'<text x="{pad}" y="{height - 24}" font-size="11">step {x0:g}</text>')
+    parts.append(f'<text x="{width - 80}" y="{height - 24}" font-size="11">step {x1:g}</text>')
     parts.append(f'<text x="2" y="24" font-size="11">{y1:.3f}</text>')
     parts.append(f'<text x="2" y="{height - pad}" font-size="11">{y0:.3f}</text>')
     for i, (name, pts) in enumerate(series.items()):
@@ -110,7 +110,7 @@ def loss_svg(history: list[dict[str, Any]], width: int = 460, height: int = 220)
             line = " ".join(xy(p) for p in pts)
             parts.append(f'<polyline fill="none" stroke="{colors[name]}" stroke-width="2" points="{line}"/>')
             parts.append(
-                f'<text x="{width - 120}" y="{30 + 14 * i}" font-size="12" fill="{colors[name]}">{name} loss</text>'
+                f'<text x="{140 + 90 * i}" y="{height - 4}" font-size="12" fill="{colors[name]}">{name} loss</text>'
             )
     parts.append("</svg>")
     return "".join(parts)
@@ -203,18 +203,20 @@ def setting_section(setting: Setting, r1: int) -> str:
     if found:
         from fanlora.serving import profile as latency
 
-        facts.append(
-            ["predicted decode slowdown", f"{latency.predict(setting, found[1]) * 100:+.2f}% ({found[0].name})"]
-        )
+        lo, hi = latency.predict_interval(setting, found[1])
+        guess = f"{latency.predict(setting, found[1]) * 100:+.2f}% [95% CI {lo * 100:+.2f}, {hi * 100:+.2f}]"
+        facts.append(["predicted decode-step slowdown", f"{guess} ({found[0].name})"])
     else:
         facts.append(["predicted decode slowdown", "no latency profile (run `fanlora profile`)"])
     budget = setting.source.get("budget")
     if budget:
         facts.append(["budget", f"{budget['text']} (predicted cost {budget['predicted_cost']:.6g})"])
     return (
-        '<div class="grid" id="setting">'
+        '<div class="grid" id="setting"><div>'
         + table_html(["fact", "value"], facts, "setting-facts")
+        + "<br>"
         + table_html(["kind", "layers keeping it"], counts, "setting-kinds")
+        + "</div>"
         + table_html(["layer", "kinds kept (best first)"], per_layer, "setting-layers")
         + "</div>"
     )
@@ -266,16 +268,21 @@ def build(run: Path) -> str:
         f"<p>written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))}; backbone <b>{esc(backbone.get('name'))}</b> "
         f"({esc(backbone.get('public_name', backbone.get('source')))}, {esc(backbone.get('num_layers'))} layers, "
         f"weights {esc(backbone.get('weights_digest'))})</p>",
-        "<h2>Stage a: loss</h2>"
+        '<div class="grid"><div><h2>Stage a: loss</h2>'
         + loss_svg(stage_a_history(run))
         + (
             f"<p>{esc(search.get('steps'))} steps, best val loss {_fmt(search.get('best_eval_loss'))}</p>"
             if search
             else ""
-        ),
-        "<h2>Stage b: scores</h2>" + (heatmap(table, setting) if table else "<p>no scores.json</p>"),
-        "<h2>Stage c: setting</h2>" + (setting_section(setting, r1) if setting else "<p>no setting.json</p>"),
-        "<h2>Tasks</h2>" + metrics_section(run),
+        )
+        + "</div><div><h2>Tasks</h2>"
+        + metrics_section(run)
+        + "</div></div>",
+        '<div class="grid"><div><h2>Stage b: scores</h2>'
+        + (heatmap(table, setting) if table else "<p>no scores.json</p>")
+        + "</div><div><h2>Stage c: setting</h2>"
+        + (setting_section(setting, r1) if setting else "<p>no setting.json</p>")
+        + "</div></div>",
         "<h2>Latency profile</h2>" + profile_section(setting),
     ]
     bench = run / "bench.txt"

@@ -202,13 +202,16 @@ def read_profile(path: str | Path) -> dict[str, Any]:
 
 
 def find_profile(identity: dict[str, Any], path: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """The given profile, or the cached one of this backbone and thread count; refuse another backbone's."""
+    """The given profile, or the cached one of this backbone — for this thread count if there is one, else the
+    newest (a grid may select on one thread for a server that runs on two); refuse another backbone's."""
     where = Path(path) if path else default_path(identity)
+    if not path and not where.is_file():
+        others = sorted(where.parent.glob(f"{identity.get('weights_digest', 'unknown')}-t*.json"), key=_mtime)
+        where = others[-1] if others else where
     if not where.is_file():
         raise UserError(
-            f"no latency profile for backbone {identity.get('source') or identity.get('name')} with "
-            f"{torch.get_num_threads()} threads at {where}: run `fanlora profile --backbone "
-            f"{identity.get('source', 'embedded')}` first (a few minutes), or pass --profile"
+            f"no latency profile for backbone {identity.get('source') or identity.get('name')} at {where}: run "
+            f"`fanlora profile --backbone {identity.get('source', 'embedded')}` first (minutes), or pass --profile"
         )
     profile = read_profile(where)
     if profile["backbone"].get("weights_digest") != identity.get("weights_digest"):
@@ -239,6 +242,10 @@ def predict_interval(setting: Setting, profile: dict[str, Any], resamples: int =
         medians = np.median(ratios[rng.integers(0, ratios.size, (resamples, ratios.size))], axis=1)
         total += n * np.maximum(0.0, (medians - 1) / profile["layers"])
     return float(np.quantile(total, 0.025)), float(np.quantile(total, 0.975))
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime
 
 
 def per_module(profile: dict[str, Any]) -> dict[str, float]:
