@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,6 +198,10 @@ def costs_for(
 
     where, prof = latency.find_profile(table.backbone, profile_path)
     record = {"profile": str(where), "profile_sha256_16": file_sha256(where)[:16], "profile_r": prof["r"]}
+    warning = latency.resolution_warning(prof)
+    if warning:
+        record["profile_warning"] = warning
+        print(f"warning: {warning}", file=sys.stderr)
     return latency_costs(table, latency.per_module(prof)), record
 
 

@@ -109,3 +109,12 @@ def test_step_runner_times_the_same_position_every_call(tiny_llama):
     run()
     run()
     assert seen[0] == 0 and seen[1:] == [ids.shape[1]] * 6  # prefill once, then six steps at the same length
+
+
+def test_a_profile_below_the_noise_says_so():
+    clear = {"kinds": {"Q": {"per_module_ci": [0.001, 0.002]}}, "noise": {"ci": [0.99, 1.01]}}
+    assert latency.resolution_warning(clear) is None
+    hidden = {"kinds": {"Q": {"per_module_ci": [-0.001, 0.002]}}, "noise": {"ci": [0.99, 1.01]}}
+    assert "1 of 1 kinds' costs are not distinguishable from zero" in latency.resolution_warning(hidden)
+    biased = {"kinds": {"Q": {"per_module_ci": [0.001, 0.002]}}, "noise": {"ci": [0.95, 0.98]}}
+    assert "timed against itself differs" in latency.resolution_warning(biased)

@@ -204,6 +204,9 @@ def _against_profile(
         f"{measured * 100:+.2f}% (median of per-round ratios, engine vs base)"
         + ("" if same else f" — the profile timed steps after a {prof['prompt_tokens']}-token prompt")
     )
+    warning = latency.resolution_warning(prof)
+    if warning:
+        say(f"latency: {warning}")
     return {"latency_predicted": predicted, "latency_measured": measured}
 
 

@@ -193,6 +193,9 @@ def run_profile(
         f"| noise floor: base vs base (A/A) | {noise['median']:.4f} [{noise['q1']:.4f}, {noise['q3']:.4f}] | "
         f"95% CI of the median [{lo:.4f}, {hi:.4f}] |"
     )
+    warning = resolution_warning(profile)
+    if warning:
+        say(f"warning: {warning}")
     say(f"profile → {path}" + (f" and {out}" if out else ""))
     return profile
 
@@ -242,6 +245,26 @@ def predict_interval(setting: Setting, profile: dict[str, Any], resamples: int =
         medians = np.median(ratios[rng.integers(0, ratios.size, (resamples, ratios.size))], axis=1)
         total += n * np.maximum(0.0, (medians - 1) / profile["layers"])
     return float(np.quantile(total, 0.025)), float(np.quantile(total, 0.975))
+
+
+def resolution_warning(profile: dict[str, Any]) -> str | None:
+    """Why this profile's costs cannot be trusted, if they cannot: the machine's noise hides them."""
+    unresolved = [k for k, v in profile["kinds"].items() if v.get("per_module_ci", [0, 1])[0] <= 0]
+    lo, hi = profile.get("noise", {}).get("ci", [1.0, 1.0])
+    biased = not lo <= 1.0 <= hi
+    if not unresolved and not biased:
+        return None
+    why = (
+        [f"{len(unresolved)} of {len(profile['kinds'])} kinds' costs are not distinguishable from zero"]
+        if unresolved
+        else []
+    )
+    if biased:
+        why.append(f"the bare backbone timed against itself differs by [{lo - 1:+.1%}, {hi - 1:+.1%}] (95% CI)")
+    return (
+        "the latency profile is below this machine's timing resolution (" + "; ".join(why) + "): latency budgets "
+        "built on it are not reliable here; profile on an idle or larger machine, or use a params budget"
+    )
 
 
 def _mtime(path: Path) -> float:
