@@ -155,7 +155,7 @@ def test_empty_dataset(tmp_path, recipe_file, capsys):
 def test_k_max_below_one_writes_nothing(pipeline_run, tmp_path, capsys):
     _, run = pipeline_run
     out = tmp_path / "s.json"
-    assert "k_max must be an integer >= 1" in fail(
+    assert "--k-max must be >= 1" in fail(
         capsys, ["select", "--scores", str(run / "scores.json"), "--k-max", "0", "--out", str(out)]
     )
     assert not out.exists()
