@@ -78,8 +78,10 @@ def paired(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         for key, higher in ITEM_METRICS:
             a, b = item_outcomes(exp, ref, key), item_outcomes(exp, rs, key)
-            if not a or not b:
+            common = sorted(set(a) & set(b))  # pair on the seeds both have run (a grid may be part-way)
+            if not common:
                 continue
+            a, b = {s: a[s] for s in common}, {s: b[s] for s in common}
             names = (f"fanlora/{reference}", f"{method}/{variant}")
             try:
                 c = stats.compare(a, b, names, key, higher)

@@ -148,7 +148,26 @@ def test_setting_rules_and_paired_gold_losses(tmp_path, recipe_file):
     assert (tmp_path / "report" / "copa_gold_loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("name", ["table1", "kmax", "scorers", "corpus", "setting-study-pilot"])
+def test_paired_comparisons_use_the_seeds_both_sides_have(tmp_path):
+    from types import SimpleNamespace
+
+    from fanlora.experiment_report import paired
+
+    exp = SimpleNamespace(out=str(tmp_path), reference="ab", variants={"ab": None, "rnd": None})
+    records = []
+    for variant, seeds, shift in (("ab", [0, 1], 0.0), ("rnd", [0], 0.1)):
+        for seed in seeds:
+            cid = f"sql__fanlora__{variant}__s{seed}"
+            (tmp_path / "cells" / cid).mkdir(parents=True)
+            lines = [json.dumps({"id": f"q{i}", "gold_nll": 0.5 + shift + 0.01 * i}) for i in range(5)]
+            (tmp_path / "cells" / cid / "items.jsonl").write_text("\n".join(lines))
+            records.append({"id": cid, "task": "sql", "variant": variant, "method": "fanlora", "seed": seed,
+                            "trainable_parameters": 1})  # fmt: skip
+    (c,) = paired(exp, records)
+    assert c["n_seeds"] == 1 and c["n_items"] == 5 and c["mean_diff"] == pytest.approx(-0.1)
+
+
+@pytest.mark.parametrize("name", ["table1", "kmax", "scorers", "corpus", "setting-study-pilot", "pareto"])
 def test_committed_experiment_configs_parse(name):
     from fanlora.experiment_config import cells, parse
 
