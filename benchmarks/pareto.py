@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     say("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         c = r["vs_reference"]
-        diff = f"{c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]" if c else "(reference)"
+        none = "(reference)" if r["variant"] == ref else "— (cell not run yet)"
+        diff = f"{c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]" if c else none
         nll = "—" if r["gold_nll"] is None else f"{r['gold_nll']:.4f}"
         say(
             f"| {r['variant']} | {r['modules']} | {r['trainable_parameters'] or '—'} | "
@@ -128,9 +129,10 @@ def plot(rows: list[dict], ref: str, path: Path) -> None:
         c = r["vs_reference"]
         # the paired 95% interval of (variant − reference), drawn around the variant's mean
         yerr = [[c["ci_high"] - c["mean_diff"]], [c["mean_diff"] - c["ci_low"]]] if c else None
-        ax.errorbar(x, r["gold_nll"], xerr=xerr, yerr=yerr, fmt="o", capsize=3)
+        bar = ax.errorbar(x, r["gold_nll"], xerr=xerr, yerr=yerr, fmt="o", capsize=3)
+        ax.plot(r["overhead_predicted"] * 100, r["gold_nll"], "x", color=bar[0].get_color(), markersize=9)
         ax.annotate(f"{r['variant']} ({r['modules']})", (x, r["gold_nll"]), textcoords="offset points", xytext=(5, 5))
-    ax.set_xlabel("decode time vs bare backbone (%, measured; bars: quartiles of rounds)")
+    ax.set_xlabel("decode-step time vs bare backbone (%; o measured, bars quartiles of rounds; x predicted)")
     ax.set_ylabel("SQL test gold NLL (lower is better)")
     ax.set_title(f"Quality vs decode cost (bars: paired 95% CI vs {ref})")
     fig.tight_layout()
