@@ -132,7 +132,7 @@ def plot(rows: list[dict], ref: str, path: Path) -> None:
         bar = ax.errorbar(x, r["gold_nll"], xerr=xerr, yerr=yerr, fmt="o", capsize=3)
         ax.plot(r["overhead_predicted"] * 100, r["gold_nll"], "x", color=bar[0].get_color(), markersize=9)
         ax.annotate(f"{r['variant']} ({r['modules']})", (x, r["gold_nll"]), textcoords="offset points", xytext=(5, 5))
-    ax.set_xlabel("decode-step time vs bare backbone (%; o measured, bars quartiles of rounds; x predicted)")
+    ax.set_xlabel("decode-step time vs base (%): o measured (bars: quartiles), x predicted")
     ax.set_ylabel("SQL test gold NLL (lower is better)")
     ax.set_title(f"Quality vs decode cost (bars: paired 95% CI vs {ref})")
     fig.tight_layout()
