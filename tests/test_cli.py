@@ -264,9 +264,10 @@ def test_overwrite_starts_a_new_run_with_the_new_config(recipe_file, tmp_path):
 def test_demo_prints_a_machine_readable_result(recipe_file, tmp_path, capsys):
     run = tmp_path / "demo"
     assert main(["demo", "--config", str(recipe_file), "--run-dir", str(run)]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    *_, report_line, last = capsys.readouterr().out.strip().splitlines()
     fields = dict(kv.split("=", 1) for kv in last.split()[1:])
     assert last.startswith("RESULT ") and fields["run_dir"] == str(run)
+    assert report_line == f"report: {run / 'report.html'}" and "data-score=" in (run / "report.html").read_text()
     assert set(fields) == {"run_dir", "minutes", "modules_kept", "copa_acc_base", "copa_acc_fanlora"}
     summary = json.loads((run / "summary.json").read_text())
     assert int(fields["modules_kept"]) == summary["modules_kept"] >= 1
