@@ -7,7 +7,7 @@ interleaved in balanced rounds (:func:`fanlora.serving.timing.balanced_rounds`: 
 reverse — only ratios measured in the same run mean anything on a shared CPU); tokens/s are medians over
 rounds, ratios are medians of the per-round ratios with their range. The peak resident memory above the
 level before a decode is measured in a separate, untimed pass (a sampler thread would share the 2 cores).
-Then the engine's decode step against the base's (:func:`fanlora.serving.profile.step_ratios`, the
+Then the engine's decode step against the base's (:func:`fanlora.serving.profile.overheads`, the
 measure ``fanlora profile`` uses), beside what the backbone's latency profile predicts when it has one.
 
 Part 2 (multi-tenant): a batch of ``--tenants`` prompts, each with its own adapter, through the engine's
@@ -33,8 +33,10 @@ import torch
 
 from fanlora import methods
 from fanlora.backbone import Backbone, load_backbone
+from fanlora.errors import UserError
 from fanlora.methods import randomize
 from fanlora.rss import PeakRSS
+from fanlora.serving import profile as latency
 from fanlora.serving.engine import Engine
 from fanlora.serving.timing import (
     balanced_rounds,
@@ -107,14 +109,12 @@ def table3(
             f"| {name} | {beams} | {new_tokens / statistics.median(v):.2f} | {s['median']:.3f}x "
             f"[{s['min']:.3f}, {s['max']:.3f}] | {peak[key]:.0f} |"
         )
-    from fanlora.serving.profile import AGAIN, overheads
-
     del configs, runs
     gc.collect()
     say("")
     say("decode steps, engine on this setting vs the bare backbone on the same weights (balanced rounds):")
-    steps = overheads(backbone_name, {"engine": setting}, 12, ids.shape[1], 8, 6 * rounds, say)
-    noise = spread(steps[AGAIN])
+    steps = latency.overheads(backbone_name, {"engine": setting}, 12, ids.shape[1], 8, 6 * rounds, say)
+    noise = spread(steps[latency.AGAIN])
     say(f"noise floor (base vs base): median {noise['median']:.4f} [q1 {noise['q1']:.4f}, q3 {noise['q3']:.4f}]")
     return {
         "fanlora_vs_base": _ratio(times, "fanlora (engine)|1", "base|1"),
@@ -187,9 +187,6 @@ def _against_profile(
     setting: Setting, identity: dict[str, Any], step_ratio: float, prompt_tokens: int, say: Callable[[str], None]
 ) -> dict[str, float]:
     """The decode-step slowdown the backbone's latency profile predicts for this setting, beside the measured one."""
-    from fanlora.errors import UserError
-    from fanlora.serving import profile as latency
-
     measured = step_ratio - 1
     try:
         where, prof = latency.find_profile(identity)
