@@ -178,6 +178,19 @@ def _serving_parsers(sub: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 503")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument(
+        "--scheduler",
+        choices=["continuous", "batch"],
+        default="continuous",
+        help="continuous (default): requests join and leave the batch at every decoding step; batch: one "
+        "generate() call per batch, later requests wait for all of it",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="continuous: prompt tokens per prefill forward (longer prompts go in chunks)",
+    )
 
     p = sub.add_parser("bench", help="Table 3 on this machine: decode speed and memory of FanLoRA vs baselines")
     p.set_defaults(func=commands.bench)

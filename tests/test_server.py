@@ -16,7 +16,7 @@ from test_engine import make_adapter, setting_for
 from fanlora.backbone import load_backbone
 from fanlora.generate import Decoding
 from fanlora.serving.engine import Engine
-from fanlora.serving.scheduler import Job
+from fanlora.serving.scheduler import Job, Scheduler
 from fanlora.serving.server import Limits, create_app
 
 KEY = "secret-key"
@@ -93,19 +93,24 @@ def test_concurrent_requests_on_different_adapters_are_batched(server):
     alone = {
         n: c.completions.create(model=n, prompt="Once upon", max_tokens=6, temperature=0).choices[0].text for n in names
     }
-    before = app.state.scheduler.batches
+    scheduler = app.state.scheduler
     results: dict[str, str] = {}
 
     def ask(n: str) -> None:
         results[n] = c.completions.create(model=n, prompt="Once upon", max_tokens=6, temperature=0).choices[0].text
 
     threads = [threading.Thread(target=ask, args=(n,)) for n in names * 2]
-    for t in threads:
-        t.start()
+    with scheduler.lock:  # the worker waits while every request arrives, so they must share decoding steps
+        scheduler.peak_rows = 0
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while scheduler.waiting < len(threads) and time.monotonic() < deadline:
+            threading.Event().wait(0.02)
     for t in threads:
         t.join()
     assert results == alone  # a mixed batch gives each row its own adapter's answer
-    assert app.state.scheduler.batches - before < len(threads)  # some requests shared a batch
+    assert scheduler.peak_rows > 1  # requests were decoded together
 
 
 def test_bad_requests_get_4xx_and_the_server_stays_up(server):
@@ -155,7 +160,7 @@ def test_a_cancelled_row_stops_at_the_next_step_and_the_others_continue(server):
     import asyncio
 
     _, app = server
-    scheduler, tok = app.state.scheduler, app.state.engine.tokenizer
+    scheduler, tok = Scheduler(app.state.engine), app.state.engine.tokenizer  # the batch path (--scheduler batch)
 
     class Leaving(Job):
         def emit(self, kind, value):  # the client goes away right after its first token

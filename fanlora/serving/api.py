@@ -21,6 +21,8 @@ class Limits(BaseModel):
     max_body_bytes: int = 1_000_000
     max_queue: int = 64
     max_batch: int = 16
+    scheduler: str = "continuous"  # or "batch": one generate() call per batch (the old path)
+    prefill_chunk: int = 256  # continuous only: prompt tokens per prefill forward
 
 
 class SamplingRequest(BaseModel):

@@ -58,6 +58,38 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
 
+def accept(job: Job, token: int, tokenizer: Any, eos: int | None) -> None:
+    """One new token for ``job``: end it at EOS, a stop string or ``max_tokens``; send its text delta.
+
+    Both schedulers call this for every decoded token, so a request's stream is the same whichever runs it.
+    """
+    if job.finished or job.cancelled:
+        return
+    if token == eos:
+        job.finished = "stop"
+        return
+    job.tokens.append(token)
+    text = tokenizer.decode(job.tokens, skip_special_tokens=True)
+    if job.stop and any(s in text for s in job.stop):
+        text, job.finished = cut(text, job.stop), "stop"
+    elif len(job.tokens) >= job.max_tokens:
+        job.finished = "length"
+    if text.endswith("\ufffd") and not job.finished:  # half of a multi-byte character: wait
+        return
+    if len(text) > len(job.sent):
+        job.emit("text", text[len(job.sent) :])
+        job.sent = text
+
+
+def flush(job: Job, tokenizer: Any) -> None:
+    """Send what the stream held back (half a multi-byte character at the end), then the finish reason."""
+    full = cut(tokenizer.decode(job.tokens, skip_special_tokens=True), job.stop)
+    if len(full) > len(job.sent):
+        job.emit("text", full[len(job.sent) :])
+        job.sent = full
+    job.emit("done", job.finished or ("length" if len(job.tokens) >= job.max_tokens else "stop"))
+
+
 class _Streamer(BaseStreamer):
     """Receives each decoding step's tokens for the whole batch; forwards each row's text delta."""
 
@@ -69,22 +101,7 @@ class _Streamer(BaseStreamer):
             self.prompt_seen = True
             return
         for job, token in zip(self.jobs, value.view(-1).tolist(), strict=True):
-            if job.finished or job.cancelled:
-                continue
-            if token == self.eos:
-                job.finished = "stop"
-                continue
-            job.tokens.append(token)
-            text = self.tok.decode(job.tokens, skip_special_tokens=True)
-            if job.stop and any(s in text for s in job.stop):
-                text, job.finished = cut(text, job.stop), "stop"
-            elif len(job.tokens) >= job.max_tokens:
-                job.finished = "length"
-            if text.endswith("\ufffd") and not job.finished:  # half of a multi-byte character: wait
-                continue
-            if len(text) > len(job.sent):
-                job.emit("text", text[len(job.sent) :])
-                job.sent = text
+            accept(job, token, self.tok, self.eos)
 
     def end(self) -> None:
         pass
@@ -117,6 +134,7 @@ class Scheduler:
         self.batches = 0
         self.cancelled = 0  # jobs whose client left before they finished
         self.current: list[Job] = []  # the batch being decoded
+        self.peak_rows = 0  # the most requests decoded together so far
         self.thread.start()
 
     def submit(self, job: Job) -> None:
@@ -178,48 +196,54 @@ class Scheduler:
                     self._finish(job)
 
     def _run(self, jobs: list[Job]) -> None:
-        engine, tok = self.engine, self.engine.tokenizer
-        first = jobs[0].decoding
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        width = max(len(j.prompt_ids) for j in jobs)
-        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, j in enumerate(jobs):
-            ids[row, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
-            mask[row, width - len(j.prompt_ids) :] = 1
-        engine.use_slots([j.slot for j in jobs])
-        kwargs = first.generate_kwargs()
-        if first.strategy == "sampling":
-            torch.manual_seed(first.seed)
-        beam = first.strategy == "beam"
-        streamer = None if beam else _Streamer(jobs, tok, tok.eos_token_id)
-        device = next(engine.model.parameters()).device
-        with torch.no_grad():
-            out = engine.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max(j.max_tokens for j in jobs),
-                pad_token_id=pad,
-                eos_token_id=tok.eos_token_id,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_RowsDone(jobs)]),
-                **kwargs,
-            )
+        self.peak_rows = max(self.peak_rows, len(jobs))
+        run_batch(self.engine, jobs)
         self.batches += 1
-        for row, j in enumerate(jobs):
-            if beam:
-                new = out[row, width:].tolist()
-                new = [t for t in new if t not in (pad, tok.eos_token_id)][: j.max_tokens]
-                text = tok.decode(new, skip_special_tokens=True)
-                j.tokens = new
-                j.finished = "length" if len(new) >= j.max_tokens else "stop"
-                if j.stop and any(s in text for s in j.stop):
-                    text, j.finished = cut(text, j.stop), "stop"
-                j.emit("text", text)
-                j.sent = text
-            else:  # text the streamer held back (half a multi-byte character at the end)
-                full = cut(tok.decode(j.tokens, skip_special_tokens=True), j.stop)
-                if len(full) > len(j.sent):
-                    j.emit("text", full[len(j.sent) :])
-                    j.sent = full
-            j.emit("done", j.finished or ("length" if len(j.tokens) >= j.max_tokens else "stop"))
+
+
+def run_batch(engine: Engine, jobs: list[Job]) -> None:
+    """Decode ``jobs`` together in one ``generate`` call, each row on its pinned slot, until every row is done.
+
+    The batch scheduler's whole path; the continuous scheduler uses it for beam search, which HF cannot stream.
+    """
+    tok = engine.tokenizer
+    first = jobs[0].decoding
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(len(j.prompt_ids) for j in jobs)
+    ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, j in enumerate(jobs):
+        ids[row, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
+        mask[row, width - len(j.prompt_ids) :] = 1
+    engine.use_slots([j.slot for j in jobs])
+    kwargs = first.generate_kwargs()
+    if first.strategy == "sampling":
+        torch.manual_seed(first.seed)
+    beam = first.strategy == "beam"
+    streamer = None if beam else _Streamer(jobs, tok, tok.eos_token_id)
+    device = next(engine.model.parameters()).device
+    with torch.no_grad():
+        out = engine.model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max(j.max_tokens for j in jobs),
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_RowsDone(jobs)]),
+            **kwargs,
+        )
+    for row, j in enumerate(jobs):
+        if beam:
+            new = out[row, width:].tolist()
+            new = [t for t in new if t not in (pad, tok.eos_token_id)][: j.max_tokens]
+            text = tok.decode(new, skip_special_tokens=True)
+            j.tokens = new
+            j.finished = "length" if len(new) >= j.max_tokens else "stop"
+            if j.stop and any(s in text for s in j.stop):
+                text, j.finished = cut(text, j.stop), "stop"
+            j.emit("text", text)
+            j.sent = text
+            j.emit("done", j.finished)
+        else:
+            flush(j, tok)

@@ -42,6 +42,7 @@ from fanlora.serving.api import (
     stream_answer,
     whole_answer,
 )
+from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine
 from fanlora.serving.scheduler import Job, QueueFull, Scheduler
 from fanlora.setting import Setting
@@ -54,7 +55,9 @@ class Tenants:
     """The adapters a server can serve: names confined to ``--adapter-dir``, loaded on first use, pinned per
     request. Every method here may block (disk, the scheduler's lock): call them from a worker thread."""
 
-    def __init__(self, engine: Engine, scheduler: Scheduler, adapter_dir: str | Path | None) -> None:
+    def __init__(
+        self, engine: Engine, scheduler: Scheduler | ContinuousScheduler, adapter_dir: str | Path | None
+    ) -> None:
         self.engine, self.scheduler = engine, scheduler
         self.root = Path(adapter_dir).resolve() if adapter_dir else None
 
@@ -200,7 +203,10 @@ def create_app(
 ) -> FastAPI:
     """The server's app over ``engine``: guards, the adapter routes, the completion routes."""
     limits = limits or Limits()
-    scheduler = Scheduler(engine, limits.max_queue, limits.max_batch)
+    if limits.scheduler == "batch":
+        scheduler = Scheduler(engine, limits.max_queue, limits.max_batch)
+    else:
+        scheduler = ContinuousScheduler(engine, limits.max_queue, limits.max_batch, limits.prefill_chunk)
     tenants = Tenants(engine, scheduler, adapter_dir)
     app = FastAPI(title="fanlora", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.engine, app.state.known = scheduler, engine, tenants.known
@@ -231,6 +237,7 @@ def check_serve_options(host: str, port: int, api_key: str | None, limits: Limit
         ("--max-tokens", limits.max_tokens),
         ("--max-queue", limits.max_queue),
         ("--max-batch", limits.max_batch),
+        ("--prefill-chunk", limits.prefill_chunk),
     ):
         if value < 1:
             raise UserError(f"{flag} {value} must be ≥ 1")

@@ -1,0 +1,353 @@
+"""Iteration-level ("continuous") batching: rows join and leave the running batch at every decoding step.
+
+One worker thread owns the model. Each iteration it (1) drops the rows that finished, were cancelled or hit
+their ``max_tokens``, (2) admits waiting requests up to ``max_batch`` and prefills them — short prompts
+together in one left-padded forward, a prompt longer than ``prefill_chunk`` tokens alone in chunks of that size,
+one chunk per iteration, so the rows already decoding advance between its chunks — and (3) runs one decoding
+step for every running row, each on its own adapter slot, temperature, top-p, seed and stop conditions.
+
+The batch's KV cache is ``transformers``' ``DynamicCache`` with left padding: a joining row's cache is padded
+on the left to the running length (or the running rows' to its) and concatenated along the batch; a leaving
+row is removed with ``index_select``; columns that are padding in every row are trimmed. Each row's
+``position_ids`` count only its real tokens, so a row decodes exactly as it would alone.
+
+Why not ``transformers``' ``ContinuousBatchingManager`` (``generate_batch``, paged ``sdpa_paged`` cache): it
+runs on this CPU, but (a) it runs the model in its own thread from its own batch layout, so the engine's adapter
+routing — which must travel with each step's rows — never reaches it (measured: adapter requests came back
+with the bare backbone's text), (b) it samples every row from one global random stream, so a seeded request's
+text would depend on which requests shared its steps, and (c) it has no per-request stop strings or
+cancellation hooks. This loop is small and keeps all three: routing is set in the worker thread right before
+each forward; every sampling request has its own ``torch.Generator`` seeded from its ``seed``; sampling uses
+HF's own ``TemperatureLogitsWarper`` / ``TopPLogitsWarper``.
+
+Adapter routing: at a decoding step every row holds one token, so the engine's per-row slots are per-token
+slots (its mixed path gathers each token's factors and runs two batched products, no loop over adapters; slot
+0, the bare backbone, contributes nothing). A prefill forward routes each prompt's tokens by its row. Prefill
+and decode tokens are not packed into one forward (that needs a varlen/paged attention kernel); chunking bounds
+how long a long prompt stalls the decoders instead.
+
+Beam search keeps the batch path (:func:`fanlora.serving.scheduler.run_batch`): a beam request runs whole,
+between two iterations, and the decoding rows wait for it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from transformers import DynamicCache
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from fanlora.serving.engine import Engine
+from fanlora.serving.scheduler import Job, QueueFull, accept, flush, run_batch
+
+__all__ = ["ContinuousScheduler", "QueueFull"]
+
+
+@dataclass
+class _Row:
+    job: Job
+    length: int  # real tokens in the cache: the next token's position
+    token: int = -1  # the last sampled token, fed at the next step
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class _Partial:
+    """A long prompt being prefilled chunk by chunk in its own cache (batch of one)."""
+
+    job: Job
+    cache: DynamicCache
+    done: int = 0  # prompt tokens already in the cache
+
+
+def _generator(job: Job) -> torch.Generator | None:
+    if job.decoding.strategy != "sampling":
+        return None
+    g = torch.Generator()
+    g.manual_seed(job.decoding.seed)
+    return g
+
+
+def pick(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    """The next token of each row from its last-position logits [rows, vocab]: argmax, or a seeded sample."""
+    greedy = logits.argmax(-1).tolist()
+    out = []
+    for i, row in enumerate(rows):
+        if row.generator is None:
+            out.append(greedy[i])
+            continue
+        d = row.job.decoding
+        scores = TemperatureLogitsWarper(d.temperature)(None, logits[i : i + 1].float())
+        if d.top_p < 1.0:
+            scores = TopPLogitsWarper(d.top_p)(None, scores)
+        probs = F.softmax(scores, dim=-1)
+        out.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+    return out
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    extra = width - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim)
+
+
+class Batch:
+    """The running rows, their shared left-padded KV cache and attention mask (rows × columns)."""
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, columns], 1 for a real token
+
+    def join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Add rows whose prompts were prefilled into ``cache`` (left-padded as ``mask``)."""
+        if not self.rows:
+            self.rows, self.cache, self.mask = rows, cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self.rows = self.rows + rows
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` (indices), then trim the columns that are padding in every kept row."""
+        if not keep:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        index = torch.tensor(keep)
+        mask = self.mask[index]
+        first = int(mask.any(0).nonzero()[0])
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+        self.mask = mask[:, first:]
+        self.rows = [self.rows[i] for i in keep]
+
+
+class ContinuousScheduler:
+    """The server's default scheduler; same surface as :class:`fanlora.serving.scheduler.Scheduler`."""
+
+    def __init__(
+        self, engine: Engine, max_queue: int = 64, max_batch: int = 16, prefill_chunk: int = 256, start: bool = True
+    ) -> None:
+        """``start=False`` leaves the worker thread unstarted: the caller runs :meth:`iterate` itself (tests)."""
+        if max_queue < 1 or max_batch < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_queue ({max_queue}), max_batch ({max_batch}), prefill_chunk must be ≥ 1")
+        self.engine, self.max_queue, self.max_batch, self.prefill_chunk = engine, max_queue, max_batch, prefill_chunk
+        self.queue: queue.Queue[Job] = queue.Queue()
+        self.lock = threading.Lock()  # held for one iteration: adapter loads happen between steps
+        self.waiting = 0  # admitted, not yet decoding (bounded by max_queue)
+        self._count = threading.Lock()
+        self.batch = Batch()
+        self.new: list[Job] = []  # taken from the queue, waiting for prefill
+        self.partial: _Partial | None = None
+        self.starting: list[Job] = []  # being prefilled in this iteration
+        self.running = True
+        self.batches = 0  # decoding steps run (a step is one batch here)
+        self.peak_rows = 0  # the most rows decoded in one step
+        self.cancelled = 0
+        self.device = next(engine.model.parameters()).device
+        self.thread = threading.Thread(target=self._work, name="fanlora-engine", daemon=True)
+        if start:
+            self.thread.start()
+
+    @property
+    def current(self) -> list[Job]:
+        return [r.job for r in self.batch.rows]
+
+    def submit(self, job: Job) -> None:
+        """Admit ``job`` (its slot already pinned) or raise QueueFull; a refused job's pin is released."""
+        with self._count:
+            full = self.waiting >= self.max_queue
+            if not full:
+                self.waiting += 1
+        if full:
+            self.engine.release(job.slot)
+            raise QueueFull
+        self.queue.put_nowait(job)
+
+    def stop(self) -> None:
+        self.running = False
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while self.running:
+            idle = not self.batch.rows and not self.new and self.partial is None
+            if idle:  # nothing to do: wait for a request (bounded, so stop() is seen)
+                try:
+                    self.new.append(self.queue.get(timeout=0.1))
+                except queue.Empty:
+                    continue
+            try:
+                with self.lock:
+                    self.iterate()
+            except Exception as exc:  # the worker survives; every row and waiting prompt gets the error
+                self._fail(f"{type(exc).__name__}: {exc}")
+
+    def iterate(self) -> None:
+        """One iteration: drop finished rows, admit and prefill, one decoding step."""
+        self._drop()
+        self._admit()
+        self._prefill()
+        self._drop()  # rows whose first token already ended them
+        if self.batch.rows:
+            self._decode()
+            self._drop()
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                self.new.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        keep = []
+        for job in self.new:
+            if job.cancelled:  # its client left while it waited: never decoded
+                self._dequeued(job)
+                job.emit("done", "cancelled")
+                self._finish(job)
+            elif job.decoding.strategy == "beam":  # the batch path, whole, between two steps
+                self._dequeued(job)
+                try:
+                    run_batch(self.engine, [job])
+                except Exception as exc:
+                    job.emit("error", f"{type(exc).__name__}: {exc}")
+                self._finish(job)
+            else:
+                keep.append(job)
+        self.new = keep
+
+    def _prefill(self) -> None:
+        room = self.max_batch - len(self.batch.rows)
+        if self.partial is not None:
+            if room > 0:
+                self._chunk()
+            return
+        group: list[Job] = []
+        for job in self.new:  # FIFO; the prompts of one forward hold ≤ prefill_chunk tokens with padding
+            n = len(job.prompt_ids)
+            if len(group) == room:
+                break
+            if n > self.prefill_chunk:
+                group = group or [job]  # alone, in chunks
+                break
+            if group and (len(group) + 1) * max(n, *(len(j.prompt_ids) for j in group)) > self.prefill_chunk:
+                break
+            group.append(job)
+        if not group:
+            return
+        for job in group:
+            self.new.remove(job)
+            self._dequeued(job)
+        self.starting = group  # failed with the batch if their prefill raises
+        if len(group) == 1 and len(group[0].prompt_ids) > self.prefill_chunk:
+            self.partial = _Partial(group[0], DynamicCache(config=self.engine.model.config))
+            self._chunk()
+            return
+        width = max(len(j.prompt_ids) for j in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, job in enumerate(group):
+            ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
+            mask[i, width - len(job.prompt_ids) :] = 1
+        cache = DynamicCache(config=self.engine.model.config)
+        logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, [j.slot for j in group])
+        rows = [_Row(j, len(j.prompt_ids), generator=_generator(j)) for j in group]
+        self._start(rows, logits, cache, mask)
+        self.starting = []
+
+    def _chunk(self) -> None:
+        part = self.partial
+        prompt = part.job.prompt_ids
+        end = min(part.done + self.prefill_chunk, len(prompt))
+        ids = torch.tensor([prompt[part.done : end]])
+        mask = torch.ones(1, end, dtype=torch.long)
+        positions = torch.arange(part.done, end).unsqueeze(0)
+        logits = self._forward(ids, mask, positions, part.cache, [part.job.slot])
+        part.done = end
+        if end == len(prompt):
+            self.partial = None
+            self._start([_Row(part.job, end, generator=_generator(part.job))], logits, part.cache, mask)
+
+    def _start(self, rows: list[_Row], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Sample each prefilled row's first token, send it, and add the rows to the running batch."""
+        tok = self.engine.tokenizer
+        for row, token in zip(rows, pick(logits, rows), strict=True):
+            row.token = token
+            accept(row.job, token, tok, tok.eos_token_id)
+        self.batch.join(rows, cache, mask)
+
+    def _decode(self) -> None:
+        batch, tok = self.batch, self.engine.tokenizer
+        rows = batch.rows
+        self.peak_rows = max(self.peak_rows, len(rows))
+        ids = torch.tensor([[r.token] for r in rows])
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], 1)
+        positions = torch.tensor([[r.length] for r in rows])
+        logits = self._forward(ids, mask, positions, batch.cache, [r.job.slot for r in rows])
+        batch.mask = mask
+        self.batches += 1
+        for row, token in zip(rows, pick(logits, rows), strict=True):
+            row.length += 1
+            row.token = token
+            accept(row.job, token, tok, tok.eos_token_id)
+
+    @torch.no_grad()
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, slots: list[int]
+    ) -> torch.Tensor:
+        """Logits at each row's last position, every row on its slot (routing set in this thread)."""
+        self.engine.use_slots(slots)
+        dev = self.device
+        out = self.engine.model(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=positions.to(dev),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float().cpu()
+
+    # --- bookkeeping ------------------------------------------------------------------------------------------
+    def _drop(self) -> None:
+        rows = self.batch.rows
+        gone = [i for i, r in enumerate(rows) if r.job.finished or r.job.cancelled]
+        if not gone:
+            return
+        tok = self.engine.tokenizer
+        for i in gone:
+            job = rows[i].job
+            if job.cancelled and not job.finished:
+                job.emit("done", "cancelled")
+            else:
+                flush(job, tok)
+            self._finish(job)
+        self.batch.keep([i for i in range(len(rows)) if i not in set(gone)])
+
+    def _dequeued(self, job: Job) -> None:
+        with self._count:
+            self.waiting -= 1
+
+    def _finish(self, job: Job) -> None:
+        """Every admitted job passes here exactly once: its slot pin is released."""
+        if job.cancelled:
+            self.cancelled += 1
+        self.engine.release(job.slot)
+
+    def _fail(self, message: str) -> None:
+        jobs = [r.job for r in self.batch.rows] + ([self.partial.job] if self.partial else [])
+        jobs += [j for j in self.starting if j not in jobs]
+        self.batch, self.partial, self.starting = Batch(), None, []
+        for job in jobs:
+            job.emit("error", message)
+            self._finish(job)

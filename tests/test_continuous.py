@@ -1,0 +1,208 @@
+"""Continuous batching: a request's output under iteration-level scheduling equals the same request served alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import make_adapter, setting_for
+
+from fanlora.backbone import load_backbone
+from fanlora.generate import Decoding
+from fanlora.serving.continuous import Batch, ContinuousScheduler, _Row
+from fanlora.serving.engine import Engine
+from fanlora.serving.scheduler import Job, QueueFull
+
+PROMPTS = [
+    "Once upon a time",
+    "The capital of France is",
+    "Count with me: one, two,",
+    "A very long prompt " * 6,
+    "Hi",
+]
+
+
+class Recorded(Job):
+    """A job that keeps its events instead of sending them to an event loop."""
+
+    def __init__(self, *args, leave_after: int | None = None, **kwargs) -> None:
+        super().__init__(*args, loop=None, **kwargs)
+        self.log: list[tuple[str, object]] = []
+        self.leave_after = leave_after
+
+    def emit(self, kind, value):
+        self.log.append((kind, value))
+        if kind == "text" and self.leave_after is not None and len(self.tokens) >= self.leave_after:
+            self.cancelled = True  # the client goes away
+
+    @property
+    def text(self) -> str:
+        return "".join(v for k, v in self.log if k == "text")
+
+    @property
+    def reason(self):
+        return next((v for k, v in self.log if k in ("done", "error")), None)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("cb")
+    backbone = load_backbone(str(tiny_llama))
+    setting = setting_for(backbone)
+    eng = Engine.from_backbone(backbone, setting)
+    for i, name in enumerate(["alpha", "beta", "gamma"]):
+        eng.load(name, make_adapter(root / name, tiny_llama, setting, 4 + 2 * i, 8, i))
+    return eng
+
+
+def job(engine, prompt, adapter, decoding=None, max_tokens=12, stop=(), **kw) -> Recorded:
+    ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return Recorded(ids, adapter, decoding or Decoding(), max_tokens, list(stop), slot=engine.acquire(adapter), **kw)
+
+
+def run(scheduler: ContinuousScheduler, arrivals: dict[int, list[Recorded]], limit: int = 400) -> None:
+    """Submit ``arrivals[i]`` before iteration i; iterate until every job is done (bounded)."""
+    jobs = [j for js in arrivals.values() for j in js]
+    for step in range(limit):
+        for j in arrivals.get(step, []):
+            scheduler.submit(j)
+        with scheduler.lock:
+            scheduler.iterate()
+        if step >= max(arrivals) and all(j.reason is not None for j in jobs):
+            return
+    raise AssertionError("jobs did not finish")
+
+
+def alone(engine, make, **kw) -> Recorded:
+    j = make()
+    run(ContinuousScheduler(engine, start=False, **kw), {0: [j]})
+    return j
+
+
+def test_greedy_rows_joining_and_leaving_equal_each_request_alone_and_hf_generate(engine):
+    specs = [
+        (PROMPTS[0], "alpha", 12, ()),
+        (PROMPTS[1], None, 5, ()),  # leaves early
+        (PROMPTS[2], "beta", 12, ()),
+        (PROMPTS[3], "gamma", 9, ()),
+        (PROMPTS[4], "alpha", 12, ()),
+        (PROMPTS[0], "beta", 3, ()),
+    ]
+    scheduler = ContinuousScheduler(engine, max_batch=4, start=False)
+    jobs = [job(engine, p, a, max_tokens=m, stop=s) for p, a, m, s in specs]
+    run(scheduler, {0: jobs[:2], 2: jobs[2:4], 5: jobs[4:5], 7: jobs[5:]})  # staggered
+    assert scheduler.peak_rows > 1
+    for (p, a, m, s), j in zip(specs, jobs, strict=True):
+        solo = alone(engine, lambda p=p, a=a, m=m, s=s: job(engine, p, a, max_tokens=m, stop=s))
+        assert j.tokens == solo.tokens and j.text == solo.text and j.reason == solo.reason
+        assert j.text == engine.generate([p], [a], Decoding(), m)[0]  # HF generate on its adapter
+    assert not any(engine.pins.values())  # every pin released
+
+
+def test_seeded_sampling_in_a_mixed_batch_equals_sampling_alone(engine):
+    sampling = Decoding("sampling", temperature=0.9, top_p=0.9, seed=7)
+    other = Decoding("sampling", temperature=1.3, top_p=1.0, seed=3)
+    make = [
+        lambda: job(engine, PROMPTS[0], "alpha", sampling, 10),
+        lambda: job(engine, PROMPTS[2], "beta", other, 10),
+        lambda: job(engine, PROMPTS[1], None, None, 10),
+    ]
+    jobs = [m() for m in make]
+    run(ContinuousScheduler(engine, start=False), {0: jobs[:1], 1: jobs[1:]})
+    for m, j in zip(make, jobs, strict=True):
+        assert j.tokens == alone(engine, m).tokens
+    again = make[0]()
+    run(ContinuousScheduler(engine, start=False), {0: [again]})
+    different = job(engine, PROMPTS[0], "alpha", Decoding("sampling", temperature=0.9, top_p=0.9, seed=8), 10)
+    run(ContinuousScheduler(engine, start=False), {0: [different]})
+    assert again.tokens == jobs[0].tokens and different.tokens != jobs[0].tokens
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(engine):
+    def long():
+        return job(engine, PROMPTS[3] * 2, "gamma", max_tokens=8)
+
+    whole = alone(engine, long, prefill_chunk=512)
+    chunked = long()
+    short = job(engine, PROMPTS[0], "alpha", max_tokens=12)
+    scheduler = ContinuousScheduler(engine, prefill_chunk=8, start=False)
+    run(scheduler, {0: [short], 1: [chunked]})
+    assert len(chunked.prompt_ids) > 3 * 8
+    assert chunked.tokens == whole.tokens
+    assert short.tokens == alone(engine, lambda: job(engine, PROMPTS[0], "alpha", max_tokens=12)).tokens
+
+
+def test_a_cancelled_row_leaves_and_the_others_continue(engine):
+    leaving = job(engine, PROMPTS[2], "alpha", max_tokens=30, leave_after=2)
+    staying = job(engine, PROMPTS[2], "beta", max_tokens=30)
+    scheduler = ContinuousScheduler(engine, start=False)
+    run(scheduler, {0: [leaving, staying]})
+    assert len(leaving.tokens) == 2 and leaving.reason == "cancelled" and scheduler.cancelled == 1
+    assert len(staying.tokens) == 30 and staying.reason == "length"
+
+
+def test_beam_requests_take_the_batch_path(engine):
+    beam = Decoding("beam", num_beams=3)
+    j = job(engine, PROMPTS[0], "beta", beam, 6)
+    run(ContinuousScheduler(engine, start=False), {0: [j]})
+    assert j.text == engine.generate([PROMPTS[0]], ["beta"], beam, 6)[0]
+    assert j.reason in ("length", "stop")
+
+
+def test_the_queue_is_bounded_and_a_refused_job_is_unpinned(engine):
+    scheduler = ContinuousScheduler(engine, max_queue=1, start=False)
+    first = job(engine, PROMPTS[0], "alpha")
+    scheduler.submit(first)
+    refused = job(engine, PROMPTS[0], "alpha")
+    pins = engine.pins[refused.slot]
+    with pytest.raises(QueueFull):
+        scheduler.submit(refused)
+    assert engine.pins[refused.slot] == pins - 1
+    for _ in range(40):
+        with scheduler.lock:
+            scheduler.iterate()
+    assert first.reason == "length" and scheduler.waiting == 0
+
+
+def test_a_failing_step_answers_every_row_with_an_error_and_the_loop_goes_on(engine, monkeypatch):
+    scheduler = ContinuousScheduler(engine, start=False)
+    a, b = job(engine, PROMPTS[0], "alpha"), job(engine, PROMPTS[1], None)
+    scheduler.submit(a)
+    scheduler.submit(b)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(scheduler, "_forward", boom)
+        scheduler.new.extend([scheduler.queue.get_nowait(), scheduler.queue.get_nowait()])
+        try:
+            scheduler.iterate()
+        except RuntimeError as exc:
+            scheduler._fail(str(exc))
+    assert a.reason == b.reason == "out of memory" and not scheduler.batch.rows
+    later = job(engine, PROMPTS[4], "beta", max_tokens=4)
+    run(scheduler, {0: [later]})
+    assert later.reason == "length"
+
+
+def test_batch_join_pads_on_the_left_and_keep_trims_padding_columns():
+    class Layer:
+        def __init__(self, n, t):
+            self.keys = torch.arange(n * t, dtype=torch.float).view(n, 1, t, 1)
+            self.values = self.keys.clone()
+
+    class Cache:
+        def __init__(self, n, t):
+            self.layers = [Layer(n, t)]
+
+    batch = Batch()
+    rows = [_Row(None, 3), _Row(None, 5)]
+    batch.join(rows[:1], Cache(1, 3), torch.ones(1, 3, dtype=torch.long))
+    batch.join(rows[1:], Cache(1, 5), torch.ones(1, 5, dtype=torch.long))
+    assert batch.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert batch.cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 0, 0, 1, 2]
+    batch.keep([0])
+    assert batch.mask.tolist() == [[1, 1, 1]] and batch.cache.layers[0].keys.shape[2] == 3
+    assert batch.rows == rows[:1]
+    batch.keep([])
+    assert batch.rows == [] and batch.cache is None
