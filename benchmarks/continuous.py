@@ -1,0 +1,187 @@
+"""Open-loop benchmark: the continuous scheduler against the batch scheduler, Poisson arrivals, in one run.
+
+    python benchmarks/continuous.py --setting runs/demo/setting.json --out benchmarks/results/continuous.txt
+
+Both schedulers drive one engine (the embedded backbone, the setting's modules wrapped, four random r=12
+adapters: speed does not depend on their values). First the batch scheduler's capacity C is measured closed
+loop (every request queued at once: completed requests per second). Then, for each rate in ``--rates`` × C, one
+fixed request stream — Poisson arrivals, tenants drawn from the four adapters and the bare backbone, chat
+prompts, ``max_tokens`` uniform in [8, 48], greedy — is played against each scheduler in A-B-B-A order (so
+neither always runs first or on a warmer machine). Requests are submitted straight to the schedulers (no HTTP:
+``load_test.py`` covers the server); every token's time is taken when the scheduler emits it.
+
+Per run: throughput (completed requests and output tokens per second, first arrival to last completion),
+time to first token and time per output token (first to last token, p50 and p99), request latency (p50).
+Ratios are continuous ÷ batch for each A-B pair, reported as the median with the range over the pairs.
+RESULT: the ratios at the 1× rate (the batch scheduler's saturation), and ``cb_vs_batch_capacity`` at the
+highest rate (both overloaded: each one's throughput is its capacity). Time it with nothing else running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fanlora.backbone import load_backbone
+from fanlora.data.instruct import render
+from fanlora.generate import Decoding, prompt_ids
+from fanlora.serving.continuous import ContinuousScheduler
+from fanlora.serving.engine import Engine
+from fanlora.serving.scheduler import Job, Scheduler
+from fanlora.serving.timing import save_random_adapter
+from fanlora.setting import Setting
+
+PROMPTS = [
+    "Write one sentence about the sea.",
+    "List three colours.",
+    "What is the capital of Italy?",
+    "Explain what a policy deductible is, in two sentences, for someone who has never bought insurance.",
+    "Translate 'good morning' into French.",
+    "Give a short tip for writing tests.",
+    "Summarise the plot of a heist film in three lines: a crew, a vault, a betrayal, and an escape by boat.",
+    "Name a prime number larger than 50.",
+]
+TENANTS = ["tenant-a", "tenant-b", "tenant-c", "tenant-d", None]
+
+
+class Timed(Job):
+    """A job that notes when its first token and its end come (emit runs in the scheduler's thread)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, loop=None, **kwargs)
+        self.first: float | None = None
+        self.last: float | None = None  # the last token's time (the batch path ends every row at the batch's end)
+        self.end: float | None = None
+        self.done = threading.Event()
+
+    def emit(self, kind, value):
+        now = time.perf_counter()
+        if kind == "text":
+            self.first = self.first or now
+            self.last = now
+        elif kind in ("done", "error"):
+            self.first = self.first or now
+            self.last = self.last or now
+            self.end = now
+            self.done.set()
+
+
+def stream(engine: Engine, n: int, rate: float, seed: int) -> list[tuple[float, list[int], str | None, int]]:
+    """(arrival offset s, prompt ids, tenant, max_tokens) for n requests; the same for every scheduler."""
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    for _ in range(n):
+        t += rng.expovariate(rate) if rate > 0 else 0.0
+        text = render(engine.tokenizer, [{"role": "user", "content": rng.choice(PROMPTS)}], generation_prompt=True)
+        out.append((t, prompt_ids(engine.tokenizer, text), rng.choice(TENANTS), rng.randint(8, 48)))
+    return out
+
+
+def play(engine: Engine, scheduler, requests) -> dict[str, float]:
+    """Submit each request at its arrival time; wait for all; the run's throughput and latency figures."""
+    jobs, start = [], time.perf_counter()
+    for offset, ids, tenant, max_tokens in requests:
+        delay = start + offset - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        job = Timed(ids, tenant, Decoding(), max_tokens, [], slot=engine.acquire(tenant))
+        job.arrived = time.perf_counter()
+        scheduler.submit(job)
+        jobs.append(job)
+    for job in jobs:
+        job.done.wait(600)
+    wall = max(j.end for j in jobs) - start
+    ttft = [j.first - j.arrived for j in jobs]
+    tpot = [(j.last - j.first) / (len(j.tokens) - 1) for j in jobs if len(j.tokens) > 1]
+    e2e = [j.end - j.arrived for j in jobs]
+    q = lambda xs, p: float(np.percentile(xs, p))  # noqa: E731
+    return {
+        "rps": len(jobs) / wall,
+        "tok_s": sum(len(j.tokens) for j in jobs) / wall,
+        "ttft_p50": q(ttft, 50),
+        "ttft_p99": q(ttft, 99),
+        "tpot_p50": q(tpot, 50),
+        "tpot_p99": q(tpot, 99),
+        "e2e_p50": q(e2e, 50),
+    }
+
+
+def line(label: str, m: dict[str, float]) -> str:
+    return (
+        f"{label:<28} {m['rps']:6.2f} req/s {m['tok_s']:7.1f} tok/s  ttft p50 {m['ttft_p50']:6.2f} s "
+        f"p99 {m['ttft_p99']:6.2f} s  tpot p50 {1000 * m['tpot_p50']:6.1f} ms p99 {1000 * m['tpot_p99']:6.1f} ms  "
+        f"e2e p50 {m['e2e_p50']:6.2f} s"
+    )
+
+
+def ratios(pairs: list[tuple[dict, dict]], key: str) -> tuple[float, float, float]:
+    """continuous ÷ batch per pair: median, min, max."""
+    r = [c[key] / b[key] for b, c in pairs]
+    return statistics.median(r), min(r), max(r)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", required=True)
+    parser.add_argument("--rates", default="0.5,1,2", help="multiples of the batch scheduler's capacity")
+    parser.add_argument("--requests", type=int, default=48, help="requests per run")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="also write the report here")
+    args = parser.parse_args()
+
+    setting = Setting.read(args.setting)
+    source = setting.backbone.get("source", "embedded")
+    work = Path(tempfile.mkdtemp(prefix="fanlora-cb-"))
+    engine = Engine.from_backbone(load_backbone(source), setting)
+    for i, name in enumerate(TENANTS[:-1]):
+        engine.load(name, save_random_adapter(source, setting, work / name, seed=i))
+    batch = Scheduler(engine, max_queue=10_000, max_batch=args.max_batch)
+    cont = ContinuousScheduler(engine, max_queue=10_000, max_batch=args.max_batch)
+    report: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        report.append(text)
+
+    play(engine, cont, stream(engine, 4, 0, args.seed + 99))  # warm-up, untimed
+    play(engine, batch, stream(engine, 4, 0, args.seed + 99))
+    cap = play(engine, batch, stream(engine, args.requests, 0, args.seed))
+    capacity = cap["rps"]
+    say(f"batch scheduler capacity (all {args.requests} requests queued at once): {capacity:.2f} req/s")
+    say(line("  batch, closed loop", cap))
+    results = {}
+    for mult in [float(x) for x in args.rates.split(",")]:
+        requests = stream(engine, args.requests, mult * capacity, args.seed + 1)
+        runs = {"batch": [], "continuous": []}
+        for name in ("batch", "continuous", "continuous", "batch"):  # A-B-B-A
+            runs[name].append(play(engine, batch if name == "batch" else cont, requests))
+        say(f"rate {mult:g}x = {mult * capacity:.2f} req/s (Poisson, {args.requests} requests, seed {args.seed + 1})")
+        for name, ms in runs.items():
+            for i, m in enumerate(ms):
+                say(line(f"  {name} #{i + 1}", m))
+        pairs = list(zip(runs["batch"], runs["continuous"], strict=True))
+        results[mult] = {k: ratios(pairs, k) for k in ("rps", "tok_s", "ttft_p50", "ttft_p99", "tpot_p50", "e2e_p50")}
+        say(
+            "  continuous / batch: "
+            + ", ".join(f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in results[mult].items())
+        )
+    one, top = results.get(1.0) or results[min(results)], results[max(results)]
+    say(
+        f"RESULT cb_vs_batch_throughput={one['rps'][0]:.3f} cb_vs_batch_ttft_p50={one['ttft_p50'][0]:.3f} "
+        f"cb_vs_batch_tpot_p50={one['tpot_p50'][0]:.3f} cb_vs_batch_capacity={top['rps'][0]:.3f} "
+        f"batch_capacity_rps={capacity:.2f}"
+    )
+    if args.out:
+        Path(args.out).write_text("\n".join(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
