@@ -8,9 +8,12 @@ the backbone's one setting, so the engine:
 - keeps, per wrapped module, the adapters' factors stacked — ``A`` as [slots, in, R] and ``s·B`` as
   [slots, R, out] (pre-transposed), slot 0 all zeros for "no adapter", ranks zero-padded to the largest R
   (exact: the padding adds zeros);
-- applies a batch in one of two ways: all rows on one adapter → two plain matmuls; mixed rows → gather each
-  row's A and B from the stacks and two batched matmuls (the BGMV idea of Punica / S-LoRA), no Python loop
-  over adapters;
+- applies a batch in one of two ways: all rows on one adapter → two plain matmuls; mixed rows → the stacks
+  of the adapters present laid side by side (``A`` as [in, U·R], ``B`` as [U·R, out]), one product with
+  every token, a 0/1 mask that keeps each token's own adapter's R columns, one product back (the segmented
+  idea of Punica's SGMV / S-LoRA, as two dense GEMMs): no Python loop over adapters, no per-token copy of the
+  factors. Measured at decode shape (16 rows, 5 slots, r=12, one thread of this CPU) the update costs 10–30 % of
+  the base linear this way against 100–200 % for gathering each row's factors and two batched products;
 - leaves decoding, the KV cache and beam search to ``transformers``' ``generate`` (rows are repeated for the
   beams the way HF expands them).
 
@@ -39,7 +42,8 @@ class _Rows(threading.local):
 
     def __init__(self) -> None:
         self.uniform: int | None = 0  # one slot for every row, or None for a mixed batch
-        self.idx: torch.Tensor | None = None  # [batch] slot per row when mixed
+        self.cols: torch.Tensor | None = None  # mixed: the stacked columns of the slots present (None: all)
+        self.mask: torch.Tensor | None = None  # mixed: [rows, len(cols)·R] 1 where a column is the row's adapter
 
 
 class MultiLoRALinear(nn.Module):
@@ -59,6 +63,7 @@ class MultiLoRALinear(nn.Module):
         dev, dt = base.weight.device, base.weight.dtype
         self.register_buffer("A", torch.zeros(1, base.in_features, 1, device=dev, dtype=dt), persistent=False)
         self.register_buffer("B", torch.zeros(1, 1, base.out_features, device=dev, dtype=dt), persistent=False)
+        self.refresh()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.base.weight, self.base.bias)
@@ -69,12 +74,19 @@ class MultiLoRALinear(nn.Module):
         if slot is not None:
             y.view(-1, self.out_features).addmm_(x.reshape(-1, self.in_features) @ self.A[slot], self.B[slot])
             return y
-        idx = rows.idx
-        if idx.shape[0] != x.shape[0]:  # beam search: HF repeats each prompt's row num_beams times in place
-            idx = idx.repeat_interleave(x.shape[0] // idx.shape[0])
-        flat = x.reshape(x.shape[0], -1, self.in_features)
-        y.view(x.shape[0], -1, self.out_features).baddbmm_(torch.bmm(flat, self.A[idx]), self.B[idx])
+        x2 = x.reshape(-1, self.in_features)
+        mask = rows.mask
+        if mask.shape[0] != x2.shape[0]:  # a row's tokens (and HF's beams of a row) are contiguous
+            mask = mask.repeat_interleave(x2.shape[0] // mask.shape[0], 0)
+        a, b = (self.Af, self.Bf) if rows.cols is None else (self.Af[:, rows.cols], self.Bf[rows.cols])
+        y.view(-1, self.out_features).addmm_((x2 @ a).mul_(mask), b)
         return y
+
+    def refresh(self) -> None:
+        """Lay the stacks side by side for the mixed path; called whenever ``A`` or ``B`` change."""
+        slots, _, rank = self.A.shape
+        self.Af = self.A.permute(1, 0, 2).reshape(self.in_features, slots * rank).contiguous()
+        self.Bf = self.B.reshape(slots * rank, self.out_features).contiguous()
 
 
 class Engine:
@@ -160,6 +172,7 @@ class Engine:
                 r = a.shape[0]
                 wrapped.A[slot, :, :r] = a.T.to(wrapped.A.dtype)
                 wrapped.B[slot, :r] = b.T.to(wrapped.B.dtype)
+            wrapped.refresh()
         with self.book:
             old = self.slots.get(name)
             if old is not None and old != slot:
@@ -227,12 +240,27 @@ class Engine:
         self.use_slots([self.slot_of(n) for n in names])
 
     def use_slots(self, slots: Sequence[int]) -> None:
-        """Route the next forward passes by slot (what the scheduler pinned at admission)."""
-        if len(set(slots)) == 1:
-            self.rows.uniform, self.rows.idx = slots[0], None
-        else:
-            device = next(self.model.parameters()).device
-            self.rows.uniform, self.rows.idx = None, torch.tensor(slots, device=device)
+        """Route the next forward passes by slot (what the scheduler pinned at admission): one mask per batch,
+        shared by every wrapped module."""
+        present = sorted(set(slots) - {0})
+        if len(set(slots)) == 1 or not present:
+            self.rows.uniform, self.rows.cols, self.rows.mask = slots[0] if present else 0, None, None
+            return
+        first = next(iter(self.modules.values()), None)
+        if first is None:
+            self.rows.uniform = 0
+            return
+        device, dtype = first.A.device, first.A.dtype
+        rank, position = self.rank, {slot: i for i, slot in enumerate(present)}
+        mask = torch.zeros(len(slots), len(present) * rank, device=device, dtype=dtype)
+        for row, slot in enumerate(slots):
+            if slot:
+                mask[row, position[slot] * rank : (position[slot] + 1) * rank] = 1
+        everyone = len(present) == first.A.shape[0] - 1 and present == list(range(1, first.A.shape[0]))
+        cols = None if everyone else torch.tensor([s * rank + k for s in present for k in range(rank)], device=device)
+        if cols is None:  # all slots present: the mask covers slot 0's (zero) columns too
+            mask = torch.cat([mask.new_zeros(len(slots), rank), mask], 1)
+        self.rows.uniform, self.rows.cols, self.rows.mask = None, cols, mask
 
     @torch.no_grad()
     def logits(
