@@ -11,7 +11,8 @@ neither always runs first or on a warmer machine). Requests are submitted straig
 ``load_test.py`` covers the server); every token's time is taken when the scheduler emits it.
 
 Per run: throughput (completed requests and output tokens per second, first arrival to last completion),
-time to first token and time per output token (first to last token, p50 and p99), request latency (p50).
+time to first token and time per output token (first to last token, p50 and p99), request latency (p50), and
+the token positions the model computed per request (prompt, padding and rows that had already finished).
 Ratios are continuous ÷ batch for each A-B pair, reported as the median with the range over the pairs.
 RESULT: the ratios at the 1× rate (the batch scheduler's saturation), and ``cb_vs_batch_capacity`` at the
 highest rate (both overloaded: each one's throughput is its capacity). Time it with nothing else running.
@@ -85,7 +86,14 @@ def stream(engine: Engine, n: int, rate: float, seed: int) -> list[tuple[float, 
 
 
 def play(engine: Engine, scheduler, requests) -> dict[str, float]:
-    """Submit each request at its arrival time; wait for all; the run's throughput and latency figures."""
+    """Submit each request at its arrival time; wait for all; the run's throughput and latency figures, and
+    the token positions the model computed per request (padding and finished rows included)."""
+    computed = [0]
+
+    def count(module, args, kwargs):
+        computed[0] += kwargs["input_ids"].numel() if "input_ids" in kwargs else args[0].numel()
+
+    hook = engine.model.register_forward_pre_hook(count, with_kwargs=True)
     jobs, start = [], time.perf_counter()
     for offset, ids, tenant, max_tokens in requests:
         delay = start + offset - time.perf_counter()
@@ -97,6 +105,7 @@ def play(engine: Engine, scheduler, requests) -> dict[str, float]:
         jobs.append(job)
     for job in jobs:
         job.done.wait(600)
+    hook.remove()
     wall = max(j.end for j in jobs) - start
     ttft = [j.first - j.arrived for j in jobs]
     tpot = [(j.last - j.first) / (len(j.tokens) - 1) for j in jobs if len(j.tokens) > 1]
@@ -110,6 +119,7 @@ def play(engine: Engine, scheduler, requests) -> dict[str, float]:
         "tpot_p50": q(tpot, 50),
         "tpot_p99": q(tpot, 99),
         "e2e_p50": q(e2e, 50),
+        "positions": computed[0] / len(jobs),
     }
 
 
@@ -117,7 +127,7 @@ def line(label: str, m: dict[str, float]) -> str:
     return (
         f"{label:<28} {m['rps']:6.2f} req/s {m['tok_s']:7.1f} tok/s  ttft p50 {m['ttft_p50']:6.2f} s "
         f"p99 {m['ttft_p99']:6.2f} s  tpot p50 {1000 * m['tpot_p50']:6.1f} ms p99 {1000 * m['tpot_p99']:6.1f} ms  "
-        f"e2e p50 {m['e2e_p50']:6.2f} s"
+        f"e2e p50 {m['e2e_p50']:6.2f} s  positions/request {m['positions']:5.1f}"
     )
 
 
@@ -168,7 +178,9 @@ def main() -> None:
             for i, m in enumerate(ms):
                 say(line(f"  {name} #{i + 1}", m))
         pairs = list(zip(runs["batch"], runs["continuous"], strict=True))
-        results[mult] = {k: ratios(pairs, k) for k in ("rps", "tok_s", "ttft_p50", "ttft_p99", "tpot_p50", "e2e_p50")}
+        results[mult] = {
+            k: ratios(pairs, k) for k in ("rps", "tok_s", "ttft_p50", "ttft_p99", "tpot_p50", "e2e_p50", "positions")
+        }
         say(
             "  continuous / batch: "
             + ", ".join(f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in results[mult].items())

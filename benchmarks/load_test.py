@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--scheduler", choices=["continuous", "batch"], default="continuous")
     args = parser.parse_args()
 
     setting = Setting.read(args.setting)
@@ -54,7 +55,12 @@ def main() -> None:
     for i, name in enumerate(names):
         save_random_adapter(source, setting, work / name, seed=i)
     engine = Engine.from_backbone(load_backbone(source), setting)
-    app = create_app(engine, work, api_key="load-test", limits=Limits(max_tokens=64, max_batch=args.max_batch))
+    app = create_app(
+        engine,
+        work,
+        api_key="load-test",
+        limits=Limits(max_tokens=64, max_batch=args.max_batch, scheduler=args.scheduler),
+    )
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
@@ -109,7 +115,10 @@ def main() -> None:
         f"latency: p50 {pct(50):.2f} s, p90 {pct(90):.2f} s, p99 {pct(99):.2f} s, max {lat[-1] if lat else 0:.2f} s, "
         f"mean {statistics.mean(lat) if lat else 0:.2f} s"
     )
-    print(f"engine batches: {batches} ({len(lat) / max(1, batches):.1f} requests per batch on average)")
+    unit = "decoding steps" if args.scheduler == "continuous" else "generate batches"
+    print(
+        f"scheduler: {args.scheduler}; {unit}: {batches}; most rows decoded together: {app.state.scheduler.peak_rows}"
+    )
     for e in errors[:5]:
         print("error:", e)
     print(
