@@ -100,6 +100,12 @@ def _method_parsers(sub: Any) -> None:
     _common(p, "runs/stability")
     _score_options(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="stage-a seeds (default 0 1 2)")
+    p.add_argument(
+        "--split-half",
+        action="store_true",
+        help="instead: one stage-a run (the first seed) scored on two disjoint halves of the val examples, "
+        "score.max_val_examples each — the scoring noise alone",
+    )
 
     p = sub.add_parser("select", help="stage c: keep the top K_max modules per layer → setting.json")
     p.set_defaults(func=commands.select)
@@ -232,8 +238,16 @@ def _grid_parsers(sub: Any) -> None:
     _common(p, "runs/demo")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the problem and where the options are (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (options: {self.prog} --help)", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fanlora", description="FanLoRA: find where LoRA should go, then adapt.")
+    parser = _Parser(prog="fanlora", description="FanLoRA: find where LoRA should go, then adapt.")
     parser.add_argument("--version", action="version", version=f"fanlora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -274,7 +288,10 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
     _quiet_libraries()
     try:
         return run(args)

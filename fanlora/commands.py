@@ -233,6 +233,11 @@ def stability(args: argparse.Namespace) -> int:
     from fanlora import pipeline
 
     cfg = prepared(args, _stage_config(args), Path(args.run_dir), SECTIONS["stability"])
+    if args.split_half:
+        result = pipeline.run_split_half(cfg, Path(args.run_dir), args.seeds[0])
+        print(result.markdown())
+        print(f"RESULT split_half_spearman={result.spearman[0][1]:.4f} seed={args.seeds[0]}", flush=True)
+        return 0
     result = pipeline.run_stability(cfg, Path(args.run_dir), args.seeds)
     print(result.markdown())
     n = len(args.seeds)

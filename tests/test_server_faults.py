@@ -315,3 +315,13 @@ def test_serve_refuses_an_empty_key_and_warns_when_open_beyond_loopback(tmp_path
     assert "empty" in fail(capsys, ["serve", "--setting", str(setting), "--api-key", ""])
     assert "--port 70000" in fail(capsys, ["serve", "--setting", str(setting), "--port", "70000"])
     assert "--max-queue 0" in fail(capsys, ["serve", "--setting", str(setting), "--max-queue", "0"])
+    assert "--prefill-chunk 0" in fail(capsys, ["serve", "--setting", str(setting), "--prefill-chunk", "0"])
+    assert "invalid choice" in fail(capsys, ["serve", "--setting", str(setting), "--scheduler", "fifo"])
+
+
+def test_the_scheduler_is_continuous_by_default_and_batch_on_request(world):
+    from fanlora.serving.continuous import ContinuousScheduler
+
+    engine = world["engine"]
+    assert isinstance(create_app(engine, None).state.scheduler, ContinuousScheduler)
+    assert type(create_app(engine, None, limits=Limits(scheduler="batch")).state.scheduler) is Scheduler
