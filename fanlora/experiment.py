@@ -127,10 +127,15 @@ def run_cell(exp: Experiment, cell: Cell, progress: bool = False) -> dict[str, A
     ft = cfg.finetune
     backbone = from_config(cfg.backbone)
     tok = backbone.tokenizer
+    if cell.method == "ssp" and not options.get("budget"):  # FanLoRA's trainable parameters (the reference)
+        reference, rank = prepare_setting(exp, exp.variants[exp.reference or next(iter(exp.variants))])
+        options["budget"] = methods.lora_params(backbone, Setting.read(reference).modules, rank)
     train, dev = task_training_data(cfg, backbone)
     torch.manual_seed(cell.seed)
     steps = total_steps(ft.train, len(train))
     built = methods.build(cell.method, backbone, options, setting, steps, ft.lora.dropout)
+    if built.search is not None:  # ssp: its search phase, timed apart from the retraining
+        built = built.search(train, dev, ft.train, directory, tok.pad_token_id)
     started = time.time()
     result = train_adapter(
         built.model, train, dev, ft.train, directory, tok.pad_token_id, built.callbacks, built.custom_save
@@ -153,10 +158,12 @@ def run_cell(exp: Experiment, cell: Cell, progress: bool = False) -> dict[str, A
         "gold_nll": metrics.get("gold_nll"),
         "n_loss": metrics.get("gold_nll_n", 0),
         "resumed": result.resumed_from is not None,
+        **({"search_minutes": round(built.search_minutes, 2), "structure": built.structure} if built.structure else {}),
         "config": cfg.to_dict(),
     }
     atomic.write_json(done, record)
     shutil.rmtree(directory / "checkpoints", ignore_errors=True)  # the adapter is kept; checkpoints are not
+    shutil.rmtree(directory / "search" / "checkpoints", ignore_errors=True)
     return record
 
 

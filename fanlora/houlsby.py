@@ -28,14 +28,14 @@ WEIGHTS = "houlsby_model.safetensors"
 
 
 class Bottleneck(nn.Module):
-    """A frozen linear layer followed by a residual bottleneck adapter on its output."""
+    """A frozen linear layer (or a PEFT layer around one) followed by a residual bottleneck adapter on its
+    output of width ``width``; ``like`` gives the device and dtype."""
 
-    def __init__(self, base: nn.Linear, size: int) -> None:
+    def __init__(self, base: nn.Module, size: int, width: int, like: torch.Tensor) -> None:
         super().__init__()
         self.base = base
-        width = base.out_features
-        self.down = nn.Linear(width, size, device=base.weight.device, dtype=base.weight.dtype)
-        self.up = nn.Linear(size, width, device=base.weight.device, dtype=base.weight.dtype)
+        self.down = nn.Linear(width, size, device=like.device, dtype=like.dtype)
+        self.up = nn.Linear(size, width, device=like.device, dtype=like.dtype)
         nn.init.normal_(self.down.weight, std=0.01)
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
@@ -53,16 +53,24 @@ def add(model: nn.Module, layout: ModuleLayout, size: int = 18, kinds: tuple[str
         raise UserError(f"houlsby bottleneck size must be >= 1, got {size}")
     for p in model.parameters():
         p.requires_grad_(False)
-    names = []
-    for layer in range(layout.num_layers):
-        for kind in kinds:
-            name = layout.module_name(kind, layer)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            setattr(parent, child, Bottleneck(getattr(parent, child), size))
-            names.append(name)
+    names = [layout.module_name(kind, layer) for layer in range(layout.num_layers) for kind in kinds]
+    wrap(model, names, size)
     model.houlsby_config = {"size": size, "kinds": list(kinds), "modules": names}
     return names
+
+
+def wrap(model: nn.Module, names: list[str], size: int) -> list[Bottleneck]:
+    """A bottleneck after each named module (its output's width); nothing is frozen or unfrozen here."""
+    out = []
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        width_of = base if isinstance(base, nn.Linear) else base.get_base_layer()  # a PEFT layer inside
+        bottleneck = Bottleneck(base, size, width_of.out_features, width_of.weight)
+        setattr(parent, child, bottleneck)
+        out.append(bottleneck)
+    return out
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -7,6 +7,9 @@
   Trainer callback on ``on_optimizer_step``: at ``on_step_end`` they are already zeroed).
 - ``ia3``: PEFT's (IA)3 on K, V and the FFN's down projection (the (IA)3 paper's placement).
 - ``houlsby``: bottleneck adapters of size 18 after attention and after the FFN (``fanlora.houlsby``).
+- ``ssp``: sparse structure search (``fanlora.ssp``): gated LoRA and adapter candidates searched on the task
+  under a parameter budget (FanLoRA's, set by the experiment), then the chosen structure retrained. Its
+  ``Built`` carries a ``search`` step that the experiment runs before training.
 
 :func:`lora_rank_for_budget` picks the LoRA rank whose parameter count comes closest to a budget.
 """
@@ -24,7 +27,7 @@ from fanlora.backbone import Backbone
 from fanlora.errors import UserError
 from fanlora.setting import Setting
 
-METHODS = ("fanlora", "lora", "adalora", "ia3", "houlsby")
+METHODS = ("fanlora", "lora", "adalora", "ia3", "houlsby", "ssp")
 #: Defaults per method (overridable by an experiment's ``method_options``).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "fanlora": {"r": 12, "alpha": 24},
@@ -32,6 +35,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "adalora": {"init_r": 8, "target_r": 4, "alpha": 8, "tinit_ratio": 0.1, "tfinal_ratio": 0.2, "delta_t": 1},
     "ia3": {"kinds": ["K", "V", "D"], "feedforward": ["D"]},
     "houlsby": {"size": 18, "kinds": ["O", "D"]},
+    "ssp": {"r": 12, "alpha": 24, "size": 18, "budget": None, "alpha_scale": 100.0, "tau_start": 1.0, "tau_end": 0.1},
 }
 
 
@@ -51,6 +55,10 @@ class Built:
     trainable: int
     callbacks: list[Any] = field(default_factory=list)
     custom_save: Any = None  # callable(model, dir) for non-PEFT models (train.train_adapter calls it)
+    # ssp: callable(train, dev, train_params, cell_dir, pad_id) → the Built to train (runs the search first)
+    search: Any = None
+    search_minutes: float | None = None
+    structure: list[str] | None = None  # ssp: the candidates the search kept
 
 
 def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -130,8 +138,34 @@ def build(
         )
         peft = get_peft_model(model, config)
         return Built(peft, method, peft.get_nb_trainable_parameters()[0])
+    if method == "ssp":
+        return _ssp(backbone, opts)
     houlsby.add(model, backbone.layout, opts["size"], tuple(opts["kinds"]))
     return Built(model, method, houlsby.n_trainable(model), custom_save=houlsby.save)
+
+
+def _ssp(backbone: Backbone, opts: dict[str, Any]) -> Built:
+    """SSP's two phases: the returned Built only searches; its ``search`` returns the model to retrain."""
+    from fanlora import ssp
+
+    budget = opts["budget"]
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise UserError(f"ssp needs a parameter budget (an integer ≥ 1), got {budget!r}: the experiment sets FanLoRA's")
+
+    def run_search(train: Any, dev: Any, params: Any, directory: Any, pad_id: int) -> Built:
+        from pathlib import Path
+
+        from fanlora.train import train_adapter
+
+        where = Path(directory) / "search"
+        chosen, minutes = ssp.search(backbone, opts, train, dev, params, where, pad_id, train_adapter)
+        model = ssp.retrain_model(backbone, chosen, opts)
+        return Built(
+            model, "ssp", ssp.trainable(model), custom_save=ssp.save, search_minutes=minutes,
+            structure=[c.key for c in chosen],
+        )  # fmt: skip
+
+    return Built(backbone.model, "ssp", 0, search=run_search)
 
 
 def randomize(model: nn.Module, seed: int = 0, std: float = 0.02, markers: tuple[str, ...] = ("lora_", "ia3_")) -> None:

@@ -1,0 +1,103 @@
+"""SSP (sparse structure search): budget-shifted gates train, the chosen structure fits the budget, the
+retrained model starts as the backbone, saves and loads; and it runs as a grid method."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import yaml
+
+from fanlora import methods, ssp
+from fanlora.backbone import load_backbone
+from fanlora.cli import main
+from fanlora.config import TrainParams
+from fanlora.data.instruct import Example
+
+IDS = torch.tensor([[1, 5, 9, 3, 7, 2]])
+
+
+def examples(n: int = 8) -> list[Example]:
+    return [Example(input_ids=[1, 5, 9, 3, 7, 2], labels=[-100, -100, 9, 3, 7, 2]) for _ in range(n)]
+
+
+def test_the_shifted_sigmoid_holds_the_expected_parameters_at_the_budget():
+    sizes = [100, 300, 50, 50, 500]
+    gates = ssp.Gates(sizes, budget=400, alpha_scale=1.0)
+    with torch.no_grad():
+        gates.theta.copy_(torch.tensor([2.0, -1.0, 0.5, 0.0, -3.0]))
+    for tau in (1.0, 0.3, 0.1):
+        gates.tau = tau
+        p = gates.probs()
+        assert abs(float((p.detach() * gates.sizes).sum()) - 400) < 0.5
+    assert p.argmax() == 0 and p.argmin() == 4  # the order of the logits survives the shift
+
+
+def test_choose_keeps_the_best_logits_that_fit():
+    cands = [
+        ssp.Candidate("Q", 0, "lora", 100),
+        ssp.Candidate("V", 0, "lora", 300),
+        ssp.Candidate("O", 0, "adapter", 50),
+    ]
+    chosen = ssp.choose(cands, [3.0, 2.0, 1.0], budget=160)
+    assert chosen == [cands[0], cands[2]]  # V does not fit after Q; O does
+    assert sum(c.params for c in chosen) <= 160
+
+
+def test_search_trains_the_gates_then_the_retrained_structure_starts_as_the_backbone(tiny_llama, tmp_path):
+    from fanlora.train import train_adapter
+
+    bb = load_backbone(str(tiny_llama))
+    with torch.no_grad():
+        before = bb.model(input_ids=IDS).logits
+    cands = ssp.candidates(bb, 4, 8)
+    assert {c.family for c in cands} == {"lora", "adapter"} and len(cands) == bb.layout.num_layers * 9
+    budget = sum(c.params for c in cands) // 4
+    opts = {**methods.DEFAULTS["ssp"], "r": 4, "alpha": 8, "size": 8, "budget": budget}
+    params = TrainParams(learning_rate=1e-2, max_steps=6, batch_size=4, eval_steps=3, logging_steps=1)
+    chosen, minutes = ssp.search(bb, opts, examples(), examples(4), params, tmp_path / "search", 0, train_adapter)
+    record = json.loads((tmp_path / "search" / "structure.json").read_text())
+    assert minutes >= 0 and record["minutes"] == minutes
+    assert len(set(record["logits"].values())) > 1, "the gate logits never moved"
+    assert 0 < record["params"] <= budget and sum(c.params for c in chosen) == record["params"]
+    with torch.no_grad():  # the search trained a copy: the backbone is untouched
+        assert torch.equal(bb.model(input_ids=IDS).logits, before)
+    again, _ = ssp.search(bb, opts, [], [], params, tmp_path / "search", 0, train_adapter)
+    assert again == chosen  # a finished search is not run again
+
+    model = ssp.retrain_model(bb, chosen, opts)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=IDS).logits, before, atol=1e-6)  # identity at the start
+    assert ssp.trainable(model) == sum(c.params for c in chosen)
+    assert all(("lora_" in n or ".down." in n or ".up." in n) for n, p in model.named_parameters() if p.requires_grad)
+    train_adapter(model, examples(), examples(4), params, tmp_path / "cell", 0, (), ssp.save)
+    with torch.no_grad():
+        tuned = model(input_ids=IDS).logits
+    assert not torch.allclose(tuned, before, atol=1e-4)
+    loaded = ssp.load(load_backbone(str(tiny_llama)), tmp_path / "cell" / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=IDS).logits, tuned, atol=1e-5)
+
+
+def test_ssp_runs_in_a_grid_at_fanloras_budget(tmp_path, recipe_file):
+    config = {
+        "name": "t",
+        "recipe": str(recipe_file),
+        "search_run": str(tmp_path / "run"),
+        "out": str(tmp_path / "grid"),
+        "report": str(tmp_path / "report"),
+        "methods": ["fanlora", "ssp"],
+        "tasks": ["copa"],
+        "seeds": [0],
+        "budget": {"k_max": 2, "r": 4},
+        "set": ["finetune.train.max_steps=2", "finetune.train.eval_steps=1", "finetune.max_dev_examples=4"],
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["experiment", str(path)]) == 0
+    cells = {c["method"]: c for c in json.loads((tmp_path / "report" / "cells.json").read_text())}
+    fan, found = cells["fanlora"], cells["ssp"]
+    assert found["options"]["budget"] > 0 and found["trainable_parameters"] <= found["options"]["budget"]
+    assert found["structure"] and found["search_minutes"] >= 0
+    assert (tmp_path / "grid" / "cells" / found["id"] / "adapter" / ssp.WEIGHTS).is_file()
+    assert fan["trainable_parameters"] > 0
