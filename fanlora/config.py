@@ -71,7 +71,8 @@ class SearchConfig:
 @dataclass
 class ScoreConfig:
     method: str = "ab-exact"  # ab-exact (the paper's eq. 3) | ab-first-order | sensitivity | shapley
-    max_val_examples: Any = None  # int or null: score on the first N val examples
+    max_val_examples: Any = None  # int or null: score on the first N val examples (after val_start)
+    val_start: int = 0  # skip the first val examples: two disjoint halves give a split-half stability check
     batch_size: int = 8
     shapley_budget: int = 8  # shapley: permutations sampled (each ≈ N·L/2 passes' work)
     seed: int = 0  # shapley: which permutations
@@ -200,6 +201,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_train_examples": (_optional_count, "null or ≥ 1"),
     "max_dev_examples": (_optional_count, "null or ≥ 1"),
     "max_val_examples": (_optional_count, "null or ≥ 1"),
+    "val_start": (_at_least(0), "≥ 0"),
     "memory_limit_gb": (lambda v: isinstance(v, int | float) and math.isfinite(v) and v > 0, "> 0"),
 }
 

@@ -142,6 +142,42 @@ def run_stability(cfg: Config, run_dir: str | Path, seeds: list[int]) -> Any:
     return result
 
 
+def run_split_half(cfg: Config, run_dir: str | Path, seed: int) -> Any:
+    """One stage-a run (``<run_dir>/seed-<s>``) scored on two disjoint halves of the val examples
+    (``score.max_val_examples`` each: the first N, then the next N), then their agreement.
+
+    Seeds differ in training *and* scoring noise; two halves of the val data under one adapter show the
+    scoring noise alone, so the pair of numbers says which of the two limits stability.
+    """
+    n = cfg.score.max_val_examples
+    if not n:
+        raise UserError(
+            "--split-half needs score.max_val_examples (each half's size), e.g. --set score.max_val_examples=16"
+        )
+    sub = Path(run_dir) / f"seed-{seed}"
+    seeded = cfg.to_dict()
+    seeded["search"]["train"]["seed"] = seed
+    seeded["score"]["val_start"] = 0
+    seeded = load_config(rundir.prepare(sub, seeded, ["backbone", "search", "score"]))
+    say(f"split-half: stage a under seed {seed} → {sub}")
+    run_search(seeded, sub)
+    tables = []
+    for half in (0, 1):
+        halved = seeded.to_dict()
+        halved["score"]["val_start"] = half * n
+        where = sub / f"half-{half}"
+        halved = load_config(rundir.prepare(where, halved, ["backbone", "search", "score"]))
+        if not (where / "search").exists():
+            (where / "search").symlink_to(Path("..") / "search")  # the same stage-a adapter
+        say(f"split-half: val examples {half * n}..{half * n + n - 1} → {where}")
+        tables.append(run_score(halved, where))
+    result = compare(tables, ["val half 0", "val half 1"], cfg.select.k_max)
+    record = {"seed": seed, "method": cfg.score.method, "examples_per_half": n, **result.to_dict()}
+    atomic.write_json(Path(run_dir) / "split-half.json", record)
+    atomic.write_text(Path(run_dir) / "split-half.md", result.markdown() + "\n")
+    return result
+
+
 def run_demo(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     """All four stages on one backbone, then COPA before/after: the end-to-end FanLoRA method."""
     start = time.time()

@@ -129,3 +129,31 @@ def test_tiny_memory_limit_chunks_with_the_same_scores(searched, tmp_path):
     assert main(["score", "--run-dir", str(copy), "--memory-limit-gb", "1e-9"]) == 0  # one batch per chunk
     chunked, whole = scores(copy / "scores.json"), scores(run / "scores.json")
     assert max(abs(chunked[k] - whole[k]) for k in whole) < 1e-6
+
+
+def test_split_half_scores_one_adapter_on_two_disjoint_val_halves(tmp_path, tiny_llama, capsys):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_llama)))
+    run = tmp_path / "sh"
+    argv = ["stability", "--config", str(recipe), "--run-dir", str(run), "--seeds", "3", "--split-half"]
+    argv += ["--method", "ab-first-order", "--set", "score.max_val_examples=2"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("RESULT split_half_spearman=")
+    halves = [json.loads((run / "seed-3" / f"half-{h}" / "scores-ab-first-order.json").read_text()) for h in (0, 1)]
+    metas = halves  # the scoring metadata sits at the top level of a scores file
+    assert [m["val"]["start"] for m in metas] == [0, 2] and [m["val"]["n_examples"] for m in metas] == [2, 2]
+    assert metas[0]["val"]["fingerprint"] != metas[1]["val"]["fingerprint"]  # other examples
+    assert metas[0]["adapter_sha256_16"] == metas[1]["adapter_sha256_16"]  # the same stage-a adapter
+    assert json.loads((run / "split-half.json").read_text())["examples_per_half"] == 2
+    bad = ["stability", "--config", str(recipe), "--run-dir", str(tmp_path / "x"), "--split-half"]
+    assert "score.max_val_examples" in fail(capsys, [*bad, "--set", "score.max_val_examples=null"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_val_start_past_the_val_set_is_refused(searched, tmp_path):
+    recipe, run = searched
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "scores.json").unlink()
+    with pytest.raises(UserError, match="skips all"):
+        run_score(load_config(str(recipe), ["score.val_start=100000"]), copy, progress=False)

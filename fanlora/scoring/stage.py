@@ -67,7 +67,12 @@ def _prepare_scoring(cfg: Config, run_dir: Path, options: dict[str, Any], rank: 
     if backbone.model.dtype != torch.float32:
         say("warning: scoring in a reduced precision; one module moves the loss by ~1e-4, so prefer float32")
     data = for_search(cfg.search.data, backbone.tokenizer, val_only=True)
-    val = data.val[: sc.max_val_examples] if sc.max_val_examples else data.val
+    val = data.val[sc.val_start :]
+    val = val[: sc.max_val_examples] if sc.max_val_examples else val
+    if not val:
+        raise UserError(
+            f"score.val_start={sc.val_start} skips all {len(data.val)} val examples: give a smaller val_start"
+        )
     device = dist.device()
     batches = make_batches(val, backbone.tokenizer.pad_token_id, sc.batch_size, device)
     n_tokens = sum(b.n_scored for b in batches)
@@ -97,6 +102,7 @@ def _prepare_scoring(cfg: Config, run_dir: Path, options: dict[str, Any], rank: 
         "options": options,
         "val": {
             "sources": data.sources,
+            "start": sc.val_start,
             "n_examples": len(val),
             "n_response_tokens": n_tokens,
             "fingerprint": val_fp,
