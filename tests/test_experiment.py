@@ -167,7 +167,10 @@ def test_paired_comparisons_use_the_seeds_both_sides_have(tmp_path):
     assert c["n_seeds"] == 1 and c["n_items"] == 5 and c["mean_diff"] == pytest.approx(-0.1)
 
 
-@pytest.mark.parametrize("name", ["table1", "kmax", "scorers", "corpus", "setting-study-pilot", "pareto"])
+@pytest.mark.parametrize(
+    "name",
+    ["table1", "kmax", "scorers", "corpus", "setting-study-pilot", "pareto", "setting-study", "structure-baselines"],
+)
 def test_committed_experiment_configs_parse(name):
     from fanlora.experiment_config import cells, parse
 
