@@ -27,19 +27,12 @@ import urllib.request
 from pathlib import Path
 
 import openai
+from load_test import PROMPTS  # the load test's six prompts (benchmarks/ is on sys.path when run)
 
 from fanlora.backbone import resolve_source
 from fanlora.serving.timing import save_random_adapter
 from fanlora.setting import Setting
 
-PROMPTS = [
-    "Write one sentence about the sea.",
-    "List three colours.",
-    "What is the capital of Italy?",
-    "Explain what a policy deductible is.",
-    "Translate 'good morning' into French.",
-    "Give a short tip for writing tests.",
-]
 ADAPTERS = ["tenant-a", "tenant-b", "tenant-c", "tenant-d"]
 
 

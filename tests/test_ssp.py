@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import torch
-import yaml
+from test_experiment import _grid
 
 from fanlora import methods, ssp
 from fanlora.backbone import load_backbone
@@ -80,20 +80,8 @@ def test_search_trains_the_gates_then_the_retrained_structure_starts_as_the_back
 
 
 def test_ssp_runs_in_a_grid_at_fanloras_budget(tmp_path, recipe_file):
-    config = {
-        "name": "t",
-        "recipe": str(recipe_file),
-        "search_run": str(tmp_path / "run"),
-        "out": str(tmp_path / "grid"),
-        "report": str(tmp_path / "report"),
-        "methods": ["fanlora", "ssp"],
-        "tasks": ["copa"],
-        "seeds": [0],
-        "budget": {"k_max": 2, "r": 4},
-        "set": ["finetune.train.max_steps=2", "finetune.train.eval_steps=1", "finetune.max_dev_examples=4"],
-    }
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(config))
+    extra = {"methods": ["fanlora", "ssp"], "seeds": [0], "budget": {"k_max": 2, "r": 4}}
+    path = _grid(tmp_path, recipe_file, **extra)
     assert main(["experiment", str(path)]) == 0
     cells = {c["method"]: c for c in json.loads((tmp_path / "report" / "cells.json").read_text())}
     fan, found = cells["fanlora"], cells["ssp"]

@@ -42,7 +42,7 @@ from transformers import DynamicCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from fanlora.serving.engine import Engine
-from fanlora.serving.scheduler import Job, QueueFull, accept, flush, run_batch
+from fanlora.serving.scheduler import Admission, Job, QueueFull, accept, flush, run_batch
 
 __all__ = ["ContinuousScheduler", "QueueFull"]
 
@@ -133,7 +133,7 @@ class Batch:
         self.rows = [self.rows[i] for i in keep]
 
 
-class ContinuousScheduler:
+class ContinuousScheduler(Admission):
     """The server's default scheduler; same surface as :class:`fanlora.serving.scheduler.Scheduler`."""
 
     def __init__(
@@ -163,20 +163,6 @@ class ContinuousScheduler:
     @property
     def current(self) -> list[Job]:
         return [r.job for r in self.batch.rows]
-
-    def submit(self, job: Job) -> None:
-        """Admit ``job`` (its slot already pinned) or raise QueueFull; a refused job's pin is released."""
-        with self._count:
-            full = self.waiting >= self.max_queue
-            if not full:
-                self.waiting += 1
-        if full:
-            self.engine.release(job.slot)
-            raise QueueFull
-        self.queue.put_nowait(job)
-
-    def stop(self) -> None:
-        self.running = False
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -337,12 +323,6 @@ class ContinuousScheduler:
     def _dequeued(self, job: Job) -> None:
         with self._count:
             self.waiting -= 1
-
-    def _finish(self, job: Job) -> None:
-        """Every admitted job passes here exactly once: its slot pin is released."""
-        if job.cancelled:
-            self.cancelled += 1
-        self.engine.release(job.slot)
 
     def _fail(self, message: str) -> None:
         jobs = [r.job for r in self.batch.rows] + ([self.partial.job] if self.partial else [])

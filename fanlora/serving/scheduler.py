@@ -119,7 +119,34 @@ class _RowsDone(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-class Scheduler:
+class Admission:
+    """What both schedulers share: the bounded admission of pinned jobs, and their release once done.
+
+    Subclasses set ``engine``, ``queue``, ``max_queue``, ``waiting``, ``_count``, ``running`` and ``cancelled``.
+    """
+
+    def submit(self, job: Job) -> None:
+        """Admit ``job`` (its slot already pinned) or raise QueueFull; a refused job's pin is released."""
+        with self._count:
+            full = self.waiting >= self.max_queue
+            if not full:
+                self.waiting += 1
+        if full:
+            self.engine.release(job.slot)
+            raise QueueFull
+        self.queue.put_nowait(job)
+
+    def stop(self) -> None:
+        self.running = False
+
+    def _finish(self, job: Job) -> None:
+        """Every admitted job passes here exactly once: its slot pin is released."""
+        if job.cancelled:
+            self.cancelled += 1
+        self.engine.release(job.slot)
+
+
+class Scheduler(Admission):
     def __init__(self, engine: Engine, max_queue: int = 64, max_batch: int = 16) -> None:
         if max_queue < 1 or max_batch < 1:
             raise ValueError(f"max_queue ({max_queue}) and max_batch ({max_batch}) must be ≥ 1")
@@ -136,20 +163,6 @@ class Scheduler:
         self.current: list[Job] = []  # the batch being decoded
         self.peak_rows = 0  # the most requests decoded together so far
         self.thread.start()
-
-    def submit(self, job: Job) -> None:
-        """Admit ``job`` (its slot already pinned) or raise QueueFull; a refused job's pin is released."""
-        with self._count:
-            full = self.waiting >= self.max_queue
-            if not full:
-                self.waiting += 1
-        if full:
-            self.engine.release(job.slot)
-            raise QueueFull
-        self.queue.put_nowait(job)
-
-    def stop(self) -> None:
-        self.running = False
 
     def _take(self) -> list[Job]:
         first = self.held.pop(0) if self.held else self.queue.get()
@@ -171,12 +184,6 @@ class Scheduler:
                 job.emit("done", "cancelled")
                 self._finish(job)
         return [j for j in batch if not j.cancelled]
-
-    def _finish(self, job: Job) -> None:
-        """Every admitted job passes here exactly once: its slot pin is released."""
-        if job.cancelled:
-            self.cancelled += 1
-        self.engine.release(job.slot)
 
     def _work(self) -> None:
         while self.running:
