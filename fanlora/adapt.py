@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fanlora import atomic, houlsby
+from fanlora import atomic, houlsby, learned_adapter, ssp
 from fanlora.backbone import Backbone, from_config
 from fanlora.config import Config
 from fanlora.dist import is_main, say
@@ -39,11 +39,15 @@ def load_for_eval(cfg: Config, adapter: str | Path | None, backbone: Backbone | 
     model = backbone.model
     if adapter is not None and (Path(adapter) / houlsby.CONFIG).is_file():  # a Houlsby baseline's adapter
         model = houlsby.load(model, backbone.layout, adapter)
+    elif adapter is not None and (Path(adapter) / ssp.CONFIG).is_file():
+        model = ssp.load(backbone, adapter)
+    elif adapter is not None and (Path(adapter) / learned_adapter.CONFIG).is_file():
+        model = learned_adapter.load(backbone, adapter)
     elif adapter is not None:
         from peft import PeftModel
 
         if not (Path(adapter) / "adapter_config.json").is_file():
-            raise UserError(f"{adapter} is not a PEFT or Houlsby adapter directory (no adapter_config.json)")
+            raise UserError(f"{adapter} is not an adapter directory (no adapter_config.json, nor a baseline's config)")
         setting_file = Path(adapter) / "setting.json"
         if setting_file.is_file():
             Setting.read(setting_file).validate(backbone)

@@ -127,14 +127,14 @@ def run_cell(exp: Experiment, cell: Cell, progress: bool = False) -> dict[str, A
     ft = cfg.finetune
     backbone = from_config(cfg.backbone)
     tok = backbone.tokenizer
-    if cell.method == "ssp" and not options.get("budget"):  # FanLoRA's trainable parameters (the reference)
+    if cell.method in methods.SEARCHED and not options.get("budget"):  # FanLoRA's trainable parameters
         reference, rank = prepare_setting(exp, exp.variants[exp.reference or next(iter(exp.variants))])
         options["budget"] = methods.lora_params(backbone, Setting.read(reference).modules, rank)
     train, dev = task_training_data(cfg, backbone)
     torch.manual_seed(cell.seed)
     steps = total_steps(ft.train, len(train))
     built = methods.build(cell.method, backbone, options, setting, steps, ft.lora.dropout)
-    if built.search is not None:  # ssp: its search phase, timed apart from the retraining
+    if built.search is not None:  # ssp, learned-adapter: the search phase, timed apart from the retraining
         built = built.search(train, dev, ft.train, directory, tok.pad_token_id)
     started = time.time()
     result = train_adapter(

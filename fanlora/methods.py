@@ -10,6 +10,9 @@
 - ``ssp``: sparse structure search (``fanlora.ssp``): gated LoRA and adapter candidates searched on the task
   under a parameter budget (FanLoRA's, set by the experiment), then the chosen structure retrained. Its
   ``Built`` carries a ``search`` step that the experiment runs before training.
+- ``learned-adapter``: Learned-Adapter (``fanlora.learned_adapter``): where bottleneck-36 adapters connect in
+  each block and with which activation, searched by gradient (DARTS-style) on the task, then retrained; the
+  same ``search`` step, under the same budget when the experiment sets one.
 
 :func:`lora_rank_for_budget` picks the LoRA rank whose parameter count comes closest to a budget.
 """
@@ -27,7 +30,9 @@ from fanlora.backbone import Backbone
 from fanlora.errors import UserError
 from fanlora.setting import Setting
 
-METHODS = ("fanlora", "lora", "adalora", "ia3", "houlsby", "ssp")
+METHODS = ("fanlora", "lora", "adalora", "ia3", "houlsby", "ssp", "learned-adapter")
+#: Methods that search their structure on the task first, under a parameter budget the experiment sets.
+SEARCHED = ("ssp", "learned-adapter")
 #: Defaults per method (overridable by an experiment's ``method_options``).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "fanlora": {"r": 12, "alpha": 24},
@@ -36,6 +41,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "ia3": {"kinds": ["K", "V", "D"], "feedforward": ["D"]},
     "houlsby": {"size": 18, "kinds": ["O", "D"]},
     "ssp": {"r": 12, "alpha": 24, "size": 18, "budget": None, "alpha_scale": 100.0, "tau_start": 1.0, "tau_end": 0.1},
+    "learned-adapter": {"size": 36, "budget": None, "arch_lr": 0.05, "arch_batch": 4},
 }
 
 
@@ -55,10 +61,10 @@ class Built:
     trainable: int
     callbacks: list[Any] = field(default_factory=list)
     custom_save: Any = None  # callable(model, dir) for non-PEFT models (train.train_adapter calls it)
-    # ssp: callable(train, dev, train_params, cell_dir, pad_id) → the Built to train (runs the search first)
+    # SEARCHED: callable(train, dev, train_params, cell_dir, pad_id) → the Built to train (searches first)
     search: Any = None
     search_minutes: float | None = None
-    structure: list[str] | None = None  # ssp: the candidates the search kept
+    structure: list[str] | None = None  # SEARCHED: what the search kept
 
 
 def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -138,19 +144,22 @@ def build(
         )
         peft = get_peft_model(model, config)
         return Built(peft, method, peft.get_nb_trainable_parameters()[0])
-    if method == "ssp":
-        return _ssp(backbone, opts)
+    if method in SEARCHED:
+        return _searched(method, backbone, opts)
     houlsby.add(model, backbone.layout, opts["size"], tuple(opts["kinds"]))
     return Built(model, method, houlsby.n_trainable(model), custom_save=houlsby.save)
 
 
-def _ssp(backbone: Backbone, opts: dict[str, Any]) -> Built:
-    """SSP's two phases: the returned Built only searches; its ``search`` returns the model to retrain."""
-    from fanlora import ssp
+def _searched(method: str, backbone: Backbone, opts: dict[str, Any]) -> Built:
+    """A searched method's two phases: the returned Built only searches; its ``search`` returns the model to
+    retrain. SSP needs a budget; Learned-Adapter takes one when given (else its DARTS rule decides)."""
+    from fanlora import learned_adapter, ssp
 
+    module = ssp if method == "ssp" else learned_adapter
     budget = opts["budget"]
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise UserError(f"ssp needs a parameter budget (an integer ≥ 1), got {budget!r}: the experiment sets FanLoRA's")
+    valid = isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1
+    if not valid and (method == "ssp" or budget is not None):
+        raise UserError(f"{method} needs a parameter budget (integer ≥ 1), got {budget!r}: experiments set FanLoRA's")
 
     def run_search(train: Any, dev: Any, params: Any, directory: Any, pad_id: int) -> Built:
         from pathlib import Path
@@ -158,14 +167,14 @@ def _ssp(backbone: Backbone, opts: dict[str, Any]) -> Built:
         from fanlora.train import train_adapter
 
         where = Path(directory) / "search"
-        chosen, minutes = ssp.search(backbone, opts, train, dev, params, where, pad_id, train_adapter)
-        model = ssp.retrain_model(backbone, chosen, opts)
+        chosen, minutes = module.search(backbone, opts, train, dev, params, where, pad_id, train_adapter)
+        model = module.retrain_model(backbone, chosen, opts)
         return Built(
-            model, "ssp", ssp.trainable(model), custom_save=ssp.save, search_minutes=minutes,
-            structure=[c.key for c in chosen],
+            model, method, module.trainable(model), custom_save=module.save, search_minutes=minutes,
+            structure=[c.label for c in chosen],
         )  # fmt: skip
 
-    return Built(backbone.model, "ssp", 0, search=run_search)
+    return Built(backbone.model, method, 0, search=run_search)
 
 
 def randomize(model: nn.Module, seed: int = 0, std: float = 0.02, markers: tuple[str, ...] = ("lora_", "ia3_")) -> None:

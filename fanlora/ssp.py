@@ -60,6 +60,8 @@ class Candidate:
     def key(self) -> str:
         return f"{self.family}:{self.kind}.{self.layer}"
 
+    label = key  # as shown in results
+
 
 def candidates(backbone: Backbone, r: int, size: int) -> list[Candidate]:
     """Every (kind, layer) LoRA and every adapter place, with its trainable parameter count."""

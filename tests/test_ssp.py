@@ -9,6 +9,7 @@ import torch
 from test_experiment import _grid
 
 from fanlora import methods, ssp
+from fanlora.adapt import load_for_eval
 from fanlora.backbone import load_backbone
 from fanlora.cli import main
 from fanlora.config import TrainParams
@@ -74,9 +75,12 @@ def test_search_trains_the_gates_then_the_retrained_structure_starts_as_the_back
     with torch.no_grad():
         tuned = model(input_ids=IDS).logits
     assert not torch.allclose(tuned, before, atol=1e-4)
-    loaded = ssp.load(load_backbone(str(tiny_llama)), tmp_path / "cell" / "adapter")
-    with torch.no_grad():
-        assert torch.allclose(loaded(input_ids=IDS).logits, tuned, atol=1e-5)
+    for loaded in (
+        ssp.load(load_backbone(str(tiny_llama)), tmp_path / "cell" / "adapter"),
+        load_for_eval(None, tmp_path / "cell" / "adapter", load_backbone(str(tiny_llama)))[0],  # as `evaluate` does
+    ):
+        with torch.no_grad():
+            assert torch.allclose(loaded(input_ids=IDS).logits, tuned, atol=1e-5)
 
 
 def test_ssp_runs_in_a_grid_at_fanloras_budget(tmp_path, recipe_file):
