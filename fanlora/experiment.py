@@ -233,6 +233,8 @@ def aggregate(exp: Experiment) -> dict[str, Any]:
         "grid_minutes": round(total, 1),
         "rows": rows,
         "comparisons": report_.paired(exp, records),
+        "pool_comparisons": report_.pooled(exp, records),
+        "structures": report_.structures(exp, records),
         "experiment": exp.to_dict(),
     }
     report = Path(exp.report)

@@ -92,6 +92,68 @@ def paired(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def pools_of(exp: Any) -> dict[str, list[str]]:
+    """Variants that are draws of one rule: every ``random:<seed>`` setting is a draw of "random"."""
+    pools: dict[str, list[str]] = {}
+    for name, variant in exp.variants.items():
+        rule = variant.setting.partition(":")[0]
+        if rule == "random":
+            pools.setdefault(rule, []).append(name)
+    return pools
+
+
+def pooled(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """FanLoRA on the reference variant against each rule's finished draws (at least two), per item metric."""
+    reference = exp.reference or next(iter(exp.variants))
+    out = []
+    for task in exp.tasks:
+        ref = [r for r in records if (r["task"], r["variant"], r["method"]) == (task, reference, "fanlora")]
+        for rule, members in pools_of(exp).items():
+            draws = {v: [r for r in records if (r["task"], r["variant"], r["method"]) == (task, v, "fanlora")]
+                     for v in members}  # fmt: skip
+            draws = {v: rs for v, rs in draws.items() if rs}
+            if not ref or len(draws) < 2:
+                continue
+            for key, higher in ITEM_METRICS:
+                a = item_outcomes(exp, ref, key)
+                pool = {v: item_outcomes(exp, rs, key) for v, rs in draws.items()}
+                common = sorted(set(a).intersection(*pool.values()))
+                if not common or not all(pool.values()):
+                    continue
+                pool = {v: {s: o[s] for s in common} for v, o in pool.items()}
+                names = (f"fanlora/{reference}", f"{rule} ({len(pool)} settings)")
+                try:
+                    c = stats.compare_to_pool({s: a[s] for s in common}, pool, names, key, higher)
+                except ValueError as exc:
+                    out.append({"task": task, "a": names[0], "pool": names[1], "metric": key, "unpaired": str(exc)})
+                    continue
+                out.append({"task": task, **c.to_dict()})
+    return out
+
+
+def pool_lines(task: str, comparisons: list[dict[str, Any]]) -> list[str]:
+    mine = [c for c in comparisons if c["task"] == task]
+    if not mine:
+        return []
+    out = [
+        "Against a rule's draws (A − each draw per item; 95 % interval resampling draws and items; rank p: "
+        "(1 + draws at least as good as A) / (1 + draws)):",
+        "",
+    ]
+    for c in mine:
+        if "unpaired" in c:
+            out.append(f"- {c['a']} vs {c['pool']} ({c['metric']}): not compared — {c['unpaired']}")
+            continue
+        draws = ", ".join(f"{m} {v:.4f}" for m, v in zip(c["members"], c["member_means"], strict=True))
+        out.append(
+            f"- {c['a']} vs {c['pool']} ({c['metric']}, {c['n_items']} items): {c['mean_diff']:+.4f} "
+            f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] (width {c['ci_high'] - c['ci_low']:.4f}) → "
+            f"**{c['verdict']}**; A = {c['mean_a']:.4f}, draws: {draws}; {c['better_members']} of "
+            f"{len(c['members'])} draws as good as A, rank p = {c['p_rank']:.3g}"
+        )
+    return [*out, ""]
+
+
 def markdown(exp: Any, summary: dict[str, Any]) -> str:
     lines = [
         f"# {exp.name}",
@@ -100,29 +162,94 @@ def markdown(exp: Any, summary: dict[str, Any]) -> str:
         "CPU-process minutes (train + evaluate, summed over cells).",
         "",
     ]
-    order = {m: i for i, m in enumerate(methods.METHODS)}
     for task in exp.tasks:
         rows = [r for r in summary["rows"] if r["task"] == task]
-        if not rows:
-            continue
-        lines += [
-            f"## {task} ({rows[0]['metric']} on {rows[0]['n_test']} test examples; gold loss on {rows[0]['n_loss']})",
-            "",
-            "| variant | method | trainable params | median | min – max | per seed | gold NLL (mean) | train min |",
-            "|---|---|---:|---:|---:|---|---:|---:|",
-        ]
-        for r in sorted(rows, key=lambda r: (list(exp.variants).index(r["variant"]), order[r["method"]])):
-            per_seed = ", ".join(f"{v:.3f}" for v in r["values"])
-            med = "–" if r["median"] is None else f"{r['median']:.3f}"
-            rng = "–" if r["min"] is None else f"{r['min']:.3f} – {r['max']:.3f}"
-            nll = "–" if r["gold_nll_mean"] is None else f"{r['gold_nll_mean']:.4f}"
-            lines.append(
-                f"| {r['variant']} | {r['method']} | {r['trainable_parameters']:,} | {med} | {rng} | {per_seed} | "
-                f"{nll} | {r['train_minutes_median']} |"
-            )
-        lines.append("")
-        lines += verdict_lines(task, summary.get("comparisons", []))
+        extra = verdict_lines(task, summary.get("comparisons", []))
+        extra += pool_lines(task, summary.get("pool_comparisons", []))
+        extra += structure_lines(task, summary.get("structures", []))
+        if rows:
+            lines += _table(exp, task, rows)
+        elif extra:
+            lines += [f"## {task}", ""]
+        lines += extra
     return "\n".join(lines)
+
+
+def _parts(method: str, label: str) -> tuple[str, int]:
+    """(what, layer) of one element of a searched structure: ``lora:Q.3``, ``adapter:O.5``, ``attn.3:gelu``."""
+    if method == "ssp":
+        family, _, where = label.partition(":")
+        kind, _, layer = where.partition(".")
+        return (f"LoRA {kind}" if family == "lora" else f"adapter after {kind}"), int(layer)
+    where, _, act = label.partition(":")
+    place, _, layer = where.partition(".")
+    return f"{place} adapter ({act})", int(layer)
+
+
+def structures(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What each searched method kept, beside the reference FanLoRA setting: counts by what and layers used."""
+    if not any(r["method"] in methods.SEARCHED for r in records):
+        return []
+    from collections import Counter
+
+    from fanlora.setting import Setting
+
+    reference = exp.reference or next(iter(exp.variants))
+    out = []
+    for r in records:
+        if r["method"] in methods.SEARCHED and r.get("structure"):
+            parts = [_parts(r["method"], label) for label in r["structure"]]
+        elif r["method"] == "fanlora" and r["variant"] == reference:
+            path = Path(exp.out) / "settings" / f"{reference}.json"
+            if not path.is_file():
+                continue
+            kept = Setting.read(path).kept
+            parts = [(f"LoRA {kind}", layer) for layer, kinds in kept.items() for kind in kinds]
+        else:
+            continue
+        counts = Counter(what for what, _ in parts)
+        out.append({
+            "task": r["task"], "cell": r["id"], "method": r["method"], "variant": r["variant"],
+            "trainable_parameters": r["trainable_parameters"], "elements": len(parts),
+            "layers": sorted({layer for _, layer in parts}), "counts": dict(counts.most_common()),
+            "search_minutes": r.get("search_minutes"),
+        })  # fmt: skip
+    return out
+
+
+def structure_lines(task: str, found: list[dict[str, Any]]) -> list[str]:
+    mine = [f for f in found if f["task"] == task]
+    if not mine:
+        return []
+    out = ["Structures (what each method put where; FanLoRA's is its setting, the others' what their search kept):", ""]
+    for f in mine:
+        counts = ", ".join(f"{what} {n}" for what, n in f["counts"].items())
+        search = f"; search {f['search_minutes']:.1f} min" if f.get("search_minutes") is not None else ""
+        out.append(
+            f"- {f['method']}/{f['variant']}: {f['elements']} elements in {len(f['layers'])} layers, "
+            f"{f['trainable_parameters']:,} params{search} — {counts}"
+        )
+    return [*out, ""]
+
+
+def _table(exp: Any, task: str, rows: list[dict[str, Any]]) -> list[str]:
+    order = {m: i for i, m in enumerate(methods.METHODS)}
+    lines = [
+        f"## {task} ({rows[0]['metric']} on {rows[0]['n_test']} test examples; gold loss on {rows[0]['n_loss']})",
+        "",
+        "| variant | method | trainable params | median | min – max | per seed | gold NLL (mean) | train min |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (list(exp.variants).index(r["variant"]), order[r["method"]])):
+        per_seed = ", ".join(f"{v:.3f}" for v in r["values"])
+        med = "–" if r["median"] is None else f"{r['median']:.3f}"
+        rng = "–" if r["min"] is None else f"{r['min']:.3f} – {r['max']:.3f}"
+        nll = "–" if r["gold_nll_mean"] is None else f"{r['gold_nll_mean']:.4f}"
+        lines.append(
+            f"| {r['variant']} | {r['method']} | {r['trainable_parameters']:,} | {med} | {rng} | {per_seed} | "
+            f"{nll} | {r['train_minutes_median']} |"
+        )
+    return [*lines, ""]
 
 
 def verdict_lines(task: str, comparisons: list[dict[str, Any]]) -> list[str]:

@@ -14,6 +14,11 @@ A comparison of A with B is the mean over items and seeds of the per-(seed, item
 The verdict uses the union of the two intervals (never narrower than either): **win** / **loss** when it
 excludes zero (in the direction the metric improves), **tie** when it covers zero.
 
+**Against a rule** (e.g. "a random setting of K_max = 2 per layer"), A meets several of the rule's draws, each
+a *setting* trained and scored on the same items: :func:`compare_to_pool` takes A − (each draw) per item and
+resamples draws *and* items (the draw is the random effect: five settings say more about the rule than one),
+and ranks A among the draws — with n draws the smallest rank p-value is 1/(n+1), the resolution the pool has.
+
 Identical inputs give a zero difference with a zero-width interval (a tie) and p = 1; item sets or seeds
 that differ between A and B are refused — an unpaired comparison is not what this module computes.
 """
@@ -167,3 +172,65 @@ def seed_spread(outcomes: Outcomes) -> dict[str, float]:
         "seed_means_max": float(per_seed.max()),
         "items_that_change_across_seeds": changes,
     }
+
+
+@dataclass
+class PoolComparison:
+    a: str
+    pool: str
+    members: list[str]
+    metric: str
+    higher_is_better: bool
+    n_items: int
+    mean_a: float
+    member_means: list[float]
+    mean_diff: float  # A − the mean of the members
+    ci_low: float  # two-way bootstrap over members and items, 95 %
+    ci_high: float
+    better_members: int  # members that do at least as well as A
+    p_rank: float  # (1 + better_members) / (1 + members): how often a draw of the rule matches A
+    verdict: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare_to_pool(
+    a: Outcomes,
+    pool: Mapping[str, Outcomes],
+    names: tuple[str, str] = ("A", "pool"),
+    metric: str = "value",
+    higher_is_better: bool = True,
+    resamples: int = 4000,
+) -> PoolComparison:
+    """A against the draws of a rule, each paired with A item by item (seeds averaged per item)."""
+    if len(pool) < 2:
+        raise ValueError(f"a pool needs at least 2 members, got {len(pool)}")
+    rows = []
+    for member, outcomes in pool.items():
+        seeds, items = _aligned(a, outcomes, (names[0], member))
+        rows.append(matrix(outcomes, seeds, items).mean(axis=0))
+    a_item = matrix(a, seeds, items).mean(axis=0)
+    diff = a_item[None, :] - np.array(rows)
+    mean = float(diff.mean())
+    lo, hi = (mean, mean) if np.ptp(diff) == 0 else two_way_interval(diff, resamples=resamples)
+    member_means = [float(r.mean()) for r in rows]
+    sign = 1 if higher_is_better else -1
+    better = sum(sign * (m - float(a_item.mean())) >= 0 for m in member_means)
+    verdict = "tie" if lo <= 0 <= hi else ("win" if (mean > 0) == higher_is_better else "loss")
+    return PoolComparison(
+        a=names[0],
+        pool=names[1],
+        members=list(pool),
+        metric=metric,
+        higher_is_better=higher_is_better,
+        n_items=len(items),
+        mean_a=float(a_item.mean()),
+        member_means=member_means,
+        mean_diff=mean,
+        ci_low=lo,
+        ci_high=hi,
+        better_members=better,
+        p_rank=(1 + better) / (1 + len(rows)),
+        verdict=verdict,
+    )

@@ -167,6 +167,30 @@ def test_paired_comparisons_use_the_seeds_both_sides_have(tmp_path):
     assert c["n_seeds"] == 1 and c["n_items"] == 5 and c["mean_diff"] == pytest.approx(-0.1)
 
 
+def test_the_reference_meets_the_random_draws_as_a_pool(tmp_path):
+    from types import SimpleNamespace
+
+    from fanlora.experiment_report import markdown, pooled
+
+    variants = {"ab": "top", "random1": "random:1", "random2": "random:2", "random3": "random:3", "vo": "fixed:V,O"}
+    exp = SimpleNamespace(out=str(tmp_path), reference="ab", tasks=["sql"], name="t",
+                          variants={k: SimpleNamespace(setting=v) for k, v in variants.items()})  # fmt: skip
+    records = []
+    for variant, shift in (("ab", 0.0), ("random1", 0.08), ("random2", 0.12), ("random3", 0.1), ("vo", -0.05)):
+        cid = f"sql__fanlora__{variant}__s0"
+        (tmp_path / "cells" / cid).mkdir(parents=True)
+        lines = [json.dumps({"id": f"q{i}", "gold_nll": 0.5 + shift + 0.01 * (i % 7)}) for i in range(50)]
+        (tmp_path / "cells" / cid / "items.jsonl").write_text("\n".join(lines))
+        records.append({"id": cid, "task": "sql", "variant": variant, "method": "fanlora", "seed": 0})
+    (c,) = pooled(exp, records)  # gold_nll only: these items have no per-item score
+    assert c["members"] == ["random1", "random2", "random3"] and c["pool"] == "random (3 settings)"
+    assert c["mean_diff"] == pytest.approx(-0.1) and c["verdict"] == "win" and c["p_rank"] == pytest.approx(0.25)
+    summary = {"cells_done": 5, "cells": 5, "grid_minutes": 0, "rows": [], "pool_comparisons": [c]}
+    text = markdown(SimpleNamespace(**vars(exp)), summary)
+    assert "fanlora/ab vs random (3 settings) (gold_nll, 50 items): -0.1000" in text and "rank p = 0.25" in text
+    assert pooled(exp, records[:2]) == []  # one draw is not a pool
+
+
 @pytest.mark.parametrize(
     "name",
     ["table1", "kmax", "scorers", "corpus", "setting-study-pilot", "pareto", "setting-study", "structure-baselines"],

@@ -100,3 +100,11 @@ def test_learned_adapter_runs_in_a_grid_at_fanloras_budget(tmp_path, recipe_file
     assert spent > 0 and spent % len(kept) == 0  # whole cells
     assert len(kept) == 1 or spent <= found["options"]["budget"]
     assert (tmp_path / "grid" / "cells" / found["id"] / "adapter" / la.WEIGHTS).is_file()
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    shown = {s["method"]: s for s in results["structures"]}
+    assert set(shown) == {"fanlora", "learned-adapter"}
+    assert shown["learned-adapter"]["elements"] == len(kept) and sum(
+        shown["learned-adapter"]["counts"].values()
+    ) == len(kept)
+    assert all(what.startswith("LoRA ") for what in shown["fanlora"]["counts"])
+    assert "- learned-adapter/default:" in (tmp_path / "report" / "results.md").read_text()

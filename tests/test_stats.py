@@ -51,3 +51,30 @@ def test_seed_spread_counts_items_that_change():
     m = np.array([[1, 0, 1, 1], [1, 1, 1, 0]])
     spread = seed_spread(outcomes(m))
     assert spread["items_that_change_across_seeds"] == 0.5 and spread["seed_means_min"] == 0.75
+
+
+def test_a_rule_pool_is_a_random_effect():
+    from fanlora.stats import compare_to_pool
+
+    rng = np.random.default_rng(3)
+    items = rng.normal(2.0, 0.5, size=(1, 400))
+    # five draws of a rule: each its own offset (setting effect) plus item noise; A 0.1 below their mean
+    draws = [items + off + rng.normal(0, 0.05, items.shape) for off in (-0.03, 0.0, 0.02, 0.04, -0.01)]
+    pool = {f"r{k}": outcomes(d) for k, d in enumerate(draws)}
+    a = outcomes(items - 0.1 + 0.004)
+    c = compare_to_pool(a, pool, ("ab", "random"), "gold_nll", higher_is_better=False)
+    assert c.mean_diff == pytest.approx(-0.1, abs=0.01) and c.verdict == "win"
+    assert c.better_members == 0 and c.p_rank == pytest.approx(1 / 6)
+    # the interval carries the spread between draws: wider than the item-only interval against their mean
+    single = compare(a, outcomes(np.mean(draws, axis=0)), metric="gold_nll", higher_is_better=False)
+    assert (c.ci_high - c.ci_low) > (single.ci_items_high - single.ci_items_low)
+    # A in the middle of the pool: a tie, and its rank says so
+    mid = compare_to_pool(pool["r1"], {k: v for k, v in pool.items() if k != "r1"}, metric="gold_nll",
+                          higher_is_better=False)  # fmt: skip
+    assert mid.verdict == "tie" and mid.better_members == 2
+    same = compare_to_pool(a, {"x": a, "y": a}, metric="gold_nll", higher_is_better=False)
+    assert same.mean_diff == 0 and same.ci_low == same.ci_high == 0 and same.verdict == "tie"
+    with pytest.raises(ValueError, match="unpaired items"):
+        compare_to_pool(a, {"x": a, "y": outcomes(items[:, :399])})
+    with pytest.raises(ValueError, match="at least 2 members"):
+        compare_to_pool(a, {"x": a})
