@@ -102,3 +102,29 @@ def write_json(path: str | Path, obj: Any) -> Path:
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     """Write JSON Lines atomically."""
     return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_weights(
+    directory: str | Path, weights: dict[str, Any], weights_name: str, config_name: str, config: Any
+) -> Path:
+    """A baseline adapter's files: its tensors as safetensors, then its config as JSON (each atomically), in
+    ``directory`` (made if missing). The config goes last: its presence marks a complete adapter."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (weights_name + ".tmp")
+    save_file({n: t.detach().contiguous() for n, t in weights.items()}, str(tmp))
+    tmp.replace(directory / weights_name)
+    write_json(directory / config_name, config)
+    return directory
+
+
+def read_weights(directory: str | Path, weights_name: str, config_name: str, what: str) -> tuple[Any, dict[str, Any]]:
+    """The config and tensors :func:`write_weights` wrote; a directory without the config is refused."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / config_name).is_file():
+        raise UserError(f"{directory} holds no {what} adapter ({config_name} missing)")
+    return json.loads((directory / config_name).read_text()), load_file(str(directory / weights_name))

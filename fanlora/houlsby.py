@@ -11,12 +11,9 @@ Saved as ``houlsby_config.json`` + ``houlsby_model.safetensors`` (adapter weight
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fanlora import atomic
@@ -83,26 +80,16 @@ def state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write the adapter weights and their config into ``directory`` (made fresh, atomically)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (WEIGHTS + ".tmp")
-    save_file(state(model), str(tmp))
-    tmp.replace(directory / WEIGHTS)
-    atomic.write_json(directory / CONFIG, model.houlsby_config)
-    return directory
+    """Write the adapter weights and their config into ``directory`` (made if missing, each file atomically)."""
+    return atomic.write_weights(directory, state(model), WEIGHTS, CONFIG, model.houlsby_config)
 
 
 def load(model: nn.Module, layout: ModuleLayout, directory: str | Path) -> nn.Module:
-    directory = Path(directory)
-    if not (directory / CONFIG).is_file():
-        raise UserError(f"{directory} holds no Houlsby adapter ({CONFIG} missing)")
-    config: dict[str, Any] = json.loads((directory / CONFIG).read_text())
+    config, weights = atomic.read_weights(directory, WEIGHTS, CONFIG, "Houlsby")
     add(model, layout, config["size"], tuple(config["kinds"]))
-    weights = load_file(str(directory / WEIGHTS))
     missing = set(state(model)) - set(weights)
     if missing:
-        raise UserError(f"{directory / WEIGHTS} lacks {sorted(missing)[0]}: the adapter was saved for another model")
+        raise UserError(f"{Path(directory) / WEIGHTS} lacks {sorted(missing)[0]}: saved for another model")
     model.load_state_dict(weights, strict=False)
     return model
 

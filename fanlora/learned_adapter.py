@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
@@ -252,27 +251,17 @@ def retrain_model(backbone: Backbone, chosen: list[Edge], opts: dict[str, Any]) 
 
 
 def save(model: nn.Module, directory: str | Path) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = {n: p.detach().contiguous() for n, p in model.learned_adapters.named_parameters()}
-    tmp = directory / (WEIGHTS + ".tmp")
-    save_file(weights, str(tmp))
-    tmp.replace(directory / WEIGHTS)
-    atomic.write_json(directory / CONFIG, model.learned_adapter_structure)
-    return directory
+    weights = dict(model.learned_adapters.named_parameters())
+    return atomic.write_weights(directory, weights, WEIGHTS, CONFIG, model.learned_adapter_structure)
 
 
 def load(backbone: Backbone, directory: str | Path) -> nn.Module:
     """The retrained Learned-Adapter model on ``backbone`` from ``save``'s directory."""
-    directory = Path(directory)
-    if not (directory / CONFIG).is_file():
-        raise UserError(f"{directory} holds no Learned-Adapter adapter ({CONFIG} missing)")
-    structure = json.loads((directory / CONFIG).read_text())
+    structure, weights = atomic.read_weights(directory, WEIGHTS, CONFIG, "Learned-Adapter")
     model = attach(backbone.model, backbone.layout, [Edge(**e) for e in structure["edges"]], structure["size"])
-    weights = load_file(str(directory / WEIGHTS))
     expected = dict(model.learned_adapters.named_parameters())
     if set(weights) != set(expected) or any(weights[n].shape != p.shape for n, p in expected.items()):
-        raise UserError(f"{directory / WEIGHTS} does not match its structure: the adapter was saved for another model")
+        raise UserError(f"{Path(directory) / WEIGHTS} does not match its structure: saved for another model")
     model.learned_adapters.load_state_dict(weights)
     return model
 

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
@@ -213,28 +212,18 @@ def retrain_model(backbone: Backbone, chosen: list[Candidate], opts: dict[str, A
 
 
 def save(model: nn.Module, directory: str | Path) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    tmp = directory / (WEIGHTS + ".tmp")
-    save_file(weights, str(tmp))
-    tmp.replace(directory / WEIGHTS)
-    atomic.write_json(directory / CONFIG, model.ssp_structure)
-    return directory
+    weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return atomic.write_weights(directory, weights, WEIGHTS, CONFIG, model.ssp_structure)
 
 
 def load(backbone: Backbone, directory: str | Path) -> nn.Module:
     """The retrained SSP model on ``backbone`` from ``save``'s directory."""
-    directory = Path(directory)
-    if not (directory / CONFIG).is_file():
-        raise UserError(f"{directory} holds no SSP adapter ({CONFIG} missing)")
-    structure = json.loads((directory / CONFIG).read_text())
+    structure, weights = atomic.read_weights(directory, WEIGHTS, CONFIG, "SSP")
     chosen = [Candidate(**c) for c in structure["candidates"]]
     model = _build(backbone.model, backbone.layout, chosen, structure["options"])
-    weights = load_file(str(directory / WEIGHTS))
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
-        raise UserError(f"{directory / WEIGHTS} does not match its structure: the adapter was saved for another model")
+        raise UserError(f"{Path(directory) / WEIGHTS} does not match its structure: saved for another model")
     model.load_state_dict(weights, strict=False)
     return model
 

@@ -9,11 +9,10 @@ import json
 import pytest
 import torch
 from test_experiment import _grid
-from test_ssp import IDS, examples
+from test_ssp import IDS, examples, retrains_from_the_backbone_and_round_trips
 
 from fanlora import learned_adapter as la
 from fanlora import methods
-from fanlora.adapt import load_for_eval
 from fanlora.backbone import load_backbone
 from fanlora.cli import main
 from fanlora.config import TrainParams
@@ -67,19 +66,8 @@ def test_search_moves_the_architecture_then_the_retrained_model_starts_as_the_ba
     assert again == chosen  # a finished search is not run again
 
     model = la.retrain_model(bb, chosen, opts)
-    with torch.no_grad():
-        assert torch.allclose(model(input_ids=IDS).logits, before, atol=1e-6)  # identity at the start
     assert la.trainable(model) == per_cell * len(chosen)
-    train_adapter(model, examples(), examples(4), params, tmp_path / "cell", 0, (), la.save)
-    with torch.no_grad():
-        tuned = model(input_ids=IDS).logits
-    assert not torch.allclose(tuned, before, atol=1e-4)
-    for loaded in (
-        la.load(load_backbone(str(tiny_llama)), tmp_path / "cell" / "adapter"),
-        load_for_eval(None, tmp_path / "cell" / "adapter", load_backbone(str(tiny_llama)))[0],
-    ):
-        with torch.no_grad():
-            assert torch.allclose(loaded(input_ids=IDS).logits, tuned, atol=1e-5)
+    retrains_from_the_backbone_and_round_trips(la, model, before, params, tmp_path, tiny_llama)
 
 
 def test_a_budget_that_is_not_a_count_is_refused(tiny_llama):

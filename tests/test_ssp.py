@@ -67,16 +67,24 @@ def test_search_trains_the_gates_then_the_retrained_structure_starts_as_the_back
     assert again == chosen  # a finished search is not run again
 
     model = ssp.retrain_model(bb, chosen, opts)
-    with torch.no_grad():
-        assert torch.allclose(model(input_ids=IDS).logits, before, atol=1e-6)  # identity at the start
     assert ssp.trainable(model) == sum(c.params for c in chosen)
     assert all(("lora_" in n or ".down." in n or ".up." in n) for n, p in model.named_parameters() if p.requires_grad)
-    train_adapter(model, examples(), examples(4), params, tmp_path / "cell", 0, (), ssp.save)
+    retrains_from_the_backbone_and_round_trips(ssp, model, before, params, tmp_path, tiny_llama)
+
+
+def retrains_from_the_backbone_and_round_trips(method, model, before, params, tmp_path, tiny_llama) -> None:
+    """Shared by the searched methods: the retrained model starts as the backbone, moves when trained, and
+    loads back (through the method's ``load`` and through the evaluator's loader) to the same logits."""
+    from fanlora.train import train_adapter
+
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=IDS).logits, before, atol=1e-6)  # identity at the start
+    train_adapter(model, examples(), examples(4), params, tmp_path / "cell", 0, (), method.save)
     with torch.no_grad():
         tuned = model(input_ids=IDS).logits
     assert not torch.allclose(tuned, before, atol=1e-4)
     for loaded in (
-        ssp.load(load_backbone(str(tiny_llama)), tmp_path / "cell" / "adapter"),
+        method.load(load_backbone(str(tiny_llama)), tmp_path / "cell" / "adapter"),
         load_for_eval(None, tmp_path / "cell" / "adapter", load_backbone(str(tiny_llama)))[0],  # as `evaluate` does
     ):
         with torch.no_grad():
