@@ -239,7 +239,8 @@ def aggregate(exp: Experiment) -> dict[str, Any]:
     }
     report = Path(exp.report)
     atomic.write_json(report / "results.json", summary)
-    atomic.write_text(report / "results.md", report_.markdown(exp, summary))
+    notes = (report / "notes.md").read_text() if (report / "notes.md").is_file() else ""
+    atomic.write_text(report / "results.md", report_.markdown(exp, summary, notes))
     atomic.write_json(report / "cells.json", records)
     if len(exp.variants) > 1 and rows:
         report_.plot(exp, rows, report)

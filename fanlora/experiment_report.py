@@ -154,10 +154,13 @@ def pool_lines(task: str, comparisons: list[dict[str, Any]]) -> list[str]:
     return [*out, ""]
 
 
-def markdown(exp: Any, summary: dict[str, Any]) -> str:
+def markdown(exp: Any, summary: dict[str, Any], notes: str = "") -> str:
+    """The grid's results page; ``notes`` (the report folder's ``notes.md``, written by hand: the study's
+    design, sizing and reading) stands under the title, the generated tables and verdicts after it."""
     lines = [
         f"# {exp.name}",
         "",
+        *([notes.strip(), ""] if notes.strip() else []),
         f"{summary['cells_done']} of {summary['cells']} cells done; grid cost {summary['grid_minutes']} "
         "CPU-process minutes (train + evaluate, summed over cells).",
         "",

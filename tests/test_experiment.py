@@ -186,7 +186,8 @@ def test_the_reference_meets_the_random_draws_as_a_pool(tmp_path):
     assert c["members"] == ["random1", "random2", "random3"] and c["pool"] == "random (3 settings)"
     assert c["mean_diff"] == pytest.approx(-0.1) and c["verdict"] == "win" and c["p_rank"] == pytest.approx(0.25)
     summary = {"cells_done": 5, "cells": 5, "grid_minutes": 0, "rows": [], "pool_comparisons": [c]}
-    text = markdown(SimpleNamespace(**vars(exp)), summary)
+    text = markdown(SimpleNamespace(**vars(exp)), summary, notes="Design: five draws.\n")
+    assert text.startswith("# t\n\nDesign: five draws.\n\n5 of 5 cells done")
     assert "fanlora/ab vs random (3 settings) (gold_nll, 50 items): -0.1000" in text and "rank p = 0.25" in text
     assert pooled(exp, records[:2]) == []  # one draw is not a pool
 
