@@ -235,6 +235,7 @@ def aggregate(exp: Experiment) -> dict[str, Any]:
         "comparisons": report_.paired(exp, records),
         "pool_comparisons": report_.pooled(exp, records),
         "structures": report_.structures(exp, records),
+        "seeds": report_.seed_effects(exp, records),
         "experiment": exp.to_dict(),
     }
     report = Path(exp.report)

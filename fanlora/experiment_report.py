@@ -131,6 +131,41 @@ def pooled(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def seed_effects(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For every group run under several seeds: how far its seeds' means lie apart, and the share of test items
+    whose outcome changes with the seed — whether the seeds' models really differ, item by item."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["variant"], r["method"]), []).append(r)
+    out = []
+    for (task, variant, method), rs in sorted(groups.items()):
+        for key, _ in ITEM_METRICS:
+            outcomes = item_outcomes(exp, rs, key)
+            if len(outcomes) < 2:
+                continue
+            try:
+                spread = stats.seed_spread(outcomes)
+            except KeyError:  # seeds scored on different items: nothing to say item by item
+                continue
+            group = f"{method}/{variant}"
+            out.append({"task": task, "group": group, "metric": key, "n_seeds": len(outcomes), **spread})
+    return out
+
+
+def seed_lines(task: str, effects: list[dict[str, Any]]) -> list[str]:
+    mine = [e for e in effects if e["task"] == task]
+    if not mine:
+        return []
+    out = ["Seeds (per-item outputs of the same group under different seeds):", ""]
+    for e in mine:
+        out.append(
+            f"- {e['group']} ({e['metric']}, {e['n_seeds']} seeds): seed means {e['seed_means_min']:.4f} – "
+            f"{e['seed_means_max']:.4f}; {100 * e['items_that_change_across_seeds']:.1f} % of items change, "
+            f"by {e['item_sd_across_seeds']:.4f} (mean per-item SD across seeds)"
+        )
+    return [*out, ""]
+
+
 def pool_lines(task: str, comparisons: list[dict[str, Any]]) -> list[str]:
     mine = [c for c in comparisons if c["task"] == task]
     if not mine:
@@ -170,6 +205,7 @@ def markdown(exp: Any, summary: dict[str, Any], notes: str = "") -> str:
         extra = verdict_lines(task, summary.get("comparisons", []))
         extra += pool_lines(task, summary.get("pool_comparisons", []))
         extra += structure_lines(task, summary.get("structures", []))
+        extra += seed_lines(task, summary.get("seeds", []))
         if rows:
             lines += _table(exp, task, rows)
         elif extra:

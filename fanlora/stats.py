@@ -170,6 +170,7 @@ def seed_spread(outcomes: Outcomes) -> dict[str, float]:
     return {
         "seed_means_min": float(per_seed.min()),
         "seed_means_max": float(per_seed.max()),
+        "item_sd_across_seeds": float(m.std(axis=0, ddof=1).mean()) if len(seeds) > 1 else 0.0,
         "items_that_change_across_seeds": changes,
     }
 

@@ -167,6 +167,29 @@ def test_paired_comparisons_use_the_seeds_both_sides_have(tmp_path):
     assert c["n_seeds"] == 1 and c["n_items"] == 5 and c["mean_diff"] == pytest.approx(-0.1)
 
 
+def test_seed_effects_say_how_far_a_groups_seeds_differ_item_by_item(tmp_path):
+    from types import SimpleNamespace
+
+    from fanlora.experiment_report import seed_effects, seed_lines
+
+    exp = SimpleNamespace(out=str(tmp_path))
+    records = []
+    for seed, flips in ((0, []), (1, [3])):  # seed 1 gets item 3 wrong, and its losses move by 0.02
+        cid = f"boolq__lora__default__s{seed}"
+        (tmp_path / "cells" / cid).mkdir(parents=True)
+        rows = [{"id": f"q{i}", "value": float(i not in flips), "gold_nll": 0.5 + 0.02 * seed} for i in range(5)]
+        (tmp_path / "cells" / cid / "items.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        records.append({"id": cid, "task": "boolq", "variant": "default", "method": "lora", "seed": seed})
+    effects = {e["metric"]: e for e in seed_effects(exp, records)}
+    assert effects["value"]["items_that_change_across_seeds"] == pytest.approx(0.2)
+    assert effects["value"]["seed_means_min"] == pytest.approx(0.8) and effects["value"]["seed_means_max"] == 1.0
+    assert effects["gold_nll"]["item_sd_across_seeds"] == pytest.approx(0.02 / 2**0.5)
+    assert "lora/default (value, 2 seeds): seed means 0.8000 – 1.0000; 20.0 % of items change" in "\n".join(
+        seed_lines("boolq", list(effects.values()))
+    )
+    assert seed_effects(exp, records[:1]) == []  # one seed: nothing to compare
+
+
 def test_the_reference_meets_the_random_draws_as_a_pool(tmp_path):
     from types import SimpleNamespace
 
