@@ -44,6 +44,9 @@ def rows_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "gold_nll": losses,
                 "gold_nll_mean": statistics.fmean(losses) if losses else None,
                 "train_minutes_median": statistics.median(r["train_minutes"] for r in rs),
+                "search_minutes_median": (
+                    statistics.median(r["search_minutes"] for r in rs) if "search_minutes" in rs[0] else None
+                ),
                 "n_test": rs[0]["n_test"],
                 "n_loss": rs[0].get("n_loss", 0),
             }
@@ -276,17 +279,19 @@ def _table(exp: Any, task: str, rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         f"## {task} ({rows[0]['metric']} on {rows[0]['n_test']} test examples; gold loss on {rows[0]['n_loss']})",
         "",
-        "| variant | method | trainable params | median | min – max | per seed | gold NLL (mean) | train min |",
-        "|---|---|---:|---:|---:|---|---:|---:|",
+        "| variant | method | trainable params | median | min – max | per seed | gold NLL (mean) | train min "
+        "| search min |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (list(exp.variants).index(r["variant"]), order[r["method"]])):
         per_seed = ", ".join(f"{v:.3f}" for v in r["values"])
         med = "–" if r["median"] is None else f"{r['median']:.3f}"
         rng = "–" if r["min"] is None else f"{r['min']:.3f} – {r['max']:.3f}"
         nll = "–" if r["gold_nll_mean"] is None else f"{r['gold_nll_mean']:.4f}"
+        search = "–" if r.get("search_minutes_median") is None else f"{r['search_minutes_median']:.1f}"
         lines.append(
             f"| {r['variant']} | {r['method']} | {r['trainable_parameters']:,} | {med} | {rng} | {per_seed} | "
-            f"{nll} | {r['train_minutes_median']} |"
+            f"{nll} | {r['train_minutes_median']} | {search} |"
         )
     return [*lines, ""]
 

@@ -96,3 +96,5 @@ def test_learned_adapter_runs_in_a_grid_at_fanloras_budget(tmp_path, recipe_file
     ) == len(kept)
     assert all(what.startswith("LoRA ") for what in shown["fanlora"]["counts"])
     assert "- learned-adapter/default:" in (tmp_path / "report" / "results.md").read_text()
+    rows = {r["method"]: r for r in results["rows"]}
+    assert rows["learned-adapter"]["search_minutes_median"] >= 0 and rows["fanlora"]["search_minutes_median"] is None
