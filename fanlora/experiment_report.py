@@ -277,7 +277,9 @@ def structure_lines(task: str, found: list[dict[str, Any]]) -> list[str]:
 def _table(exp: Any, task: str, rows: list[dict[str, Any]]) -> list[str]:
     order = {m: i for i, m in enumerate(methods.METHODS)}
     lines = [
-        f"## {task} ({rows[0]['metric']} on {rows[0]['n_test']} test examples; gold loss on {rows[0]['n_loss']})",
+        f"## {task} ({rows[0]['metric']} on {rows[0]['n_test']} test examples; gold loss on {rows[0]['n_loss']})"
+        if rows[0]["n_test"]
+        else f"## {task} (gold loss on {rows[0]['n_loss']} test examples; the task's metric not computed)",
         "",
         "| variant | method | trainable params | median | min – max | per seed | gold NLL (mean) | train min "
         "| search min |",
