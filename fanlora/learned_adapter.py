@@ -127,6 +127,8 @@ def _hook(cell: Cell) -> Callable[..., Any]:
 def attach(model: nn.Module, layout: ModuleLayout, chosen: list[Edge], size: int, searching: bool = False) -> nn.Module:
     """Freeze ``model`` and add a cell on each edge (all activations while ``searching``, else the edge's own);
     the cells live in ``model.learned_adapters`` so their names are stable for checkpoints and safetensors."""
+    if hasattr(model, "learned_adapters"):  # its hooks would stay and add the old cells too
+        raise UserError("this model already carries Learned-Adapter cells: load a fresh backbone")
     for p in model.parameters():
         p.requires_grad_(False)
     like = next(model.parameters())

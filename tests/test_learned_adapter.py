@@ -67,6 +67,8 @@ def test_search_moves_the_architecture_then_the_retrained_model_starts_as_the_ba
 
     model = la.retrain_model(bb, chosen, opts)
     assert la.trainable(model) == per_cell * len(chosen)
+    with pytest.raises(UserError, match="already carries"):
+        la.attach(model, bb.layout, chosen, 8)
     retrains_from_the_backbone_and_round_trips(la, model, before, params, tmp_path, tiny_llama)
 
 
