@@ -95,6 +95,14 @@ def _method_parsers(sub: Any) -> None:
     q.add_argument("files", nargs="+", help="every shard file of the study")
     q.add_argument("--out", required=True, help="the merged scores file, e.g. runs/x/scores.json")
 
+    p = sub.add_parser("compare", help="two evaluations (or grid cells) of one task, paired item by item")
+    p.set_defaults(func=commands.compare)
+    p.add_argument("a", help="a folder with items.jsonl: `fanlora evaluate --out`'s, or a grid cell's")
+    p.add_argument("b", help="the other folder, evaluated on the same items")
+    p.add_argument("--metric", default="value", choices=["value", "gold_nll"],
+                   help="value: the task's per-item score (higher is better); gold_nll: gold-answer loss")  # fmt: skip
+    p.add_argument("--out", help="also write the comparison to this JSON file")
+
     p = sub.add_parser("stability", help="stage a + scoring under several seeds, then their Spearman matrix")
     p.set_defaults(func=commands.stability)
     _common(p, "runs/stability")

@@ -78,3 +78,32 @@ def test_a_rule_pool_is_a_random_effect():
         compare_to_pool(a, {"x": a, "y": outcomes(items[:, :399])})
     with pytest.raises(ValueError, match="at least 2 members"):
         compare_to_pool(a, {"x": a})
+
+
+def test_fanlora_compare_pairs_two_evaluations_item_by_item(tmp_path, capsys):
+    import json
+
+    from conftest import fail
+
+    from fanlora.cli import main
+
+    def folder(name: str, values: dict[str, float], key: str = "value") -> str:
+        (tmp_path / name).mkdir()
+        lines = [json.dumps({"id": i, key: v, "gold_nll": 1 - v / 2}) for i, v in values.items()]
+        (tmp_path / name / "items.jsonl").write_text("\n".join(lines))
+        return str(tmp_path / name)
+
+    rng = np.random.default_rng(4)
+    right = rng.integers(0, 2, 300)
+    a = folder("a", {f"q{i}": float(max(v, i % 4 == 0)) for i, v in enumerate(right)})  # A gets a quarter more right
+    b = folder("b", {f"q{i}": float(v) for i, v in enumerate(right)})
+    assert main(["compare", a, b, "--out", str(tmp_path / "c.json")]) == 0
+    line = capsys.readouterr().out
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["verdict"] == "win" and c["mean_diff"] > 0.05 and c["n_items"] == 300 and "→ win" in line
+    assert main(["compare", a, b, "--metric", "gold_nll"]) == 0 and "→ win" in capsys.readouterr().out
+    short = folder("short", {f"q{i}": 1.0 for i in range(299)})
+    assert "unpaired items" in fail(capsys, ["compare", a, short])
+    assert "has no items.jsonl" in fail(capsys, ["compare", a, str(tmp_path)])
+    bare = folder("bare", {"q0": 1.0}, key="other")
+    assert "holds no 'value' per item" in fail(capsys, ["compare", bare, a])
