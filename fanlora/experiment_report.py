@@ -155,41 +155,72 @@ def seed_effects(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]
     return out
 
 
-def seed_lines(task: str, effects: list[dict[str, Any]]) -> list[str]:
-    mine = [e for e in effects if e["task"] == task]
-    if not mine:
-        return []
-    out = ["Seeds (per-item outputs of the same group under different seeds):", ""]
-    for e in mine:
-        out.append(
-            f"- {e['group']} ({e['metric']}, {e['n_seeds']} seeds): seed means {e['seed_means_min']:.4f} – "
-            f"{e['seed_means_max']:.4f}; {100 * e['items_that_change_across_seeds']:.1f} % of items change, "
-            f"by {e['item_sd_across_seeds']:.4f} (mean per-item SD across seeds)"
-        )
-    return [*out, ""]
+def _verdict_line(c: dict[str, Any]) -> str:
+    if "unpaired" in c:
+        return f"- {c['a']} vs {c['b']} ({c['metric']}): not compared — {c['unpaired']}"
+    return (
+        f"- {c['a']} vs {c['b']} ({c['metric']}, {c['n_items']} items × {c['n_seeds']} seeds): "
+        f"{c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] (width {c['ci_high'] - c['ci_low']:.4f}), "
+        f"p = {c['p_value']:.3g} → **{c['verdict']}**"
+    )
 
 
-def pool_lines(task: str, comparisons: list[dict[str, Any]]) -> list[str]:
-    mine = [c for c in comparisons if c["task"] == task]
-    if not mine:
-        return []
-    out = [
+def _pool_line(c: dict[str, Any]) -> str:
+    if "unpaired" in c:
+        return f"- {c['a']} vs {c['pool']} ({c['metric']}): not compared — {c['unpaired']}"
+    draws = ", ".join(f"{m} {v:.4f}" for m, v in zip(c["members"], c["member_means"], strict=True))
+    return (
+        f"- {c['a']} vs {c['pool']} ({c['metric']}, {c['n_items']} items): {c['mean_diff']:+.4f} "
+        f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] (width {c['ci_high'] - c['ci_low']:.4f}) → "
+        f"**{c['verdict']}**; A = {c['mean_a']:.4f}, draws: {draws}; {c['better_members']} of "
+        f"{len(c['members'])} draws as good as A, rank p = {c['p_rank']:.3g}"
+    )
+
+
+def _structure_line(f: dict[str, Any]) -> str:
+    counts = ", ".join(f"{what} {n}" for what, n in f["counts"].items())
+    search = f"; search {f['search_minutes']:.1f} min" if f.get("search_minutes") is not None else ""
+    return (
+        f"- {f['method']}/{f['variant']}: {f['elements']} elements in {len(f['layers'])} layers, "
+        f"{f['trainable_parameters']:,} params{search} — {counts}"
+    )
+
+
+def _seed_line(e: dict[str, Any]) -> str:
+    return (
+        f"- {e['group']} ({e['metric']}, {e['n_seeds']} seeds): seed means {e['seed_means_min']:.4f} – "
+        f"{e['seed_means_max']:.4f}; {100 * e['items_that_change_across_seeds']:.1f} % of items change, "
+        f"by {e['item_sd_across_seeds']:.4f} (mean per-item SD across seeds)"
+    )
+
+
+#: The verdict sections of a task on results.md: summary key → (heading, one entry's line).
+SECTIONS: dict[str, tuple[str, Any]] = {
+    "comparisons": (
+        "Paired comparisons (A − B over the same items and seeds; 95 % interval resampling seeds and items; "
+        "p: sign-flip permutation test):",
+        _verdict_line,
+    ),
+    "pool_comparisons": (
         "Against a rule's draws (A − each draw per item; 95 % interval resampling draws and items; rank p: "
         "(1 + draws at least as good as A) / (1 + draws)):",
-        "",
-    ]
-    for c in mine:
-        if "unpaired" in c:
-            out.append(f"- {c['a']} vs {c['pool']} ({c['metric']}): not compared — {c['unpaired']}")
-            continue
-        draws = ", ".join(f"{m} {v:.4f}" for m, v in zip(c["members"], c["member_means"], strict=True))
-        out.append(
-            f"- {c['a']} vs {c['pool']} ({c['metric']}, {c['n_items']} items): {c['mean_diff']:+.4f} "
-            f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] (width {c['ci_high'] - c['ci_low']:.4f}) → "
-            f"**{c['verdict']}**; A = {c['mean_a']:.4f}, draws: {draws}; {c['better_members']} of "
-            f"{len(c['members'])} draws as good as A, rank p = {c['p_rank']:.3g}"
-        )
-    return [*out, ""]
+        _pool_line,
+    ),
+    "structures": (
+        "Structures (what each method put where; FanLoRA's is its setting, the others' what their search kept):",
+        _structure_line,
+    ),
+    "seeds": ("Seeds (per-item outputs of the same group under different seeds):", _seed_line),
+}
+
+
+def section_lines(key: str, task: str, entries: list[dict[str, Any]]) -> list[str]:
+    """The ``key`` section of ``task`` (nothing when it has no entries)."""
+    mine = [e for e in entries if e["task"] == task]
+    if not mine:
+        return []
+    heading, line = SECTIONS[key]
+    return [heading, "", *(line(e) for e in mine), ""]
 
 
 def markdown(exp: Any, summary: dict[str, Any], notes: str = "") -> str:
@@ -205,10 +236,7 @@ def markdown(exp: Any, summary: dict[str, Any], notes: str = "") -> str:
     ]
     for task in exp.tasks:
         rows = [r for r in summary["rows"] if r["task"] == task]
-        extra = verdict_lines(task, summary.get("comparisons", []))
-        extra += pool_lines(task, summary.get("pool_comparisons", []))
-        extra += structure_lines(task, summary.get("structures", []))
-        extra += seed_lines(task, summary.get("seeds", []))
+        extra = [line for key in SECTIONS for line in section_lines(key, task, summary.get(key, []))]
         if rows:
             lines += _table(exp, task, rows)
         elif extra:
@@ -259,21 +287,6 @@ def structures(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def structure_lines(task: str, found: list[dict[str, Any]]) -> list[str]:
-    mine = [f for f in found if f["task"] == task]
-    if not mine:
-        return []
-    out = ["Structures (what each method put where; FanLoRA's is its setting, the others' what their search kept):", ""]
-    for f in mine:
-        counts = ", ".join(f"{what} {n}" for what, n in f["counts"].items())
-        search = f"; search {f['search_minutes']:.1f} min" if f.get("search_minutes") is not None else ""
-        out.append(
-            f"- {f['method']}/{f['variant']}: {f['elements']} elements in {len(f['layers'])} layers, "
-            f"{f['trainable_parameters']:,} params{search} — {counts}"
-        )
-    return [*out, ""]
-
-
 def _table(exp: Any, task: str, rows: list[dict[str, Any]]) -> list[str]:
     order = {m: i for i, m in enumerate(methods.METHODS)}
     lines = [
@@ -296,28 +309,6 @@ def _table(exp: Any, task: str, rows: list[dict[str, Any]]) -> list[str]:
             f"{nll} | {r['train_minutes_median']} | {search} |"
         )
     return [*lines, ""]
-
-
-def verdict_lines(task: str, comparisons: list[dict[str, Any]]) -> list[str]:
-    mine = [c for c in comparisons if c["task"] == task]
-    if not mine:
-        return []
-    out = [
-        "Paired comparisons (A − B over the same items and seeds; 95 % interval resampling seeds and items; "
-        "p: sign-flip permutation test):",
-        "",
-    ]
-    for c in mine:
-        if "unpaired" in c:
-            out.append(f"- {c['a']} vs {c['b']} ({c['metric']}): not compared — {c['unpaired']}")
-            continue
-        width = c["ci_high"] - c["ci_low"]
-        out.append(
-            f"- {c['a']} vs {c['b']} ({c['metric']}, {c['n_items']} items × {c['n_seeds']} seeds): "
-            f"{c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] (width {width:.4f}), "
-            f"p = {c['p_value']:.3g} → **{c['verdict']}**"
-        )
-    return [*out, ""]
 
 
 def plot(exp: Any, rows: list[dict[str, Any]], report: Path) -> None:

@@ -170,7 +170,7 @@ def test_paired_comparisons_use_the_seeds_both_sides_have(tmp_path):
 def test_seed_effects_say_how_far_a_groups_seeds_differ_item_by_item(tmp_path):
     from types import SimpleNamespace
 
-    from fanlora.experiment_report import seed_effects, seed_lines
+    from fanlora.experiment_report import section_lines, seed_effects
 
     exp = SimpleNamespace(out=str(tmp_path))
     records = []
@@ -185,7 +185,7 @@ def test_seed_effects_say_how_far_a_groups_seeds_differ_item_by_item(tmp_path):
     assert effects["value"]["seed_means_min"] == pytest.approx(0.8) and effects["value"]["seed_means_max"] == 1.0
     assert effects["gold_nll"]["item_sd_across_seeds"] == pytest.approx(0.02 / 2**0.5)
     assert "lora/default (value, 2 seeds): seed means 0.8000 – 1.0000; 20.0 % of items change" in "\n".join(
-        seed_lines("boolq", list(effects.values()))
+        section_lines("seeds", "boolq", list(effects.values()))
     )
     assert seed_effects(exp, records[:1]) == []  # one seed: nothing to compare
 
