@@ -229,31 +229,10 @@ def scores_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _item_values(folder: str, metric: str) -> dict[str, float]:
-    path = Path(folder) / "items.jsonl"
-    if not path.is_file():
-        raise UserError(f"{folder} has no items.jsonl: give one `fanlora evaluate --out` or a grid cell wrote")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    values = {str(r["id"]): float(r[metric]) for r in rows if r.get(metric) is not None}
-    if not values:
-        hint = "evaluate with --set evaluate.gold_loss=true" if metric == "gold_nll" else "use --metric gold_nll"
-        raise UserError(f"{path} holds no {metric!r} per item: {hint}")
-    return values
-
-
 def compare(args: argparse.Namespace) -> int:
-    """A − B on the same items: mean difference, 95 % interval, sign-flip p-value (``fanlora.stats``)."""
-    from fanlora import atomic, stats
+    from fanlora.compare import compare_folders
 
-    a, b = _item_values(args.a, args.metric), _item_values(args.b, args.metric)
-    try:
-        c = stats.compare({0: a}, {0: b}, (args.a, args.b), args.metric, higher_is_better=args.metric == "value")
-    except ValueError as exc:
-        raise UserError(f"{exc}: compare evaluations of the same task and items") from None
-    print(c.line())
-    if args.out:
-        atomic.write_json(args.out, c.to_dict())
-    return 0
+    return compare_folders(args.a, args.b, args.metric, args.out)
 
 
 def stability(args: argparse.Namespace) -> int:

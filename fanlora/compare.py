@@ -1,0 +1,36 @@
+"""``fanlora compare A B``: two evaluations of one task (``fanlora evaluate --out`` folders or grid cells), paired
+item by item with the grid's statistics (:mod:`fanlora.stats`) — e.g. execution accuracy of two cells'
+adapters scored after their grid ran, which the grid itself never generated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fanlora import atomic, stats
+from fanlora.errors import UserError
+
+
+def item_values(folder: str, metric: str) -> dict[str, float]:
+    """item id → ``metric`` from ``folder/items.jsonl``."""
+    path = Path(folder) / "items.jsonl"
+    if not path.is_file():
+        raise UserError(f"{folder} has no items.jsonl: give one `fanlora evaluate --out` or a grid cell wrote")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    values = {str(r["id"]): float(r[metric]) for r in rows if r.get(metric) is not None}
+    if not values:
+        hint = "evaluate with --set evaluate.gold_loss=true" if metric == "gold_nll" else "use --metric gold_nll"
+        raise UserError(f"{path} holds no {metric!r} per item: {hint}")
+    return values
+
+
+def compare_folders(a: str, b: str, metric: str, out: str | None = None) -> int:
+    """A − B on the same items: mean difference, 95 % interval, sign-flip p-value; printed (and saved)."""
+    try:
+        c = stats.compare({0: item_values(a, metric)}, {0: item_values(b, metric)}, (a, b), metric, metric == "value")
+    except ValueError as exc:
+        raise UserError(f"{exc}: compare evaluations of the same task and items") from None
+    print(c.line())
+    if out:
+        atomic.write_json(out, c.to_dict())
+    return 0
