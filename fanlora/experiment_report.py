@@ -20,10 +20,16 @@ from fanlora import atomic, methods, stats
 ITEM_METRICS = (("gold_nll", False), ("value", True))  # (items.jsonl key, higher is better)
 
 
-def rows_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def groups_of(records: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """Cell records by (task, variant, method), in the order first seen."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["task"], r["variant"], r["method"]), []).append(r)
+    return groups
+
+
+def rows_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups = groups_of(records)
     rows = []
     for (task, variant, method), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
@@ -71,9 +77,7 @@ def item_outcomes(exp: Any, records: list[dict[str, Any]], key: str) -> dict[int
 def paired(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """FanLoRA on the reference variant against every other group of the same task, per item metric."""
     reference = exp.reference or next(iter(exp.variants))
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for r in records:
-        groups.setdefault((r["task"], r["variant"], r["method"]), []).append(r)
+    groups = groups_of(records)
     out = []
     for (task, variant, method), rs in sorted(groups.items()):
         ref = groups.get((task, reference, "fanlora"))
@@ -137,9 +141,7 @@ def pooled(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def seed_effects(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For every group run under several seeds: how far its seeds' means lie apart, and the share of test items
     whose outcome changes with the seed — whether the seeds' models really differ, item by item."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for r in records:
-        groups.setdefault((r["task"], r["variant"], r["method"]), []).append(r)
+    groups = groups_of(records)
     out = []
     for (task, variant, method), rs in sorted(groups.items()):
         for key, _ in ITEM_METRICS:
