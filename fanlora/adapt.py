@@ -18,7 +18,14 @@ from fanlora.backbone import Backbone, from_config
 from fanlora.config import Config
 from fanlora.dist import is_main, say
 from fanlora.errors import UserError
-from fanlora.evaluate import evaluate_generation, evaluate_mc, evaluate_mc_generate, gold_losses, training_examples
+from fanlora.evaluate import (
+    evaluate_generation,
+    evaluate_mc,
+    evaluate_mc_generate,
+    gold_losses,
+    gold_losses_from_choices,
+    training_examples,
+)
 from fanlora.generate import Decoding
 from fanlora.methods import build
 from fanlora.setting import Setting
@@ -97,9 +104,7 @@ def run_evaluate(
             metrics["mc_format"] = ev.mc_format
         metrics.update(result.metrics)
         predictions = result.predictions
-    losses = (
-        gold_losses(model, tok, task, loss_examples, ev.batch_size, ev.max_length, progress) if loss_examples else []
-    )
+    losses = _gold_losses(cfg, task, model, tok, loss_examples, predictions, progress)
     if losses:
         per_item = [v for v, _ in losses]
         metrics["gold_nll"] = sum(per_item) / len(per_item)
@@ -114,6 +119,18 @@ def run_evaluate(
     atomic.write_json(out / "metrics.json", metrics)
     say(f"evaluate: {task_name}/{ev.split} {_headline(metrics)} (n={metrics['n']}) → {out / 'metrics.json'}")
     return metrics
+
+
+def _gold_losses(cfg: Config, task: Any, model: Any, tok: Any, examples: list[Any], predictions, progress: bool):
+    """Per loss example (nll, tokens): taken from the choices' scores when they hold it, else one more pass."""
+    ev = cfg.evaluate
+    if not examples:
+        return []
+    if task.kind == "mc" and ev.mode != "generate" and ev.mc_format == "clean" and predictions:
+        reused = gold_losses_from_choices(tok, task, examples, predictions, ev.max_length)
+        if reused is not None:
+            return reused
+    return gold_losses(model, tok, task, examples, ev.batch_size, ev.max_length, progress)
 
 
 def _score_task(cfg: Config, task: Any, model: Any, tok: Any, examples: list[Any], decoding: Decoding, progress: bool):

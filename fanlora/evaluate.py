@@ -72,6 +72,31 @@ def gold_losses(
     return [(-s / c if c else float("nan"), c) for s, c in zip(sums, counts, strict=True)]
 
 
+def gold_losses_from_choices(
+    tokenizer: Any, task: Task, examples: Sequence[Any], predictions: Sequence[dict[str, Any]], max_length: int | None
+) -> list[tuple[float, int]] | None:
+    """The gold losses a log-likelihood pass over the choices already holds, or None where it may not.
+
+    In the clean format a multiple-choice item's scored continuation *is* its gold training target (context →
+    " yes"), so −loglik[label] / tokens is its gold loss: BoolQ's 1,635-item test half is then scored in one
+    pass, not two (each is ~30 min on one CPU thread). None — score the loss apart — when an item was not
+    scored, its gold text differs from the scored choice, or the loss pass would cut its context.
+    """
+    by_id = {str(p["id"]): p for p in predictions}
+    out = []
+    for ex in examples:
+        p = by_id.get(str(ex.id))
+        prompt, target = task.training_pair(ex)
+        if p is None or p["label"] != ex.label or ex.context != prompt or ex.delimiter + ex.choices[ex.label] != target:
+            return None
+        pair = encode_pair(tokenizer, prompt, target)
+        if len(pair.input_ids) > (max_length or 2048):
+            return None
+        n = sum(t != IGNORE for t in pair.labels)
+        out.append((-p["loglik"][ex.label] / n if n else float("nan"), n))
+    return out
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, Any]

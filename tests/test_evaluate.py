@@ -86,3 +86,40 @@ def test_lm_eval_format_scores_what_lm_eval_scores(tiny_llama):
     ll = result.predictions[0]["loglik"]
     norm = [v / len(c) for v, c in zip(ll, lm.choices, strict=True)]  # the delimiter is not counted
     assert result.predictions[0]["pred_norm"] == max(range(2), key=norm.__getitem__)
+
+
+def test_gold_losses_are_read_from_the_choices_scores_when_they_hold_them(tiny_llama):
+    """BoolQ's gold loss in the same pass as its accuracy: equal to the separate loss pass, or not taken."""
+    from fanlora.evaluate import gold_losses, gold_losses_from_choices
+
+    b = load_backbone(str(tiny_llama))
+    tok = b.tokenizer
+    for name in ("boolq", "copa"):  # one-token choices (fast path) and multi-token ones
+        task = get_task(name)
+        examples = task.examples("dev", limit=4)
+        preds = evaluate_mc(b.model, tok, examples, batch_size=3, progress=False).predictions
+        reused = gold_losses_from_choices(tok, task, examples, preds, None)
+        separate = gold_losses(b.model, tok, task, examples, batch_size=2, progress=False)
+        assert reused is not None and [n for _, n in reused] == [n for _, n in separate]
+        assert [v for v, _ in reused] == pytest.approx([v for v, _ in separate], abs=1e-4)
+    assert gold_losses_from_choices(tok, task, examples, preds[:-1], None) is None  # an item not scored
+    assert gold_losses_from_choices(tok, task, examples, preds, 4) is None  # the loss pass would cut the context
+    flipped = [dict(p, label=1 - p["label"]) for p in preds]
+    assert gold_losses_from_choices(tok, task, examples, flipped, None) is None
+
+
+def test_mc_accuracy_and_gold_loss_take_one_pass_in_the_clean_format(tiny_llama, tmp_path, monkeypatch):
+    import json
+
+    import fanlora.adapt as adapt
+    from fanlora.cli import main
+
+    calls, real = [], adapt.gold_losses
+    monkeypatch.setattr(adapt, "gold_losses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    argv = ["evaluate", "--task", "boolq", "--base", "--backbone", str(tiny_llama), "--limit", "4", "--split", "dev"]
+    argv += ["--set", "evaluate.gold_loss=true", "--set", "evaluate.loss_limit=4"]
+    assert main([*argv, "--out", str(tmp_path / "clean")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "clean" / "items.jsonl").read_text().splitlines()]
+    assert not calls and len(rows) == 4 and all("value" in r and r["gold_nll"] > 0 for r in rows)
+    assert main([*argv, "--mc-format", "lm-eval", "--out", str(tmp_path / "lm")]) == 0  # " yes" ≠ "yes" scored
+    assert calls == [1]
