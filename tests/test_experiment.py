@@ -216,8 +216,7 @@ def test_the_reference_meets_the_random_draws_as_a_pool(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name",
-    ["table1", "kmax", "scorers", "corpus", "setting-study-pilot", "pareto", "setting-study", "structure-baselines"],
+    "name", sorted(p.stem for p in (Path(__file__).parents[1] / "fanlora" / "configs" / "experiments").glob("*.yaml"))
 )
 def test_committed_experiment_configs_parse(name):
     from fanlora.experiment_config import cells, parse
