@@ -215,13 +215,14 @@ def test_the_reference_meets_the_random_draws_as_a_pool(tmp_path):
     assert pooled(exp, records[:2]) == []  # one draw is not a pool
 
 
-@pytest.mark.parametrize(
-    "name", sorted(p.stem for p in (Path(__file__).parents[1] / "fanlora" / "configs" / "experiments").glob("*.yaml"))
-)
+GRIDS = Path(__file__).parents[1] / "fanlora" / "configs" / "experiments"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in GRIDS.glob("*.yaml")))
 def test_committed_experiment_configs_parse(name):
     from fanlora.experiment_config import cells, parse
 
-    exp = parse(Path(__file__).parents[1] / "fanlora" / "configs" / "experiments" / f"{name}.yaml")
+    exp = parse(GRIDS / f"{name}.yaml")
     assert exp.name == name and len(cells(exp)) == len(exp.seeds) * sum(
         len(v.methods or exp.methods) * len(exp.tasks) for v in exp.variants.values()
     )
