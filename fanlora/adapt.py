@@ -115,7 +115,7 @@ def run_evaluate(
     out = Path(out_dir)
     if predictions:
         atomic.write_jsonl(out / "predictions.jsonl", predictions)
-    atomic.write_jsonl(out / "items.jsonl", item_rows(task, predictions, loss_examples, losses))
+    atomic.write_jsonl(out / "items.jsonl", item_rows(task, predictions, loss_examples, losses, examples))
     atomic.write_json(out / "metrics.json", metrics)
     say(f"evaluate: {task_name}/{ev.split} {_headline(metrics)} (n={metrics['n']}) → {out / 'metrics.json'}")
     return metrics
@@ -144,16 +144,25 @@ def _score_task(cfg: Config, task: Any, model: Any, tok: Any, examples: list[Any
 
 
 def item_rows(
-    task: Any, predictions: list[dict[str, Any]], loss_examples: list[Any], losses: list[tuple[float, int]]
+    task: Any,
+    predictions: list[dict[str, Any]],
+    loss_examples: list[Any],
+    losses: list[tuple[float, int]],
+    examples: Any = (),
 ) -> list[dict[str, Any]]:
-    """One row per example id: ``value`` (the task's per-item score) and/or ``gold_nll`` + ``gold_tokens``."""
+    """One row per example id: ``value`` (the task's per-item score) and/or ``gold_nll`` + ``gold_tokens``,
+    and its ``cluster`` (what a paired comparison resamples, :meth:`fanlora.tasks.base.Task.cluster_key`)."""
     rows: dict[str, dict[str, Any]] = {}
+    clusters = {str(ex.id): task.cluster_key(ex) for ex in [*examples, *loss_examples]}
     for p in predictions:
         value = task.item_value(p)
         if value is not None:  # MT-Bench answers have no per-item score until a judge gives one
             rows.setdefault(str(p["id"]), {"id": str(p["id"])})["value"] = value
     for ex, (nll, n) in zip(loss_examples, losses, strict=True):
         rows.setdefault(str(ex.id), {"id": str(ex.id)}).update({"gold_nll": nll, "gold_tokens": n})
+    for row in rows.values():
+        if row["id"] in clusters:
+            row["cluster"] = clusters[row["id"]]
     return list(rows.values())
 
 

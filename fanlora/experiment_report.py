@@ -9,6 +9,7 @@ Seed ranges that merely overlap are not a verdict.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import statistics
@@ -60,17 +61,53 @@ def rows_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+@functools.lru_cache(maxsize=256)
+def _items_file(path: str, mtime: float) -> tuple[dict[str, Any], ...]:
+    return tuple(json.loads(line) for line in Path(path).read_text().splitlines() if line.strip())
+
+
+def cell_items(exp: Any, record: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The rows of one cell's items.jsonl (none when it has not written one)."""
+    path = Path(exp.out) / "cells" / record["id"] / "items.jsonl"
+    return _items_file(str(path), path.stat().st_mtime) if path.is_file() else ()
+
+
 def item_outcomes(exp: Any, records: list[dict[str, Any]], key: str) -> dict[int, dict[str, float]]:
     """seed → item id → value of ``key`` in each cell's items.jsonl."""
     out: dict[int, dict[str, float]] = {}
     for r in records:
-        path = Path(exp.out) / "cells" / r["id"] / "items.jsonl"
-        if not path.is_file():
-            continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        values = {row["id"]: row[key] for row in rows if row.get(key) is not None}
+        values = {row["id"]: row[key] for row in cell_items(exp, r) if row.get(key) is not None}
         if values:
             out[r["seed"]] = values
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _task_clusters(task: str, split: str) -> dict[str, str]:
+    from fanlora.tasks import get_task
+
+    return get_task(task).clusters(split)
+
+
+def item_clusters(exp: Any, records: list[dict[str, Any]]) -> dict[str, str]:
+    """item id → cluster key for the cells of one task: from their items.jsonl, and for cells written before
+    items.jsonl carried clusters, from the task's own data (the same key the task gives a new evaluation)."""
+    out: dict[str, str] = {}
+    missing: set[str] = set()
+    for r in records:
+        for row in cell_items(exp, r):
+            if row.get("cluster") is not None:
+                out.setdefault(row["id"], str(row["cluster"]))
+            else:
+                missing.add(row["id"])
+    missing -= set(out)
+    if missing:
+        split = "test"
+        metrics = Path(exp.out) / "cells" / records[0]["id"] / "metrics.json"
+        if metrics.is_file():
+            split = json.loads(metrics.read_text()).get("split") or split
+        known = _task_clusters(records[0]["task"], split)
+        out.update({item: known.get(item, item) for item in missing})  # an item the task lacks: its own cluster
     return out
 
 
@@ -91,7 +128,7 @@ def paired(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             a, b = {s: a[s] for s in common}, {s: b[s] for s in common}
             names = (f"fanlora/{reference}", f"{method}/{variant}")
             try:
-                c = stats.compare(a, b, names, key, higher)
+                c = stats.compare(a, b, names, key, higher, clusters=item_clusters(exp, [*ref, *rs]))
             except ValueError as exc:  # another item set or seeds: reported, not compared
                 out.append({"task": task, "a": names[0], "b": names[1], "metric": key, "unpaired": str(exc)})
                 continue
@@ -130,7 +167,8 @@ def pooled(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 pool = {v: {s: o[s] for s in common} for v, o in pool.items()}
                 names = (f"fanlora/{reference}", f"{rule} ({len(pool)} settings)")
                 try:
-                    c = stats.compare_to_pool({s: a[s] for s in common}, pool, names, key, higher)
+                    clusters = item_clusters(exp, [*ref, *(r for rs in draws.values() for r in rs)])
+                    c = stats.compare_to_pool({s: a[s] for s in common}, pool, names, key, higher, clusters=clusters)
                 except ValueError as exc:
                     out.append({"task": task, "a": names[0], "pool": names[1], "metric": key, "unpaired": str(exc)})
                     continue
@@ -160,22 +198,20 @@ def seed_effects(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]
 def _verdict_line(c: dict[str, Any]) -> str:
     if "unpaired" in c:
         return f"- {c['a']} vs {c['b']} ({c['metric']}): not compared — {c['unpaired']}"
-    return (
-        f"- {c['a']} vs {c['b']} ({c['metric']}, {c['n_items']} items × {c['n_seeds']} seeds): "
-        f"{c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] (width {c['ci_high'] - c['ci_low']:.4f}), "
-        f"p = {c['p_value']:.3g} → **{c['verdict']}**"
-    )
+    return f"- {stats.comparison_line(c)}"
 
 
 def _pool_line(c: dict[str, Any]) -> str:
     if "unpaired" in c:
         return f"- {c['a']} vs {c['pool']} ({c['metric']}): not compared — {c['unpaired']}"
     draws = ", ".join(f"{m} {v:.4f}" for m, v in zip(c["members"], c["member_means"], strict=True))
+    units = stats.design(c["n_items"], c.get("n_clusters") or c["n_items"], len(c["members"]), "draw")
+    note = f" ({c['note']})" if c.get("note") else ""
     return (
-        f"- {c['a']} vs {c['pool']} ({c['metric']}, {c['n_items']} items): {c['mean_diff']:+.4f} "
+        f"- {c['a']} vs {c['pool']} ({c['metric']}, {units}): {c['mean_diff']:+.4f} "
         f"[{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] (width {c['ci_high'] - c['ci_low']:.4f}) → "
         f"**{c['verdict']}**; A = {c['mean_a']:.4f}, draws: {draws}; {c['better_members']} of "
-        f"{len(c['members'])} draws as good as A, rank p = {c['p_rank']:.3g}"
+        f"{len(c['members'])} draws as good as A, rank p = {c['p_rank']:.3g}{note}"
     )
 
 
@@ -199,12 +235,14 @@ def _seed_line(e: dict[str, Any]) -> str:
 #: The verdict sections of a task on results.md: summary key → (heading, one entry's line).
 SECTIONS: dict[str, tuple[str, Any]] = {
     "comparisons": (
-        "Paired comparisons (A − B over the same items and seeds; 95 % interval resampling seeds and items; "
-        "p: sign-flip permutation test):",
+        "Paired comparisons (A − B over the same items and seeds; 95 % interval resampling clusters of items "
+        "that share a source — a question template, a passage, a subject — and, where more than one ran, "
+        "training seeds as a random effect; beside it the interval that treats items as independent; p: "
+        "sign flips of whole clusters; the verdict uses the clustered interval):",
         _verdict_line,
     ),
     "pool_comparisons": (
-        "Against a rule's draws (A − each draw per item; 95 % interval resampling draws and items; rank p: "
+        "Against a rule's draws (A − each draw per item; 95 % interval resampling draws and clusters of items; rank p: "
         "(1 + draws at least as good as A) / (1 + draws)):",
         _pool_line,
     ),
@@ -344,13 +382,12 @@ def plot(exp: Any, rows: list[dict[str, Any]], report: Path) -> None:
 
 
 def loss_plot(exp: Any, records: list[dict[str, Any]], report: Path) -> None:
-    """Per task: held-out gold loss of every (variant, method) with its 95 % item interval; random settings
-    in grey (the null distribution), the reference variant's FanLoRA as a red star."""
+    """Per task: held-out gold loss of every (variant, method) with its 95 % interval (clusters of items and
+    seeds resampled); random settings in grey (the null distribution), the reference FanLoRA as a red star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     reference = exp.reference or next(iter(exp.variants))
     for task in exp.tasks:
@@ -362,14 +399,8 @@ def loss_plot(exp: Any, records: list[dict[str, Any]], report: Path) -> None:
             continue
         points = []
         for (variant, method), rs in groups.items():
-            outcomes = item_outcomes(exp, rs, "gold_nll")
-            seeds = sorted(outcomes)
-            items = sorted(outcomes[seeds[0]])
-            per_item = stats.matrix(outcomes, seeds, items).mean(axis=0)
-            rng = np.random.default_rng(0)
-            boots = [per_item[rng.integers(0, len(per_item), len(per_item))].mean() for _ in range(2000)]
-            lo, hi = np.quantile(boots, [0.025, 0.975])
-            points.append((f"{method}/{variant}", per_item.mean(), lo, hi, variant, method))
+            mean, lo, hi = stats.mean_interval(item_outcomes(exp, rs, "gold_nll"), item_clusters(exp, rs))
+            points.append((f"{method}/{variant}", mean, lo, hi, variant, method))
         points.sort(key=lambda p: p[1])
         fig, ax = plt.subplots(figsize=(6.5, 0.9 + 0.35 * len(points)))
         for y, (_, mean, lo, hi, variant, method) in enumerate(points):
@@ -378,7 +409,7 @@ def loss_plot(exp: Any, records: list[dict[str, Any]], report: Path) -> None:
             ax.errorbar(mean, y, xerr=[[mean - lo], [hi - mean]], fmt="*" if is_ref else "o", color=color,
                         markersize=12 if is_ref else 6, capsize=3)  # fmt: skip
         ax.set_yticks(range(len(points)), [p[0] for p in points])
-        ax.set_xlabel(f"{task}: held-out gold loss (mean NLL per token; 95 % item interval)")
+        ax.set_xlabel(f"{task}: held-out gold loss (mean NLL per token; 95 % clustered interval)")
         ax.set_title(f"{exp.name}: red star = FanLoRA/{reference}, grey = random settings")
         _save(fig, report / f"{task}_gold_loss.png")
 

@@ -121,5 +121,7 @@ def test_mc_accuracy_and_gold_loss_take_one_pass_in_the_clean_format(tiny_llama,
     assert main([*argv, "--out", str(tmp_path / "clean")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "clean" / "items.jsonl").read_text().splitlines()]
     assert not calls and len(rows) == 4 and all("value" in r and r["gold_nll"] > 0 for r in rows)
+    titles = {e.id: e.context.partition(" -- ")[0] for e in get_task("boolq").examples("dev", 4)}
+    assert {r["id"]: r["cluster"] for r in rows} == titles  # the passage each question shares
     assert main([*argv, "--mc-format", "lm-eval", "--out", str(tmp_path / "lm")]) == 0  # " yes" ≠ "yes" scored
     assert calls == [1]

@@ -211,7 +211,8 @@ def test_the_reference_meets_the_random_draws_as_a_pool(tmp_path):
     summary = {"cells_done": 5, "cells": 5, "grid_minutes": 0, "rows": [], "pool_comparisons": [c]}
     text = markdown(SimpleNamespace(**vars(exp)), summary, notes="Design: five draws.\n")
     assert text.startswith("# t\n\nDesign: five draws.\n\n5 of 5 cells done")
-    assert "fanlora/ab vs random (3 settings) (gold_nll, 50 items): -0.1000" in text and "rank p = 0.25" in text
+    assert "fanlora/ab vs random (3 settings) (gold_nll, 50 items × 3 draws): -0.1000" in text
+    assert "rank p = 0.25" in text
     assert pooled(exp, records[:2]) == []  # one draw is not a pool
 
 
@@ -226,3 +227,26 @@ def test_committed_experiment_configs_parse(name):
     assert exp.name == name and len(cells(exp)) == len(exp.seeds) * sum(
         len(v.methods or exp.methods) * len(exp.tasks) for v in exp.variants.values()
     )
+
+
+def test_cells_written_before_clusters_get_the_tasks_keys(tmp_path):
+    """Committed grids' items.jsonl have no cluster: the report takes SQL's intents from the task itself, so
+    their intervals resample question templates, not the 402 items one by one."""
+    from types import SimpleNamespace
+
+    from fanlora.experiment_report import item_clusters, paired
+    from fanlora.tasks import get_task
+
+    test = get_task("sql").examples("test")[:60]
+    exp = SimpleNamespace(out=str(tmp_path), reference="ab", variants={"ab": None, "vo": None})
+    records = []
+    for variant, shift in (("ab", 0.0), ("vo", 0.05)):
+        cid = f"sql__fanlora__{variant}__s0"
+        (tmp_path / "cells" / cid).mkdir(parents=True)
+        lines = [json.dumps({"id": e.id, "gold_nll": 0.5 + shift + 0.01 * (n % 5)}) for n, e in enumerate(test)]
+        (tmp_path / "cells" / cid / "items.jsonl").write_text("\n".join(lines))
+        records.append({"id": cid, "task": "sql", "variant": variant, "method": "fanlora", "seed": 0,
+                        "trainable_parameters": 1})  # fmt: skip
+    assert item_clusters(exp, records) == {e.id: e.cluster for e in test}
+    (c,) = paired(exp, records)
+    assert c["n_clusters"] == len({e.cluster for e in test}) < 60 and c["verdict"] == "win"

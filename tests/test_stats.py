@@ -107,3 +107,81 @@ def test_fanlora_compare_pairs_two_evaluations_item_by_item(tmp_path, capsys):
     assert "has no items.jsonl" in fail(capsys, ["compare", a, str(tmp_path)])
     bare = folder("bare", {"q0": 1.0}, key="other")
     assert "holds no 'value' per item" in fail(capsys, ["compare", bare, a])
+
+
+def _clustered_null(rng: np.random.Generator, n_clusters: int = 25, size: int = 16, seeds: int = 1):
+    """Paired differences with no effect but a strong cluster effect (SD 1) over item noise (SD 0.5)."""
+    labels = np.repeat(np.arange(n_clusters), size)
+    diff = rng.normal(0, 1, n_clusters)[labels][None, :] + rng.normal(0, 0.5, (seeds, labels.size))
+    return diff, labels
+
+
+def test_clustered_interval_covers_a_zero_effect_at_its_level_and_the_item_level_one_does_not():
+    from fanlora.stats import clustered_interval, item_interval
+
+    rng = np.random.default_rng(10)
+    reps, clustered, naive = 300, 0, 0
+    for r in range(reps):
+        diff, labels = _clustered_null(rng)
+        lo, hi = clustered_interval(diff, labels, resamples=1000, seed=r)
+        clustered += lo <= 0 <= hi
+        ilo, ihi = item_interval(diff[0], resamples=500)
+        naive += ilo <= 0 <= ihi
+    assert 0.90 <= clustered / reps <= 0.99  # about 95 % (measured 0.944 over 1,000 repetitions)
+    assert naive / reps < 0.6  # items as independent: far too narrow (measured 0.375)
+
+
+def test_seeds_are_resampled_as_a_random_effect():
+    from fanlora.stats import clustered_interval
+
+    rng = np.random.default_rng(11)
+    reps, covered = 200, 0
+    for r in range(reps):
+        diff, labels = _clustered_null(rng, seeds=3)
+        diff += rng.normal(0, 0.3, (3, 1))  # each training seed shifts every item
+        lo, hi = clustered_interval(diff, labels, resamples=1000, seed=r)
+        covered += lo <= 0 <= hi
+    assert covered / reps >= 0.90
+
+
+def test_a_known_effect_is_found_through_the_clusters():
+    rng = np.random.default_rng(12)
+    diff, labels = _clustered_null(rng, n_clusters=40)
+    diff = diff * 0.2 + 0.25  # a real 0.25 gain, cluster effects of SD 0.2
+    ids = [f"q{i}" for i in range(labels.size)]
+    clusters = {i: f"intent{c}" for i, c in zip(ids, labels, strict=True)}
+    b = {0: {i: 0.0 for i in ids}}
+    a = {0: {i: float(v) for i, v in zip(ids, diff[0], strict=True)}}
+    c = compare(a, b, ("ab", "vo"), clusters=clusters)
+    assert c.verdict == "win" and c.n_clusters == 40 and c.ci_low > 0 and c.p_value < 0.01
+    assert (c.ci_high - c.ci_low) > 1.5 * (c.ci_items_high - c.ci_items_low)  # clustering widens it
+    assert "640 items in 40 clusters × 1 seed" in c.line() and "one seed" in c.note
+
+
+def test_few_clusters_are_named_and_whole_clusters_flip_in_the_permutation_test():
+    ids = [f"q{i}" for i in range(60)]
+    clusters = {i: f"t{n % 4}" for n, i in enumerate(ids)}
+    a = {0: {i: 1.0 for i in ids}}
+    b = {0: {i: 0.0 for i in ids}}
+    c = compare(a, b, clusters=clusters)
+    # a constant difference over 4 clusters: the exact sign-flip p is 2 / 2**4, never 0
+    assert c.p_value == pytest.approx(2 / 16) and "only 4 clusters" in c.note
+    unclustered = compare(a, b)
+    assert 0 < unclustered.p_value < 0.001 and unclustered.verdict == "win"
+
+
+def test_the_item_interval_falls_back_to_bootstrap_means_not_raw_quantiles():
+    from fanlora.stats import item_interval
+
+    values = np.zeros(200)
+    values[0] = 1.0  # one non-zero item: BCa's acceleration cannot be formed
+    lo, hi = item_interval(values, resamples=2000)
+    assert 0 <= lo <= hi <= 0.03  # an interval for the mean (0.005), not the spread of the values (0 – 1)
+
+
+def test_one_seed_is_said_and_missing_cluster_keys_are_refused():
+    a = outcomes(np.array([[1.0, 0.0, 1.0]]))
+    b = outcomes(np.array([[0.0, 0.0, 1.0]]))
+    assert "× 1 seed)" in compare(a, b).line() and "seeds)" not in compare(a, b).line()
+    with pytest.raises(ValueError, match="no cluster key for 1 items"):
+        compare(a, b, clusters={"item0": "x", "item1": "x"})

@@ -102,3 +102,34 @@ def test_data_override_replaces_a_split_whole(tmp_path):
     test = copa.examples("test")
     assert len(test) == 5 and test[1].context == "P1 because" and test[1].label == 1
     assert [e.id for e in copa.examples("train", limit=3)] == [e.id for e in rows]  # other splits untouched
+
+
+def test_every_task_names_the_clusters_its_items_share():
+    """What a paired comparison resamples: SQL's question intents, BoolQ's passages, MMLU's subjects,
+    SQuAD's articles; COPA and GSM8K items stand alone."""
+    sql = get_task("sql")
+    clusters = sql.clusters("test")
+    assert len(clusters) == 402 and len(set(clusters.values())) == 22
+    from fanlora.sqlgen.questions import TEMPLATES
+
+    assert set(clusters.values()) <= set(TEMPLATES)
+    boolq = get_task("boolq").examples("test")
+    keys = get_task("boolq").clusters("test")
+    assert keys[boolq[0].id] == boolq[0].context.split(" -- ")[0] and len(set(keys.values())) < len(keys)
+    mmlu = get_task("mmlu").clusters("test")
+    assert len(set(mmlu.values())) == 57
+    squad = get_task("squad").clusters("test")
+    assert 1 < len(set(squad.values())) < len(squad) / 10
+    for name in ("copa", "gsm8k"):
+        keys = get_task(name).clusters("test")
+        assert all(k == v for k, v in keys.items())
+    lm_eval = get_task("boolq").formatted(boolq[:2], "lm-eval")
+    assert [e.cluster for e in lm_eval] == [e.cluster for e in boolq[:2]]  # the format keeps the cluster
+
+
+def test_sql_pairs_without_an_intent_are_their_own_clusters(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"question": "How many customers?", "query": "SELECT COUNT(*) FROM customers"}\n'
+                    '{"question": "n?", "query": "SELECT 1", "intent": "t1"}\n')  # fmt: skip
+    keys = get_task("sql", {"test": str(path)}).clusters("test")
+    assert sorted(keys.values()) == sorted([f"{path}:1", "t1"])

@@ -16,7 +16,7 @@ dataset name while online, see :func:`fanlora.data.records.read_source`); a repl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fanlora.data.records import BUNDLED_PREFIX, read_source
@@ -34,6 +34,7 @@ class MCExample:
     label: int
     group: str = ""  # e.g. the MMLU subject: accuracy is also reported per group and macro-averaged
     delimiter: str = ""  # put between context and choice when scoring; acc_norm divides by len(choice) only
+    cluster: str = ""  # items that share it are not independent (a passage); empty: the group, else the id
 
 
 @dataclass
@@ -43,6 +44,7 @@ class GenExample:
     target: str  # what stage d trains on after the prompt
     references: list[str] = field(default_factory=list)  # what the metric compares against
     meta: dict[str, Any] = field(default_factory=dict)  # task-specific (gold SQL, later turns, category…)
+    cluster: str = ""  # items that share it are not independent (a question template, an article); empty: the id
 
 
 class Task:
@@ -72,6 +74,15 @@ class Task:
         if self.item_key is None:
             return None
         return float(prediction[self.item_key])
+
+    @staticmethod
+    def cluster_key(example: Any) -> str:
+        """The unit a paired comparison resamples (:mod:`fanlora.stats`): items with one key share a source."""
+        return example.cluster or getattr(example, "group", "") or str(example.id)
+
+    def clusters(self, split: str) -> dict[str, str]:
+        """item id → cluster key for every example of ``split``."""
+        return {str(ex.id): self.cluster_key(ex) for ex in self.examples(split)}
 
     def check(self, examples: Sequence[Any]) -> None:
         """Refuse examples that cannot be scored (e.g. a gold SQL query that fails), before any model work."""
@@ -132,7 +143,7 @@ class MCTask(Task):
         out = []
         for ex in examples:
             choices = [c if self.lm_eval_choice_has_space else c.removeprefix(" ") for c in ex.choices]
-            out.append(MCExample(ex.id, ex.context, choices, ex.label, ex.group, delimiter=" "))
+            out.append(replace(ex, choices=choices, delimiter=" "))
         return out
 
 

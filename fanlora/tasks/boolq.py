@@ -24,5 +24,6 @@ class BoolQ(MCTask):
             question = self.field(r, "question", str, where)
             label = self.field(r, "label", (bool, int), where)
             context = f"{passage}\nQuestion: {question}?\nAnswer:"
-            out.append(MCExample(str(r.get("idx", where)), context, [" no", " yes"], int(label)))
+            title = passage.partition(" -- ")[0] if " -- " in passage else passage  # questions share passages
+            out.append(MCExample(str(r.get("idx", where)), context, [" no", " yes"], int(label), cluster=title))
         return out if split == "train" or replaced else halve(out, split)

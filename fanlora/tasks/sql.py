@@ -44,7 +44,11 @@ class Sql(GenTask):
             question = self.field(r, "question", str, where).strip()
             query = self.field(r, "query", str, where).strip()
             prompt = f"SQLite tables:\n{PROMPT_SCHEMA}\nQuestion: {question}\nSQL:"
-            out.append(GenExample(str(r.get("id", where)), prompt, " " + query, [query], {"where": where}))
+            ex_id = str(r.get("id", where))
+            intent = r.get("intent")  # the question template: items of one intent are not independent
+            meta = {"where": where}
+            cluster = str(intent) if isinstance(intent, str) and intent else ex_id
+            out.append(GenExample(ex_id, prompt, " " + query, [query], meta, cluster))
         return out
 
     def check(self, examples: Sequence[GenExample]) -> None:

@@ -46,7 +46,7 @@ class Squad(GenTask):
                 f"Title: {title}\n\nBackground: {self.field(r, 'context', str, where)}\n\n"
                 f"Question: {self.field(r, 'question', str, where)}\n\nAnswer:"
             )
-            out.append(GenExample(str(r.get("id", where)), prompt, " " + texts[0], list(texts)))
+            out.append(GenExample(str(r.get("id", where)), prompt, " " + texts[0], list(texts), cluster=title))
         return out
 
     def score(self, examples: Sequence[GenExample], outputs: Sequence[Any]) -> tuple[dict[str, Any], list[dict]]:
