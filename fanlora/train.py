@@ -3,6 +3,12 @@
 Trainer already does what we need and does it well: AdamW, linear decay with warm-up, periodic evaluation,
 early stopping, best-checkpoint reload, checkpoint resume and DDP/FSDP under ``accelerate launch``/``torchrun``.
 This module only maps our :class:`TrainParams` onto it and saves the final adapter atomically in PEFT format.
+
+What Trainer lacks is crash safety: it writes a checkpoint's files straight into ``checkpoint-N`` and resumes
+from the highest N, so a process killed while a checkpoint was written leaves a folder that every later run
+picks and fails on ("Can't find a valid checkpoint"). Here a checkpoint counts only once :class:`Complete`
+has written its marker (after Trainer's ``on_save``, i.e. after every file of it); a resume takes the newest
+complete one and removes the incomplete ones, and leftovers of an interrupted final save are cleared.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from fanlora import atomic
 from fanlora.config import TrainParams
@@ -28,6 +34,51 @@ from fanlora.data.instruct import Example
 from fanlora.dist import world_size
 
 log = logging.getLogger(__name__)
+
+
+MARKER = "fanlora-complete"  # written last into a checkpoint folder: the checkpoint is whole
+
+
+class Complete(TrainerCallback):
+    """Marks each checkpoint complete once Trainer has written all of it (``on_save`` follows the save)."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder.is_dir():
+            atomic.write_text(folder / MARKER, f"{state.global_step}\n")
+
+
+def _complete(folder: Path) -> bool:
+    """Our marker, or (checkpoints written before it existed) the trainer state Trainer writes last, whole."""
+    if (folder / MARKER).is_file():
+        return True
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(ckpt_dir: Path, remove: bool = True) -> str | None:
+    """The newest checkpoint that was written completely; newer, incomplete ones (what a kill mid-save leaves)
+    are removed when ``remove`` (the main process only)."""
+    if not ckpt_dir.is_dir():
+        return None
+    steps = []
+    for folder in ckpt_dir.iterdir():
+        name, _, step = folder.name.partition("-")
+        if folder.is_dir() and name == PREFIX_CHECKPOINT_DIR and step.isdigit():
+            steps.append((int(step), folder))
+    last = None
+    for _, folder in sorted(steps, reverse=True):
+        if _complete(folder):
+            last = last or str(folder)
+        elif last is None and remove:  # newer than every complete one: a kill mid-checkpoint
+            log.warning("removing incomplete checkpoint %s", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    return last
 
 
 @dataclass
@@ -160,9 +211,11 @@ def train_adapter(
         train_dataset=ExampleDataset(train),
         eval_dataset=ExampleDataset(val),
         data_collator=Collator(pad_id),
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=params.patience), *callbacks],
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=params.patience), Complete(), *callbacks],
     )
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    for stale in output_dir.glob(".adapter.*"):  # a final save killed before its rename
+        shutil.rmtree(stale, ignore_errors=True)
+    last = last_complete_checkpoint(ckpt_dir, remove=trainer.is_world_process_zero())
     if last:
         log.info("resuming from %s", last)
     out = trainer.train(resume_from_checkpoint=last)
