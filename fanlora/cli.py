@@ -193,6 +193,19 @@ def _serving_parsers(sub: Any) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 503")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=64,
+        help="largest LoRA rank an adapter may have (as vLLM's flag): every module's stacks are as wide as the "
+        "largest loaded rank, so one huge-rank adapter would slow every tenant",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM: stop admitting (503) and let running requests finish for at most this long",
+    )
+    p.add_argument(
         "--scheduler",
         choices=["continuous", "batch"],
         default="continuous",

@@ -371,6 +371,8 @@ def serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         scheduler=args.scheduler,
         prefill_chunk=args.prefill_chunk,
+        max_lora_rank=args.max_lora_rank,
+        drain_seconds=args.drain_seconds,
     )
     run_server(args.setting, args.adapter_dir, args.backbone, args.host, args.port, key, limits)
     return 0

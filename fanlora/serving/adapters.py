@@ -29,17 +29,75 @@ class LoadedAdapter:
     setting: dict | None  # the setting.json that travels with a fanlora adapter, if any
 
 
-def read_adapter(path: str | Path) -> LoadedAdapter:
-    path = Path(path)
-    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not config_file.is_file():
+MAX_CONFIG_BYTES = 1_000_000  # an adapter_config.json is a few hundred bytes
+DEFAULT_MAX_RANK = 64  # as vLLM's --max-lora-rank: one huge-rank adapter would widen every tenant's stacks
+
+
+def _config(path: Path) -> dict:
+    """adapter_config.json as a dict, or a UserError naming what is wrong with it."""
+    file = path / "adapter_config.json"
+    if not file.is_file():
         raise UserError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
-    if not weights_file.is_file():
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"{file} is over {MAX_CONFIG_BYTES} bytes: not an adapter config")
+    try:
+        config = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{file} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{file} is not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise UserError(f"{file} is nested too deeply to be an adapter config") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{file} holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def _number(config: dict, key: str, default: float, where: Path) -> float:
+    value = config.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UserError(f"{where}: {key} is {value!r}, not a finite number")
+    return float(value)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = path / "adapter_model.safetensors"
+    if not file.is_file():
         raise UserError(f"{path} has no adapter_model.safetensors: only safetensors weights are loaded")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{config_file} is not valid JSON ({exc.msg})") from None
+        return load_file(str(file), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{file} is not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+
+
+def _pairs(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name = key.removeprefix(PREFIX)
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in name:
+                if not value.is_floating_point() or value.dim() != 2:
+                    raise UserError(f"{path}: {key} is a {value.dim()}-D {value.dtype} tensor, not a 2-D float matrix")
+                if not torch.isfinite(value).all():
+                    raise UserError(f"{path}: {key} holds NaN or infinite values")
+                pairs.setdefault(name.split(marker)[0], {})[part] = value.float()
+                break
+        else:
+            raise UserError(f"{path}: unexpected tensor {key} (only lora_A/lora_B weights are served)")
+    return pairs
+
+
+def read_adapter(path: str | Path, max_rank: int = DEFAULT_MAX_RANK) -> LoadedAdapter:
+    """The adapter at ``path``, checked completely (config, every tensor's dtype, shape and values, ranks)
+    before anything of it reaches the engine: every fault is a UserError with the reason."""
+    path = Path(path)
+    config = _config(path)
     if config.get("peft_type") != "LORA":
         raise UserError(f"{path} is a {config.get('peft_type')} adapter: the engine serves LoRA adapters only")
     for key, why in (
@@ -50,33 +108,38 @@ def read_adapter(path: str | Path) -> LoadedAdapter:
     ):
         if config.get(key):
             raise UserError(f"{path} uses {key} ({why}), which the engine does not serve")
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(weights_file), device="cpu")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        name = key.removeprefix(PREFIX)
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}."
-            if marker in name:
-                module = name.split(marker)[0]
-                pairs.setdefault(module, {})[part] = value.float()
-                break
-        else:
-            raise UserError(f"{path}: unexpected tensor {key} (only lora_A/lora_B weights are served)")
+    alpha_pattern = config.get("alpha_pattern") or {}
+    if not isinstance(alpha_pattern, dict):
+        raise UserError(f"{path}: alpha_pattern is not a mapping of module names to numbers")
     factors = {}
-    for module, ab in pairs.items():
+    for module, ab in _pairs(path, _tensors(path)).items():
         if set(ab) != {"lora_A", "lora_B"}:
             raise UserError(f"{path}: module {module} lacks lora_A or lora_B")
         a, b = ab["lora_A"], ab["lora_B"]
         r = a.shape[0]
-        alpha = _pattern(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", r))
+        if r < 1 or b.shape[1] != r:
+            raise UserError(f"{path}: {module} has lora_A of rank {r} and lora_B of rank {b.shape[1]}: they must agree")
+        if r > max_rank:
+            raise UserError(f"{path}: {module} has rank {r}, over this server's --max-lora-rank {max_rank}")
+        alpha = _pattern(alpha_pattern, module, _number(config, "lora_alpha", r, path))
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+            raise UserError(f"{path}: alpha_pattern gives {module} {alpha!r}, not a finite number")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        factors[module] = (a.contiguous(), (b * scale).contiguous())
+        scaled = b * scale
+        if not torch.isfinite(scaled).all():
+            raise UserError(f"{path}: {module}'s lora_B times its scaling ({scale:g}) overflows")
+        factors[module] = (a.contiguous(), scaled.contiguous())
     if not factors:
         raise UserError(f"{path} holds no LoRA weights")
     setting_file = path / "setting.json"
-    setting = json.loads(setting_file.read_text()) if setting_file.is_file() else None
+    setting = None
+    if setting_file.is_file():
+        try:
+            setting = json.loads(setting_file.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise UserError(f"{setting_file} is not a readable setting file (UTF-8 JSON)") from None
+        if not isinstance(setting, dict):
+            raise UserError(f"{setting_file} holds a JSON {type(setting).__name__}, not a setting object")
     return LoadedAdapter(path, max(a.shape[0] for a, _ in factors.values()), factors, setting)
 
 

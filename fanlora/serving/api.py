@@ -7,11 +7,11 @@ import asyncio
 import hmac
 import json
 import time
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fanlora.serving.scheduler import Job
 
@@ -23,9 +23,36 @@ class Limits(BaseModel):
     max_batch: int = 16
     scheduler: str = "continuous"  # or "batch": one generate() call per batch (the old path)
     prefill_chunk: int = 256  # continuous only: prompt tokens per prefill forward
+    max_lora_rank: int = 64  # adapters of a higher rank are refused (400)
+    drain_seconds: float = 30.0  # on SIGTERM: how long running requests may take to finish
+
+
+#: OpenAI request fields fanlora does not implement, with the values that ask for nothing (what a client that
+#: fills in defaults sends): any other value is a 400 naming the field, never silently ignored.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "logit_bias": (None, {}),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}),
+    "stream_options": (None, {}),
+}
+IGNORED = ("user", "metadata", "store")  # accepted: they never change an answer
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # as OpenAI: up to 4 stop sequences
 
 
 class SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # checked by `_known_fields`: unsupported fields are refused
+
     model: str
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -36,14 +63,38 @@ class SamplingRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)
     num_beams: int = Field(1, ge=1, le=8)  # extension (vLLM had use_beam_search): beam search, answered whole
 
+    @model_validator(mode="after")
+    def _known_fields(self) -> SamplingRequest:
+        for key, value in (self.model_extra or {}).items():
+            if key in IGNORED:
+                continue
+            if key not in UNSUPPORTED:
+                raise ValueError(f"unrecognized request argument {key!r}: drop it")
+            if not any(value == neutral and type(value) is type(neutral) for neutral in UNSUPPORTED[key]):
+                raise ValueError(f"{key!r} is not supported by fanlora serve: drop it (or send its default)")
+        return self
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence is longer than {MAX_STOP_CHARS} characters")
+        return [s for s in stops if s]  # an empty stop string would end every answer at once: ignored
+
 
 class CompletionRequest(SamplingRequest):
     prompt: str = Field(min_length=1)
 
 
 class ChatMessage(BaseModel):
-    role: str
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
     content: str
+    name: str | None = None  # OpenAI's participant name: accepted, not rendered
 
 
 class ChatRequest(SamplingRequest):
@@ -61,6 +112,10 @@ class ApiError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
+BODY_TIMEOUT = 30.0  # seconds for a whole request body to arrive
+HEADER_TIMEOUT = 10.0  # seconds for a request's headers (:class:`fanlora.serving.server.TimedH11`)
+
+
 class Guard:
     """ASGI middleware in front of every route but ``/health``: the API key, then the body size.
 
@@ -71,9 +126,9 @@ class Guard:
     non-streaming request watches for.
     """
 
-    def __init__(self, app: Any, api_key: str | None, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+    def __init__(self, app: Any, api_key: str | None, max_bytes: int, body_timeout: float = BODY_TIMEOUT) -> None:
+        self.app, self.max_bytes, self.body_timeout = app, max_bytes, body_timeout
+        self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] == "/health":
@@ -85,8 +140,14 @@ class Guard:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:  # a client that trickles its body would hold a socket and a task forever
+                return await error(408, f"request body not received within {self.body_timeout:g} s")(
+                    scope, receive, send
+                )
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
@@ -109,8 +170,10 @@ class Guard:
         await self.app(scope, replay, send)
 
     def _refuse(self, headers: dict[bytes, bytes]) -> JSONResponse | None:
-        sent = headers.get(b"authorization", b"")
-        if self.expected is not None and not hmac.compare_digest(sent, self.expected):
+        scheme, _, token = headers.get(b"authorization", b"").strip().partition(b" ")
+        if self.expected is not None and not (
+            scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
+        ):  # the scheme is case-insensitive (RFC 9110), the key is not
             return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
         length = headers.get(b"content-length", b"").decode("latin-1")
         if length.isdigit() and int(length) > self.max_bytes:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import traceback
 from dataclasses import dataclass
 
 import torch
@@ -72,21 +73,49 @@ def _generator(job: Job) -> torch.Generator | None:
     return g
 
 
-def pick(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-    """The next token of each row from its last-position logits [rows, vocab]: argmax, or a seeded sample."""
+def sample(logits: torch.Tensor, row: _Row) -> int:
+    """One seeded sample from one row's logits [1, vocab]; ValueError when they give no distribution."""
+    d = row.job.decoding
+    scores = TemperatureLogitsWarper(d.temperature)(None, logits.float())
+    if d.top_p < 1.0:
+        scores = TopPLogitsWarper(d.top_p)(None, scores)
+    probs = F.softmax(scores, dim=-1)
+    if not torch.isfinite(probs).all() or not probs.sum() > 0:
+        raise ValueError("the next-token distribution is not finite")
+    return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def pick(logits: torch.Tensor, rows: list[_Row]) -> list[int | None]:
+    """The next token of each row from its last-position logits [rows, vocab]: argmax, or a seeded sample.
+
+    A row whose logits or sampling fail gets None and is ended alone by the caller: one request's numbers
+    never fail its neighbours in the batch."""
     greedy = logits.argmax(-1).tolist()
-    out = []
+    out: list[int | None] = []
     for i, row in enumerate(rows):
-        if row.generator is None:
+        if not torch.isfinite(logits[i]).all():
+            out.append(None)
+        elif row.generator is None:
             out.append(greedy[i])
-            continue
-        d = row.job.decoding
-        scores = TemperatureLogitsWarper(d.temperature)(None, logits[i : i + 1].float())
-        if d.top_p < 1.0:
-            scores = TopPLogitsWarper(d.top_p)(None, scores)
-        probs = F.softmax(scores, dim=-1)
-        out.append(int(torch.multinomial(probs, 1, generator=row.generator)))
+        else:
+            try:
+                out.append(sample(logits[i : i + 1], row))
+            except (ValueError, RuntimeError):
+                out.append(None)
     return out
+
+
+ROW_FAILED = "error"  # a job's ``finished`` when its own row failed: it already got its error event
+
+
+def take(job: Job, token: int | None, tokenizer: object) -> None:
+    """Hand ``token`` to ``job``, or end the job alone when its row failed."""
+    if token is None:
+        if not job.finished and not job.cancelled:
+            job.emit("error", "sampling failed for this request (its next-token scores were not finite)")
+            job.finished = ROW_FAILED
+        return
+    accept(job, token, tokenizer, tokenizer.eos_token_id)
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -176,8 +205,9 @@ class ContinuousScheduler(Admission):
             try:
                 with self.lock:
                     self.iterate()
-            except Exception as exc:  # the worker survives; every row and waiting prompt gets the error
-                self._fail(f"{type(exc).__name__}: {exc}")
+            except Exception:  # the worker survives; every row and waiting prompt gets the error
+                traceback.print_exc()  # the operator's log has the details; clients get no internals
+                self._fail("internal error in a decoding step (the server's log has the details): retry")
 
     def iterate(self) -> None:
         """One iteration: drop finished rows, admit and prefill, one decoding step."""
@@ -268,8 +298,8 @@ class ContinuousScheduler(Admission):
         """Sample each prefilled row's first token, send it, and add the rows to the running batch."""
         tok = self.engine.tokenizer
         for row, token in zip(rows, pick(logits, rows), strict=True):
-            row.token = token
-            accept(row.job, token, tok, tok.eos_token_id)
+            row.token = 0 if token is None else token  # a failed row is dropped before it feeds again
+            take(row.job, token, tok)
         self.batch.join(rows, cache, mask)
 
     def _decode(self) -> None:
@@ -284,8 +314,8 @@ class ContinuousScheduler(Admission):
         self.batches += 1
         for row, token in zip(rows, pick(logits, rows), strict=True):
             row.length += 1
-            row.token = token
-            accept(row.job, token, tok, tok.eos_token_id)
+            row.token = 0 if token is None else token  # a failed row is dropped before it feeds again
+            take(row.job, token, tok)
 
     @torch.no_grad()
     def _forward(
@@ -304,6 +334,30 @@ class ContinuousScheduler(Admission):
         )
         return out.logits[:, -1].float().cpu()
 
+    def abort_all(self, reason: str = "abort") -> None:
+        """End every admitted job now (a drain ran out of time): each gets what it decoded and ``reason``."""
+        with self.lock:  # between two iterations
+            self.abort_reason = reason
+            jobs = [r.job for r in self.batch.rows] + ([self.partial.job] if self.partial else [])
+            waiting = list(self.new)
+            while True:
+                try:
+                    waiting.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            self.batch, self.partial, self.new, self.starting = Batch(), None, [], []
+            tok = self.engine.tokenizer
+            for job in waiting:
+                self._dequeued(job)
+            for job in jobs + waiting:
+                if job.finished != ROW_FAILED:
+                    job.finished = job.finished or reason
+                    flush(job, tok)
+                self._finish(job)
+
+    def busy(self) -> bool:
+        return self.waiting > 0 or bool(self.batch.rows) or self.partial is not None or bool(self.new)
+
     # --- bookkeeping ------------------------------------------------------------------------------------------
     def _drop(self) -> None:
         rows = self.batch.rows
@@ -315,7 +369,7 @@ class ContinuousScheduler(Admission):
             job = rows[i].job
             if job.cancelled and not job.finished:
                 job.emit("done", "cancelled")
-            else:
+            elif job.finished != ROW_FAILED:
                 flush(job, tok)
             self._finish(job)
         self.batch.keep([i for i in range(len(rows)) if i not in set(gone)])

@@ -17,7 +17,12 @@ the backbone's one setting, so the engine:
 - leaves decoding, the KV cache and beam search to ``transformers``' ``generate`` (rows are repeated for the
   beams the way HF expands them).
 
-Adapters are loaded and unloaded at run time; each is checked against the engine's setting first.
+Adapters are loaded and unloaded at run time. Isolation between tenants is an invariant here: an adapter is
+checked completely (:func:`fanlora.serving.adapters.read_adapter`: finite values, shapes, ranks up to
+``max_rank``) and against the engine's setting before it touches a stack; it is written into a fresh slot that
+replaces the old one only when complete; the mixed path zeroes other tenants' columns with ``masked_fill``
+(not a 0/1 multiply, which lets an overflow in one tenant's columns turn every row's update into NaN); and the
+stacks shrink back when the adapter with the largest rank leaves.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from torch.nn import functional as F
 
 from fanlora.errors import UserError
 from fanlora.generate import generate
-from fanlora.serving.adapters import LoadedAdapter, read_adapter
+from fanlora.serving.adapters import DEFAULT_MAX_RANK, LoadedAdapter, read_adapter
 from fanlora.setting import Setting
 
 
@@ -43,7 +48,7 @@ class _Rows(threading.local):
     def __init__(self) -> None:
         self.uniform: int | None = 0  # one slot for every row, or None for a mixed batch
         self.cols: torch.Tensor | None = None  # mixed: the stacked columns of the slots present (None: all)
-        self.mask: torch.Tensor | None = None  # mixed: [rows, len(cols)·R] 1 where a column is the row's adapter
+        self.mask: torch.Tensor | None = None  # mixed: [rows, len(cols)·R] True where a column is not the row's
 
 
 class MultiLoRALinear(nn.Module):
@@ -79,7 +84,7 @@ class MultiLoRALinear(nn.Module):
         if mask.shape[0] != x2.shape[0]:  # a row's tokens (and HF's beams of a row) are contiguous
             mask = mask.repeat_interleave(x2.shape[0] // mask.shape[0], 0)
         a, b = (self.Af, self.Bf) if rows.cols is None else (self.Af[:, rows.cols], self.Bf[rows.cols])
-        y.view(-1, self.out_features).addmm_((x2 @ a).mul_(mask), b)
+        y.view(-1, self.out_features).addmm_((x2 @ a).masked_fill_(mask, 0.0), b)
         return y
 
     def refresh(self) -> None:
@@ -92,8 +97,16 @@ class MultiLoRALinear(nn.Module):
 class Engine:
     """The backbone model with the setting's modules wrapped; adapters by name."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, setting: Setting, identity: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        setting: Setting,
+        identity: dict[str, Any],
+        max_rank: int = DEFAULT_MAX_RANK,
+    ) -> None:
         self.model, self.tokenizer, self.setting, self.identity = model.eval(), tokenizer, setting, identity
+        self.max_rank = max_rank
         self.rows = _Rows()
         self.modules: dict[str, MultiLoRALinear] = {}
         for name in setting.modules:
@@ -108,6 +121,7 @@ class Engine:
         self.slots: dict[str, int] = {}  # adapter name → slot (≥ 1)
         self.paths: dict[str, Path] = {}
         self.rank = 1
+        self.slot_rank: dict[int, int] = {}  # slot → the rank of the adapter written there
         # Requests pin the slot they were admitted on, so an unload (or a reload under the same name) never
         # changes the weights under a request already queued or running: the name goes at once, the slot
         # stays until its last pin is released.
@@ -116,9 +130,9 @@ class Engine:
         self.book = threading.Lock()  # guards slots/pins/retired; never held during a forward pass
 
     @classmethod
-    def from_backbone(cls, backbone: Any, setting: Setting) -> Engine:
+    def from_backbone(cls, backbone: Any, setting: Setting, max_rank: int = DEFAULT_MAX_RANK) -> Engine:
         setting.validate(backbone)
-        return cls(backbone.model, backbone.tokenizer, setting, backbone.identity)
+        return cls(backbone.model, backbone.tokenizer, setting, backbone.identity, max_rank)
 
     # --- adapters -------------------------------------------------------------------------------------------
     @property
@@ -135,10 +149,12 @@ class Engine:
                 "setting: fine-tune it on the backbone's setting (fanlora finetune --setting …)"
             )
         if adapter.setting is not None:
-            digest = adapter.setting.get("backbone", {}).get("weights_digest")
+            backbone = adapter.setting.get("backbone")
+            digest = backbone.get("weights_digest") if isinstance(backbone, dict) else None
             if digest != self.identity.get("weights_digest"):
                 raise UserError(f"adapter {adapter.path} was made for another backbone (weights digest differs)")
-            if sorted(adapter.setting.get("modules", [])) != sorted(ours):
+            modules = adapter.setting.get("modules")
+            if not isinstance(modules, list) or sorted(map(str, modules)) != sorted(ours):
                 raise UserError(
                     f"adapter {adapter.path} belongs to another setting (its setting.json lists other modules)"
                 )
@@ -153,31 +169,41 @@ class Engine:
     def load(self, name: str, path: str | Path) -> None:
         """Load (or replace) adapter ``name`` from a PEFT directory.
 
-        Not concurrent with a forward pass (growing the stacks swaps tensors): the server calls it under the
-        scheduler's lock, from a worker thread.
+        The adapter is read and checked whole first; it is then written into a free slot (never the slot the
+        name serves now), and only when every module is written does the name move to it — a refused or
+        failed reload leaves the adapter being served as it was. Not concurrent with a forward pass (growing
+        the stacks swaps tensors): the server calls it under the scheduler's lock, from a worker thread.
         """
-        adapter = read_adapter(path)
+        adapter = read_adapter(path, self.max_rank)
         self.check(adapter)
         with self.book:
-            slot = self.slots.get(name)
-            if slot is None or self.pins.get(slot):  # a pinned slot keeps serving its requests
-                slot = self._free_slot()
-        if adapter.rank > self.rank:
-            self._grow_rank(adapter.rank)
-        for module_name, wrapped in self.modules.items():
-            wrapped.A[slot].zero_()
-            wrapped.B[slot].zero_()
-            if module_name in adapter.factors:
-                a, b = adapter.factors[module_name]
-                r = a.shape[0]
-                wrapped.A[slot, :, :r] = a.T.to(wrapped.A.dtype)
-                wrapped.B[slot, :r] = b.T.to(wrapped.B.dtype)
-            wrapped.refresh()
+            slot = self._free_slot()
+            self.retired.add(slot)  # reserved while it is written: no other load takes it
+        try:
+            if adapter.rank > self.rank:
+                self._grow_rank(adapter.rank)
+            for module_name, wrapped in self.modules.items():
+                wrapped.A[slot].zero_()
+                wrapped.B[slot].zero_()
+                if module_name in adapter.factors:
+                    a, b = adapter.factors[module_name]
+                    r = a.shape[0]
+                    wrapped.A[slot, :, :r] = a.T.to(wrapped.A.dtype)
+                    wrapped.B[slot, :r] = b.T.to(wrapped.B.dtype)
+                wrapped.refresh()
+        except BaseException:
+            with self.book:
+                self._clear(slot)
+                self._reclaim(slot)
+            raise
         with self.book:
+            self.retired.discard(slot)
+            self.slot_rank[slot] = adapter.rank
             old = self.slots.get(name)
-            if old is not None and old != slot:
-                self.retired.add(old)
             self.slots[name], self.paths[name] = slot, Path(path)
+            if old is not None:
+                self.retired.add(old)
+                self._reclaim(old)
 
     def unload(self, name: str) -> None:
         """Forget ``name``; requests already admitted on it finish on its weights (their slot is pinned)."""
@@ -205,9 +231,35 @@ class Engine:
             self._reclaim(slot)
 
     def _reclaim(self, slot: int) -> None:
+        """Free a retired slot once no request holds it: zero it, and shrink the stacks if it was the widest."""
         if slot in self.retired and not self.pins.get(slot):
             self.retired.discard(slot)
-            self.pins.pop(slot, None)  # load() zeroes a slot before reusing it
+            self.pins.pop(slot, None)
+            self._clear(slot)
+            self._shrink()
+
+    def _clear(self, slot: int) -> None:
+        self.slot_rank.pop(slot, None)
+        for wrapped in self.modules.values():
+            wrapped.A[slot].zero_()
+            wrapped.B[slot].zero_()
+            wrapped.refresh()
+
+    def _shrink(self) -> None:
+        """Drop rank columns and trailing slots that no live, pinned or reserved slot uses."""
+        if not self.modules:
+            return
+        held = set(self.slots.values()) | self.retired | {s for s, n in self.pins.items() if n}
+        rank = max([self.slot_rank.get(s, 1) for s in held] + [1])
+        slots = max(held | {0}) + 1
+        first = next(iter(self.modules.values()))
+        if rank >= self.rank and slots >= first.A.shape[0]:
+            return
+        for wrapped in self.modules.values():
+            wrapped.A = wrapped.A[:slots, :, :rank].contiguous()
+            wrapped.B = wrapped.B[:slots, :rank].contiguous()
+            wrapped.refresh()
+        self.rank = rank
 
     def _free_slot(self) -> int:
         used = set(self.slots.values()) | self.retired | {s for s, n in self.pins.items() if n}
@@ -218,6 +270,7 @@ class Engine:
         for wrapped in self.modules.values():  # one more slot on every stack
             wrapped.A = torch.cat([wrapped.A, torch.zeros_like(wrapped.A[:1])])
             wrapped.B = torch.cat([wrapped.B, torch.zeros_like(wrapped.B[:1])])
+            wrapped.refresh()
         return capacity
 
     def _grow_rank(self, rank: int) -> None:
@@ -225,6 +278,7 @@ class Engine:
             pad = rank - wrapped.A.shape[2]
             wrapped.A = torch.cat([wrapped.A, wrapped.A.new_zeros(wrapped.A.shape[0], wrapped.A.shape[1], pad)], 2)
             wrapped.B = torch.cat([wrapped.B, wrapped.B.new_zeros(wrapped.B.shape[0], pad, wrapped.B.shape[2])], 1)
+            wrapped.refresh()
         self.rank = rank
 
     # --- running --------------------------------------------------------------------------------------------
@@ -250,16 +304,16 @@ class Engine:
         if first is None:
             self.rows.uniform = 0
             return
-        device, dtype = first.A.device, first.A.dtype
+        device = first.A.device
         rank, position = self.rank, {slot: i for i, slot in enumerate(present)}
-        mask = torch.zeros(len(slots), len(present) * rank, device=device, dtype=dtype)
+        mask = torch.ones(len(slots), len(present) * rank, device=device, dtype=torch.bool)  # True: zeroed
         for row, slot in enumerate(slots):
             if slot:
-                mask[row, position[slot] * rank : (position[slot] + 1) * rank] = 1
+                mask[row, position[slot] * rank : (position[slot] + 1) * rank] = False
         everyone = len(present) == first.A.shape[0] - 1 and present == list(range(1, first.A.shape[0]))
         cols = None if everyone else torch.tensor([s * rank + k for s in present for k in range(rank)], device=device)
         if cols is None:  # all slots present: the mask covers slot 0's (zero) columns too
-            mask = torch.cat([mask.new_zeros(len(slots), rank), mask], 1)
+            mask = torch.cat([mask.new_ones(len(slots), rank), mask], 1)
         self.rows.uniform, self.rows.cols, self.rows.mask = None, cols, mask
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ import asyncio
 import queue
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,10 @@ from fanlora.serving.engine import Engine
 
 class QueueFull(Exception):
     """The bounded queue is full: the server answers 503."""
+
+
+class Closing(QueueFull):
+    """The server is draining for shutdown: it admits nothing more (503)."""
 
 
 @dataclass
@@ -125,19 +130,32 @@ class Admission:
     Subclasses set ``engine``, ``queue``, ``max_queue``, ``waiting``, ``_count``, ``running`` and ``cancelled``.
     """
 
+    closed = False  # set by close(): nothing more is admitted
+    abort_reason: str | None = None  # set by abort_all(): every job still admitted ends with this reason
+
     def submit(self, job: Job) -> None:
         """Admit ``job`` (its slot already pinned) or raise QueueFull; a refused job's pin is released."""
         with self._count:
+            closed = self.closed
             full = self.waiting >= self.max_queue
-            if not full:
+            if not full and not closed:
                 self.waiting += 1
-        if full:
+        if closed or full:
             self.engine.release(job.slot)
-            raise QueueFull
+            raise Closing if closed else QueueFull
         self.queue.put_nowait(job)
 
     def stop(self) -> None:
         self.running = False
+
+    def close(self) -> None:
+        """Admit nothing more (a drain for shutdown has begun); admitted jobs go on."""
+        with self._count:
+            self.closed = True
+
+    def busy(self) -> bool:
+        """Whether any admitted job has not finished yet."""
+        return self.waiting > 0 or bool(self.current)
 
     def _finish(self, job: Job) -> None:
         """Every admitted job passes here exactly once: its slot pin is released."""
@@ -183,7 +201,17 @@ class Scheduler(Admission):
             if job.cancelled:  # its client left while it waited: never decoded
                 job.emit("done", "cancelled")
                 self._finish(job)
-        return [j for j in batch if not j.cancelled]
+            elif self.abort_reason:  # the drain timed out before this job's turn
+                job.finished = self.abort_reason
+                job.emit("done", self.abort_reason)
+                self._finish(job)
+        return [j for j in batch if not j.cancelled and not j.finished]
+
+    def abort_all(self, reason: str = "abort") -> None:
+        """End every admitted job at its next step with what it has decoded and ``reason`` as finish reason."""
+        self.abort_reason = reason
+        for job in list(self.current):  # the running generate() stops them at its next step
+            job.finished = job.finished or reason
 
     def _work(self) -> None:
         while self.running:
@@ -194,9 +222,10 @@ class Scheduler(Admission):
                     with self.lock:
                         self.current = jobs
                         self._run(jobs)
-            except Exception as exc:  # the worker survives; the batch's clients get the error
+            except Exception:  # the worker survives; the batch's clients get the error, the log its details
+                traceback.print_exc()
                 for job in jobs:
-                    job.emit("error", f"{type(exc).__name__}: {exc}")
+                    job.emit("error", "internal error in a decoding step (the server's log has the details): retry")
             finally:
                 self.current = []
                 for job in jobs:

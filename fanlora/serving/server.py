@@ -21,18 +21,26 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
+import time
+import traceback
 import uuid
 from pathlib import Path
+from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fanlora.backbone import load_backbone
 from fanlora.data.instruct import render
 from fanlora.errors import UserError
 from fanlora.generate import Decoding, prompt_ids
 from fanlora.serving.api import (
+    HEADER_TIMEOUT,
     AdapterRequest,
     ApiError,
     ChatMessage,
@@ -47,7 +55,7 @@ from fanlora.serving.api import (
 )
 from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine
-from fanlora.serving.scheduler import Job, QueueFull, Scheduler
+from fanlora.serving.scheduler import Closing, Job, QueueFull, Scheduler
 from fanlora.setting import Setting
 
 BASE = "base"
@@ -120,12 +128,25 @@ def _install_guards(app: FastAPI, api_key: str | None, limits: Limits) -> None:
     async def invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
-        return error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        return error(400, f"{where or 'body'}: {message}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # unknown route, wrong method
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):  # a bug: the log has it, the client gets the shape
+        traceback.print_exception(exc)
+        return error(500, "internal server error (the server's log has the details)", "server_error")
 
 
 def _install_adapter_routes(app: FastAPI, tenants: Tenants) -> None:
     @app.get("/health")
     async def health():
+        if tenants.scheduler.closed:  # draining for shutdown: a load balancer should send no more
+            return error(503, "the server is shutting down", "server_error")
         return {"status": "ok", "batches": tenants.scheduler.batches}
 
     @app.get("/v1/models")
@@ -147,10 +168,13 @@ def _install_adapter_routes(app: FastAPI, tenants: Tenants) -> None:
         return {"unloaded": body.lora_name}
 
 
+SAMPLING_EPS = 1e-5  # as vLLM: a smaller temperature is greedy (logits / 1e-40 overflow to inf)
+
+
 def _decoding(req: SamplingRequest) -> Decoding:
     if req.num_beams > 1:
         return Decoding("beam", num_beams=req.num_beams)
-    if req.temperature == 0:
+    if req.temperature < SAMPLING_EPS:
         return Decoding("greedy")
     return Decoding("sampling", temperature=req.temperature, top_p=req.top_p, seed=req.seed or 0)
 
@@ -174,12 +198,16 @@ def _install_completion_routes(app: FastAPI, tenants: Tenants, limits: Limits) -
             raise ApiError(400, "beam search cannot stream: drop stream or num_beams")
 
     async def run(req: SamplingRequest, ids: list[int], chat: bool, request: Request):
+        if scheduler.closed:
+            raise ApiError(503, "the server is shutting down: retry on another replica", "server_error")
         check(req, ids)
         adapter, slot = await asyncio.to_thread(tenants.admit, req.model)
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        stop = list(req.stop or [])  # validated: a list of non-empty strings
         job = Job(ids, adapter, _decoding(req), req.max_tokens, stop, asyncio.get_running_loop(), slot=slot)
         try:
             scheduler.submit(job)
+        except Closing:
+            raise ApiError(503, "the server is shutting down: retry on another replica", "server_error") from None
         except QueueFull:
             raise ApiError(503, "the server is at capacity (request queue full): retry later", "server_error") from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -193,7 +221,7 @@ def _install_completion_routes(app: FastAPI, tenants: Tenants, limits: Limits) -
         return await run(req, ids, False, request)
 
     def chat_ids(messages: list[ChatMessage]) -> list[int]:
-        text = render(engine.tokenizer, [m.model_dump() for m in messages], generation_prompt=True)
+        text = render(engine.tokenizer, [m.model_dump(exclude={"name"}) for m in messages], generation_prompt=True)
         return prompt_ids(engine.tokenizer, text)
 
     @app.post("/v1/chat/completions")
@@ -219,6 +247,78 @@ def create_app(
     return app
 
 
+def drain(scheduler: Scheduler | ContinuousScheduler, seconds: float) -> bool:
+    """Admit nothing more, let admitted requests finish for at most ``seconds``, then end the rest (each gets
+    its text so far, finish reason ``abort``, and streams their final chunk and ``[DONE]``). True if all finished."""
+    scheduler.close()
+    deadline = time.monotonic() + seconds
+    while scheduler.busy() and time.monotonic() < deadline:
+        threading.Event().wait(0.05)
+    finished = not scheduler.busy()
+    if not finished:
+        scheduler.abort_all("abort")
+    return finished
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with a drain before it stops: on SIGTERM (or Ctrl-C) the scheduler closes (503 for
+    new requests), running requests finish for up to ``drain_seconds``, and only then does uvicorn stop and
+    the process exit 0. uvicorn alone stops at once and cuts streams after its grace period. A second signal
+    stops at once."""
+
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler | ContinuousScheduler, drain_seconds: float):
+        super().__init__(config)
+        self.scheduler, self.drain_seconds, self.draining = scheduler, drain_seconds, False
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.draining:
+            return super().handle_exit(sig, frame)
+        self.draining = True
+        threading.Thread(target=self._drain, name="fanlora-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        drain(self.scheduler, self.drain_seconds)
+        self.should_exit = True
+
+
+class TimedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a limit on how long a request's headers may take to arrive: without
+    it a client that trickles header bytes (slowloris) holds a connection open for ever."""
+
+    header_timeout = HEADER_TIMEOUT
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if getattr(self, "_header_timer", None) is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.cycle is not None and not self.cycle.response_complete:  # the headers are in
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()  # the next request on this connection has the same limit
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _expire(self) -> None:
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+
 def _loopback(host: str) -> bool:
     import ipaddress
 
@@ -241,9 +341,12 @@ def check_serve_options(host: str, port: int, api_key: str | None, limits: Limit
         ("--max-queue", limits.max_queue),
         ("--max-batch", limits.max_batch),
         ("--prefill-chunk", limits.prefill_chunk),
+        ("--max-lora-rank", limits.max_lora_rank),
     ):
         if value < 1:
             raise UserError(f"{flag} {value} must be ≥ 1")
+    if not 0 <= limits.drain_seconds <= 3600:
+        raise UserError(f"--drain-seconds {limits.drain_seconds} must be between 0 and 3600")
     if api_key is not None and not api_key:
         raise UserError("--api-key is empty, which would turn authentication off: give a key, or drop the flag")
     if api_key is None and not _loopback(host):
@@ -265,15 +368,14 @@ def serve(
     limits: Limits,
 ) -> None:
     """Load the backbone, wrap the setting's modules, and serve until interrupted (adapters load on first use)."""
-    import uvicorn
-
     check_serve_options(host, port, api_key, limits)
     s = Setting.read(setting)
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise UserError(
             f"adapter directory {adapter_dir} does not exist: give the folder holding one folder per adapter"
         )
-    engine = Engine.from_backbone(load_backbone(backbone or s.backbone.get("source", "embedded")), s)
+    model = load_backbone(backbone or s.backbone.get("source", "embedded"))
+    engine = Engine.from_backbone(model, s, limits.max_lora_rank)
     app = create_app(engine, adapter_dir, api_key, limits)
     import socket
 
@@ -286,5 +388,5 @@ def serve(
     sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
     bound = sock.getsockname()[1]
     print(f"serving on http://{host}:{bound}/v1 (models: {', '.join(app.state.known())})", flush=True)
-    # a stop (SIGTERM, Ctrl-C) waits at most 10 s for requests in flight
-    uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=10)).run(sockets=[sock])
+    config = uvicorn.Config(app, log_level="warning", http=TimedH11, timeout_graceful_shutdown=10)
+    DrainingServer(config, app.state.scheduler, limits.drain_seconds).run(sockets=[sock])
