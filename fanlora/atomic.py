@@ -20,16 +20,31 @@ from typing import Any
 
 from fanlora.errors import UserError
 
+MAX_ARTIFACT_BYTES = 256 * 1024 * 1024  # far above any artifact fanlora writes
+
+
+def read_json(path: str | Path, fix: str) -> Any:
+    """The JSON value in ``path``; a file that is too large, not UTF-8, not JSON or nested too deeply is one
+    UserError naming the file and ``fix`` (what the user should do)."""
+    path = Path(path)
+    if path.stat().st_size > MAX_ARTIFACT_BYTES:
+        raise UserError(f"{path} is over {MAX_ARTIFACT_BYTES // 2**20} MiB, not a fanlora file: {fix}")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.msg}): {fix}") from None
+    except RecursionError:
+        raise UserError(f"{path} is nested too deeply to be a fanlora file: {fix}") from None
+
 
 def read_artifact(path: str | Path, fmt: str, what: str, command: str) -> dict[str, Any]:
     """Read a fanlora JSON artifact of format ``fmt``; every way it can be wrong is one clear UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist: run `{command}` first or fix the path")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg}): re-run `{command}`") from None
+    data = read_json(path, f"re-run `{command}`")
     if not isinstance(data, dict) or data.get("format") != fmt:
         raise UserError(f"{path} is not a fanlora {what} file (format {fmt} expected)")
     return data

@@ -292,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
     fresh = run_dir is not None and not (run_dir / "run.json").exists()
     try:
         return args.func(args)
-    except UserError:
+    except BaseException:  # bad input, a full disk, a crash or Ctrl-C: no half-made run folder stays behind
         if fresh and dist.is_main():
             _discard_if_fresh(run_dir)
         raise
@@ -318,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:  # a full disk, a read-only folder, a missing permission: the path and what to do
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}: free disk space or fix permissions, then re-run",
+              file=sys.stderr, flush=True)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to resume", file=sys.stderr, flush=True)

@@ -253,6 +253,43 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+MAX_YAML_BYTES = 1_000_000  # a recipe is a few KB
+MAX_YAML_VALUES = 100_000  # values after alias expansion: "billion laughs" recipes expand ×9 per level
+
+
+def _expanded(value: Any, budget: list[int]) -> None:
+    """Count the values of ``value`` as json would write them (a YAML alias counts every time it is used)."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _expanded(k, budget)
+            _expanded(v, budget)
+    elif isinstance(value, list):
+        for v in value:
+            _expanded(v, budget)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file, bounded in size and in alias expansion; every fault one UserError naming the file."""
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise UserError(f"{path} is over {MAX_YAML_BYTES} bytes: not a recipe")
+    try:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise UserError(f"{path} is nested too deeply") from None
+    budget = [MAX_YAML_VALUES]
+    _expanded(data, budget)
+    if budget[0] < 0:
+        raise UserError(f"{path} expands to more than {MAX_YAML_VALUES:,} values (nested YAML aliases?): write it out")
+    return data
+
+
 def load_config(source: str | dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults ← recipe (a file, a bundled name, or a dict) ← overrides."""
     if source is None:
@@ -261,10 +298,9 @@ def load_config(source: str | dict[str, Any] | None = None, overrides: list[str]
         data = dict(source)
     else:
         path = recipe_path(source)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        data = read_yaml(path) or {}
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: a recipe is a mapping of sections (backbone, search, score, …)")
     data = apply_overrides(data, list(overrides or []))
     config = _build(Config, data, "")
     check_values(config)

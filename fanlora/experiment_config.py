@@ -8,10 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fanlora import methods
-from fanlora.config import Config, load_config
+from fanlora.config import Config, load_config, read_yaml
 from fanlora.errors import UserError
 from fanlora.scoring.study import check_method
 from fanlora.setting import check_rule
@@ -96,10 +94,7 @@ def _list(value: Any, where: str, typ: type) -> list[Any]:
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"experiment config {path} does not exist: give a YAML file (see configs/experiments/)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: an experiment config is a mapping of {', '.join(TOP_KEYS)}")
     unknown = sorted(set(raw) - set(TOP_KEYS))

@@ -7,7 +7,6 @@ unless ``--resume`` (continue with the stored config) or ``--overwrite`` (start 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -59,11 +58,11 @@ def prepare(
         # never delete a directory fanlora did not make, even under --overwrite
         raise UserError(f"{path} is not empty and is not a fanlora run: choose another --run-dir")
     if meta_path.is_file() and not overwrite:
-        try:
-            meta = json.loads(meta_path.read_text())
-            stored = meta["config"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{meta_path} is unreadable: pass --overwrite to start this run again") from None
+        fix = "pass --overwrite to start this run again"
+        meta = atomic.read_json(meta_path, fix)
+        stored = meta.get("config") if isinstance(meta, dict) else None
+        if not isinstance(stored, dict) or not isinstance(meta.get("inputs", {}), dict):
+            raise UserError(f"{meta_path} is unreadable (no config in it): {fix}")
         for key, value in inputs.items():
             if meta.get("inputs", {}).get(key) != value:
                 raise UserError(

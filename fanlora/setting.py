@@ -71,25 +71,28 @@ class Setting:
     @classmethod
     def read(cls, path: str | Path) -> Setting:
         data = atomic.read_artifact(path, SETTING_FORMAT, "setting", "fanlora select")
-        paths = data["module_paths"]
-        kept: dict[int, list[str]] = {}
-        for layer, kinds in data["kept"].items():
-            for kind in kinds:
-                if kind not in paths:
-                    raise UserError(
-                        f"{path}: layer {layer} keeps unknown module kind {kind!r}; "
-                        f"this setting's kinds are {', '.join(paths)}"
-                    )
-            kept[int(layer)] = list(kinds)
-        return cls(
-            backbone=data["backbone"],
-            layers_path=data["layers_path"],
-            num_layers=int(data["num_layers"]),
-            module_paths=dict(paths),
-            k_max=int(data["k_max"]),
-            kept=kept,
-            source=data.get("source", {}),
-        )
+        try:
+            paths = dict(data["module_paths"])
+            kept: dict[int, list[str]] = {}
+            for layer, kinds in data["kept"].items():
+                for kind in kinds:
+                    if kind not in paths:
+                        raise UserError(
+                            f"{path}: layer {layer} keeps unknown module kind {kind!r}; "
+                            f"this setting's kinds are {', '.join(paths)}"
+                        )
+                kept[int(layer)] = list(kinds)
+            return cls(
+                backbone=dict(data["backbone"]),
+                layers_path=str(data["layers_path"]),
+                num_layers=int(data["num_layers"]),
+                module_paths=paths,
+                k_max=int(data["k_max"]),
+                kept=kept,
+                source=data.get("source", {}),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UserError(f"{path} is a damaged setting file ({exc!r}): re-run `fanlora select`") from None
 
     def validate(self, backbone: Backbone) -> None:
         """Refuse a backbone this setting was not made for (layer count, module names, weights)."""

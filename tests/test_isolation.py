@@ -306,3 +306,77 @@ def test_a_body_that_never_arrives_is_a_408(world, monkeypatch):
         while b'"error"' not in reply and (chunk := sock.recv(4000)):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 408") and b'"error"' in reply
+
+
+# --- graceful shutdown ----------------------------------------------------------------------------------
+def test_sigterm_drains_running_streams_and_refuses_new_requests(tmp_path, tiny_llama):
+    import signal
+    import threading
+    import time
+
+    import uvicorn
+    from test_server_faults import in_thread
+
+    from fanlora.serving.server import DrainingServer
+
+    backbone = load_backbone(str(tiny_llama))
+    engine = Engine.from_backbone(backbone, setting_for(backbone))
+    gate = Gate(engine.model)
+    app = create_app(engine, None, "key", Limits(max_tokens=64, drain_seconds=30))
+    srv = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"), app.state.scheduler, 30)
+    server_thread = threading.Thread(target=srv.run, daemon=True)
+    server_thread.start()
+    deadline = time.monotonic() + WAIT
+    while not srv.started and time.monotonic() < deadline:
+        threading.Event().wait(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+
+    def stream() -> list[str]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+        body = {"model": "base", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "stream": True}
+        conn.request(
+            "POST",
+            "/v1/completions",
+            json.dumps(body),
+            {"Authorization": "Bearer key", "Content-Type": "application/json"},
+        )
+        lines = [line for line in conn.getresponse().read().decode().splitlines() if line.startswith("data: ")]
+        conn.close()
+        return lines
+
+    gate.armed = True
+    thread, box = in_thread(stream)
+    gate.wait_entered()  # the stream's row is in a forward pass
+    srv.handle_exit(signal.SIGTERM, None)
+    deadline = time.monotonic() + WAIT
+    while not app.state.scheduler.closed and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+    status, body = complete(port, "base")
+    assert status == 503 and "shutting down" in body["error"]["message"]
+    assert request(port, "GET", "/health")[0] == 503
+    gate.open()
+    thread.join(WAIT)
+    lines = box["result"]
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+    server_thread.join(WAIT)
+    assert not server_thread.is_alive()  # uvicorn stopped once the drain was over
+
+
+def test_a_drain_that_runs_out_of_time_ends_every_row_with_its_text_and_abort(world):
+    from test_continuous import Recorded
+
+    engine = world["engine"]
+    scheduler = ContinuousScheduler(engine, start=False, max_batch=2)
+    running = [job(engine, "Once upon a time", "alpha", max_tokens=40), job(engine, "Hi", None, max_tokens=40)]
+    waiting = job(engine, "The capital of France is", "beta", max_tokens=40)
+    for j in [*running, waiting]:
+        scheduler.submit(j)
+    for _ in range(3):
+        with scheduler.lock:
+            scheduler.iterate()
+    assert scheduler.busy() and isinstance(waiting, Recorded) and not waiting.log
+    scheduler.close()
+    scheduler.abort_all("abort")
+    assert not scheduler.busy() and all(j.reason == "abort" for j in [*running, waiting])
+    assert all(j.text for j in running) and waiting.text == ""
+    assert all(not n for n in engine.pins.values())  # every pin released

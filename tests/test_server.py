@@ -220,6 +220,8 @@ def test_fanlora_serve_binds_loopback_and_answers(tmp_path, tiny_llama):
         assert call(url, "/health", key=None)[0] == 200
         status, body = call(url, "/v1/completions", {"model": "one", "prompt": "Hi", "max_tokens": 2}, key=None)
         assert status == 200 and body["choices"][0]["finish_reason"] in ("length", "stop")
+        proc.terminate()  # SIGTERM: an idle server drains at once and exits 0 (uvicorn alone re-raised it: -15)
+        assert proc.wait(timeout=30) == 0
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(timeout=30)

@@ -87,3 +87,19 @@ def test_a_broken_gold_query_stops_before_the_model_loads(tmp_path, tiny_llama, 
     err = fail(capsys, [*argv, "--out", str(out)])
     assert f"{data}:2" in err and "gold query" in err and "no such table" in err
     assert not out.exists()
+
+
+def test_the_result_cap_is_checked_row_by_row(db):
+    """Rows of ~1 MB each: the cap (20 MB) must stop the fetch after ~20 rows, not after a batch of 1,000."""
+    import tracemalloc
+
+    conn = sql.connect_read_only(db)
+    huge = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 2000) SELECT zeroblob(999999) FROM c"
+    tracemalloc.start()
+    try:
+        result = sql.execute(conn, huge, timeout_s=30.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.rows is None and "bytes" in result.error
+    assert peak < 100_000_000, peak  # measured ~21 MB row by row; ~1 GB with 1,000-row batches

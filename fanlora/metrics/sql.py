@@ -79,9 +79,9 @@ def execute(conn: sqlite3.Connection, query: str, timeout_s: float = 5.0, max_ro
         cursor = conn.execute(query)
         rows: list[tuple[Any, ...]] = []
         size = 0
-        while batch := cursor.fetchmany(1000):
-            rows += [tuple(r) for r in batch]
-            size += sum(_size(r) for r in batch)
+        for row in cursor:  # row by row: a batch of 1,000 rows of 1 MB blobs would be 1 GB before a check
+            rows.append(tuple(row))
+            size += _size(row)
             if len(rows) > max_rows:
                 return Execution(None, f"more than {max_rows} rows")
             if size > MAX_RESULT_BYTES:
