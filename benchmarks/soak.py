@@ -12,9 +12,13 @@ every (model, prompt) pair is answered once with the server idle: the reference.
 - one thread opens requests and walks away mid-answer (streaming and non-streaming);
 - one thread unloads and reloads tenants (vLLM's load/unload routes) while the others use them;
 - one thread sends bad requests (over-limit, malformed, oversized and chunked bodies, unknown model, empty
-  prompt, a seed past int64): each must get its 4xx, never a 5xx;
+  prompt, a seed past int64, unsupported OpenAI fields): each must get its 4xx, never a 5xx;
+- one hostile tenant loads and uses bad adapters — NaN weights, one module at rank 4096 (over
+  ``--max-lora-rank``), a truncated safetensors file — and sends ``temperature: 1e-40``: each adapter must get
+  a 400, the tiny temperature the greedy answer, and every other tenant's answers stay as served alone;
 - half-way, the server is killed with SIGKILL right after an adapter load request goes out, and restarted;
-  clients retry through the restart (connection errors then are counted apart, not as 5xx).
+  clients retry through the restart (connection errors then are counted apart, not as 5xx);
+- at the end, SIGTERM while a stream is running: the stream must end with ``[DONE]`` and the process exit 0.
 
 RSS is read from /proc every 5 s; growth is measured from the end of each process's first minute (its
 warm-up) to its end. The adapter directories are hashed before and after. Exit status 0 iff no failure.
@@ -47,6 +51,7 @@ from fanlora.setting import Setting, select
 KEY = "soak-key"
 TRANSPORT = (OSError, http.client.HTTPException)  # a connection cut by the kill -9, not an HTTP status
 TENANTS = ["tenant-a", "tenant-b", "tenant-c", "tenant-d"]
+HOSTILE = ["nan-weights", "rank-4096", "truncated"]
 PROMPTS = [
     "Write one sentence about the sea.",
     "List three colours.",
@@ -75,6 +80,29 @@ def tree_digest(root: Path) -> str:
             h.update(p.read_bytes())
         h.update(oct(p.stat().st_mode).encode())
     return h.hexdigest()
+
+
+def hostile_adapters(root: Path, template: Path) -> None:
+    """Copies of a tenant with NaN weights, with one module at rank 4096, and with a truncated weights file."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = "adapter_model.safetensors"
+    tensors = load_file(str(template / weights))
+    key_a = next(k for k in sorted(tensors) if "lora_A" in k)
+    key_b = key_a.replace("lora_A", "lora_B")
+    bad = {
+        "nan-weights": {**tensors, key_a: torch.full_like(tensors[key_a], float("nan"))},
+        "rank-4096": {**tensors, key_a: torch.randn(4096, tensors[key_a].shape[1]),
+                      key_b: torch.randn(tensors[key_b].shape[0], 4096)},
+    }  # fmt: skip
+    for name in HOSTILE:
+        shutil.copytree(template, root / name)
+        if name in bad:
+            save_file(bad[name], str(root / name / weights))
+        else:
+            data = (root / name / weights).read_bytes()
+            (root / name / weights).write_bytes(data[: len(data) // 3])
 
 
 class Server:
@@ -107,15 +135,26 @@ class Server:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
-    def stop(self) -> bool:
-        """SIGTERM; whether the server exited within 30 s (else it is killed, and that is a failure)."""
+    def stop(self) -> tuple[bool, bool]:
+        """SIGTERM while a stream runs: (the process exited 0 within 60 s, the stream ended with [DONE])."""
+        box: dict = {}
+
+        def stream() -> None:
+            body = {"model": TENANTS[0], "prompt": PROMPTS[0], "max_tokens": 32, "temperature": 0, "stream": True}
+            with contextlib.suppress(*TRANSPORT):
+                box["raw"] = request(self.port, "/v1/completions", body)[1]
+
+        thread = threading.Thread(target=stream, daemon=True)
+        thread.start()
+        threading.Event().wait(0.5)  # the stream is being decoded
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=30)
-            return True
+            exited = self.proc.wait(timeout=60) == 0
         except subprocess.TimeoutExpired:
             self.kill()
-            return False
+            exited = False
+        thread.join(timeout=10)
+        return exited, box.get("raw", b"").rstrip().endswith(b"data: [DONE]")
 
 
 def request(port: int, path: str, body: bytes | dict, timeout: float = 120, chunked: bool = False) -> tuple[int, bytes]:
@@ -155,7 +194,8 @@ class Soak:
         self.stop_at = time.monotonic() + seconds
         self.counts = {
             "requests": 0, "ok": 0, "errors_5xx": 0, "mismatches": 0, "connection_errors": 0, "disconnects": 0,
-            "reloads": 0, "bad_requests": 0, "bad_request_not_4xx": 0, "restarts": 0,
+            "reloads": 0, "bad_requests": 0, "bad_request_not_4xx": 0, "restarts": 0, "hostile_adapters": 0,
+            "hostile_not_400": 0, "tiny_temperature": 0,
         }  # fmt: skip
         self.lock = threading.Lock()
         self.reference: dict[tuple[str, str], str] = {}
@@ -243,6 +283,8 @@ class Soak:
             ("/v1/completions", {"model": "base", "prompt": "x", "seed": 2**64, "temperature": 1}, False),
             ("/v1/chat/completions", {"model": "base", "messages": []}, False),
             ("/v1/load_lora_adapter", {"lora_name": "/etc"}, False),
+            ("/v1/completions", {"model": "base", "prompt": "x", "logprobs": 3}, False),
+            ("/v1/chat/completions", {"model": "base", "messages": [{"role": "tool", "content": "x"}]}, False),
         ]
         while self.running():
             path, body, chunked = rng.choice(cases)
@@ -256,6 +298,29 @@ class Soak:
             if not 400 <= status < 500:
                 self.add("bad_request_not_4xx", failure=f"{path} {str(body)[:60]}: {status} {raw[:120]!r}")
             threading.Event().wait(0.3)
+
+    def hostile(self, seed: int) -> None:
+        """Bad adapters and a tiny temperature, from one tenant, while the others are checked."""
+        rng = random.Random(seed)
+        while self.running():
+            name = rng.choice(HOSTILE)
+            try:
+                if rng.random() < 0.5:
+                    status, raw = request(self.server.port, "/v1/load_lora_adapter", {"lora_name": name})
+                else:
+                    status, raw = request(self.server.port, "/v1/completions", self.body(name, PROMPTS[0], False))
+                self.add("hostile_adapters")
+                if status != 400:
+                    self.add("hostile_not_400", failure=f"adapter {name}: {status} {raw[:160]!r}")
+                prompt = rng.choice(PROMPTS)
+                body = {**self.body("tenant-a", prompt, False), "temperature": 1e-40, "seed": 1}
+                status, raw = request(self.server.port, "/v1/completions", body)
+                self.add("tiny_temperature")
+                if answer(status, raw, False) != self.reference[("tenant-a", prompt)]:
+                    self.add("mismatches", failure=f"temperature 1e-40: {status} {raw[:160]!r}")
+            except TRANSPORT:
+                self.add("connection_errors")
+            threading.Event().wait(0.5)
 
     def kill_mid_load(self) -> None:
         """SIGKILL right after a load request goes out, then restart the server on a new port."""
@@ -288,6 +353,7 @@ def main() -> int:
     source = setting.backbone.get("source", "embedded")
     for i, name in enumerate(TENANTS):
         save_random_adapter(source, setting, work / "adapters" / name, seed=i)
+    hostile_adapters(work / "adapters", work / "adapters" / TENANTS[0])
     before = tree_digest(work / "adapters")
     server = Server(work / "setting.json", work / "adapters")
     server.start()
@@ -296,7 +362,8 @@ def main() -> int:
     soak.stop_at = time.monotonic() + args.seconds
     started = time.monotonic()
     threads = [threading.Thread(target=soak.client, args=(i,)) for i in range(args.clients)]
-    threads += [threading.Thread(target=f, args=(100 + i,)) for i, f in enumerate((soak.leaver, soak.churn, soak.bad))]
+    helpers = (soak.leaver, soak.churn, soak.bad, soak.hostile)
+    threads += [threading.Thread(target=f, args=(100 + i,)) for i, f in enumerate(helpers)]
     for t in threads:
         t.start()
     killed = False
@@ -309,7 +376,7 @@ def main() -> int:
     for t in threads:
         t.join()
     server.sample_rss()
-    stopped = server.stop()
+    stopped, drained = server.stop()
     after = tree_digest(work / "adapters")
     growth = []
     for samples in server.rss:
@@ -320,7 +387,7 @@ def main() -> int:
     rss_growth = max(growth) if growth else float("nan")
     ok = (
         c["errors_5xx"] == 0 and c["mismatches"] == 0 and c["bad_request_not_4xx"] == 0 and before == after
-        and rss_growth < 50 and stopped
+        and rss_growth < 50 and stopped and drained and c["hostile_not_400"] == 0
     )  # fmt: skip
     lines = [
         f"$ python benchmarks/soak.py {' '.join(sys.argv[1:])}",
@@ -331,11 +398,13 @@ def main() -> int:
         "RSS per process (MB, every 5 s): "
         + " | ".join(" ".join(f"{r / 2**20:.0f}" for _, r in s) for s in server.rss),
         f"RSS growth after each process's first minute (MB): {', '.join(f'{g:.1f}' for g in growth)}",
-        f"adapter directories unchanged: {before == after}; server stopped on SIGTERM within 30 s: {stopped}",
+        f"adapter directories unchanged: {before == after}; SIGTERM mid-stream: exit 0 {stopped}, "
+        f"stream ended with [DONE] {drained}",
         *(f"failure: {f}" for f in soak.failures),
         f"RESULT requests={c['requests']} errors_5xx={c['errors_5xx']} mismatches={c['mismatches']} "
         f"disconnects={c['disconnects']} reloads={c['reloads']} restarts={c['restarts']} "
-        f"rss_growth_mb={rss_growth:.1f}",
+        f"hostile_adapters={c['hostile_adapters']} hostile_not_400={c['hostile_not_400']} "
+        f"tiny_temperature={c['tiny_temperature']} clean_drain={stopped and drained} rss_growth_mb={rss_growth:.1f}",
     ]
     print("\n".join(lines))
     if args.out:

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from fanlora import dist
+from fanlora import atomic, dist
 from fanlora.config import Config, check_values, load_config
 from fanlora.errors import UserError
 
@@ -67,7 +67,7 @@ def _setting_backbone(args: argparse.Namespace) -> str | None:
         return None
     try:
         return json.loads(Path(path).read_text())["backbone"]["source"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None  # Setting.read() reports a broken file properly later
 
 
@@ -95,7 +95,8 @@ def config_for(args: argparse.Namespace, stored_dir: Path | None = None) -> Conf
         # later stages of a run reuse the config its first stage stored
         meta = stored_dir / "run.json"
         if meta.is_file():
-            source = json.loads(meta.read_text()).get("config")
+            stored = atomic.read_json(meta, "pass --overwrite to start this run again")
+            source = stored.get("config") if isinstance(stored, dict) else None
             if isinstance(source, dict):
                 from fanlora.rundir import PER_COMMAND
 
@@ -147,7 +148,8 @@ def _intended_backbone(args: argparse.Namespace) -> dict | None:
     if args.run_dir:
         metrics = Path(args.run_dir) / "search" / "metrics.json"
         if metrics.is_file():
-            return json.loads(metrics.read_text()).get("backbone")
+            data = atomic.read_json(metrics, "re-run `fanlora search`")
+            return data.get("backbone") if isinstance(data, dict) else None
     return None
 
 

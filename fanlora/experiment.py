@@ -58,16 +58,23 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _rank(info: Path) -> int:
+    data = atomic.read_json(info, f"delete {info} and its setting to prepare them again")
+    if not isinstance(data, dict) or not isinstance(data.get("r"), int):
+        raise UserError(f"{info} holds no rank: delete it and its setting to prepare them again")
+    return data["r"]
+
+
 def prepare_setting(exp: Experiment, variant: Variant) -> tuple[Path, int]:
     """The variant's setting file and FanLoRA rank (stage a and b run first if their run lacks them)."""
 
     out = Path(exp.out) / "settings" / f"{variant.name}.json"
     info = out.with_suffix(".rank.json")
     if out.is_file() and info.is_file():
-        return out, json.loads(info.read_text())["r"]
+        return out, _rank(info)
     with _locked(Path(exp.out) / "settings" / ".lock"):
         if out.is_file() and info.is_file():
-            return out, json.loads(info.read_text())["r"]
+            return out, _rank(info)
         cfg = _search_config(exp, variant)
         run = Path(variant.search_run or exp.search_run)
         if not (run / "run.json").is_file():
@@ -174,7 +181,7 @@ def open_grid(exp: Experiment, resume: bool) -> Path:
     marker = out / "experiment.json"
     mine = {"format": FORMAT, "experiment": exp.to_dict()}
     if marker.is_file():
-        theirs = json.loads(marker.read_text())
+        theirs = atomic.read_json(marker, f"delete {out} to start the grid over")
         if theirs != json.loads(json.dumps(mine)):
             raise UserError(
                 f"{out} holds a grid made by another config: give another `out:` or delete {out} to start over"
@@ -223,7 +230,7 @@ def aggregate(exp: Experiment) -> dict[str, Any]:
     for cell in cells(exp):
         path = Path(exp.out) / "cells" / cell.id / "cell.json"
         if path.is_file():
-            records.append(json.loads(path.read_text()))
+            records.append(atomic.read_json(path, f"delete {path.parent} to run that cell again"))
     rows = report_.rows_of(records)
     total = sum(r["train_minutes"] + r["eval_minutes"] for r in records)
     summary = {

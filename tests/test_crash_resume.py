@@ -22,12 +22,18 @@ KILLER = """
 import os, signal, sys
 from transformers import Trainer
 import fanlora.atomic as atomic
-point, count = sys.argv[1], {"n": 0}
-real_save, real_publish = Trainer._save_optimizer_and_scheduler, atomic.publish_tree
+point, count = sys.argv[1], {"save": 0, "step": 0}
+real_save, real_publish, real_step = Trainer._save_optimizer_and_scheduler, atomic.publish_tree, Trainer.training_step
+
+def step(self, *args, **kwargs):  # between two optimizer steps, after checkpoint-2 and step 3
+    count["step"] += 1
+    if point == "between-steps" and count["step"] == 4:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_step(self, *args, **kwargs)
 
 def save(self, output_dir):  # the checkpoint's model files are on disk, its optimizer and state are not
-    count["n"] += 1
-    if point == "mid-checkpoint" and count["n"] == 2:
+    count["save"] += 1
+    if point == "mid-checkpoint" and count["save"] == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return real_save(self, output_dir)
 
@@ -36,7 +42,7 @@ def publish(tmp):  # the final adapter is written to its temporary folder, not y
         os.kill(os.getpid(), signal.SIGKILL)
     return real_publish(tmp)
 
-Trainer._save_optimizer_and_scheduler, atomic.publish_tree = save, publish
+Trainer._save_optimizer_and_scheduler, atomic.publish_tree, Trainer.training_step = save, publish, step
 from fanlora.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -64,7 +70,7 @@ def reference(tmp_path_factory, tiny_llama):
     return setting, load_file(str(root / "whole" / "adapter" / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("point", ["mid-checkpoint", "mid-final-save"])
+@pytest.mark.parametrize("point", ["between-steps", "mid-checkpoint", "mid-final-save"])
 def test_a_run_killed_mid_save_resumes_to_the_same_adapter(point, reference, tiny_llama, tmp_path):
     setting, whole = reference
     run = tmp_path / "run"
@@ -76,8 +82,10 @@ def test_a_run_killed_mid_save_resumes_to_the_same_adapter(point, reference, tin
     if point == "mid-checkpoint":  # checkpoint-4 is half on disk: what HF would pick and fail on
         assert (run / "checkpoints" / "checkpoint-4").is_dir()
         assert not (run / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists()
-    else:
+    elif point == "mid-final-save":
         assert list(run.glob(".adapter.*"))
+    else:
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert main(argv(tiny_llama, setting, run)) == 0
     resumed = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert resumed.keys() == whole.keys()

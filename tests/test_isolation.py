@@ -380,3 +380,14 @@ def test_a_drain_that_runs_out_of_time_ends_every_row_with_its_text_and_abort(wo
     assert not scheduler.busy() and all(j.reason == "abort" for j in [*running, waiting])
     assert all(j.text for j in running) and waiting.text == ""
     assert all(not n for n in engine.pins.values())  # every pin released
+
+
+def test_an_internal_error_is_a_500_in_openais_shape_without_internals(world, monkeypatch):
+    from fanlora.serving import server
+
+    def broken(self):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(server.Tenants, "known", broken)
+    status, body = request(world["port"], "GET", "/v1/models")
+    assert status == 500 and body["error"]["type"] == "server_error" and "secret" not in body["error"]["message"]
