@@ -367,15 +367,7 @@ def serve(args: argparse.Namespace) -> int:
     from fanlora.serving.server import serve as run_server
 
     key = args.api_key if args.api_key is not None else (os.environ.get("FANLORA_API_KEY") or None)
-    limits = Limits(
-        max_tokens=args.max_tokens,
-        max_queue=args.max_queue,
-        max_batch=args.max_batch,
-        scheduler=args.scheduler,
-        prefill_chunk=args.prefill_chunk,
-        max_lora_rank=args.max_lora_rank,
-        drain_seconds=args.drain_seconds,
-    )
+    limits = Limits(**{k: getattr(args, k) for k in Limits.model_fields if k != "max_body_bytes"})  # one per flag
     run_server(args.setting, args.adapter_dir, args.backbone, args.host, args.port, key, limits)
     return 0
 

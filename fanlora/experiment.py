@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from fanlora import atomic, methods, pipeline, rundir
+from fanlora import experiment_plots as plots
 from fanlora import experiment_report as report_
 from fanlora.adapt import run_evaluate, task_training_data
 from fanlora.backbone import from_config
@@ -251,6 +252,6 @@ def aggregate(exp: Experiment) -> dict[str, Any]:
     atomic.write_text(report / "results.md", report_.markdown(exp, summary, notes))
     atomic.write_json(report / "cells.json", records)
     if len(exp.variants) > 1 and rows:
-        report_.plot(exp, rows, report)
-        report_.loss_plot(exp, records, report)
+        plots.plot(exp, rows, report)
+        plots.loss_plot(exp, records, report)
     return summary
