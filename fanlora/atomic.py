@@ -23,12 +23,12 @@ from fanlora.errors import UserError
 MAX_ARTIFACT_BYTES = 256 * 1024 * 1024  # far above any artifact fanlora writes
 
 
-def read_json(path: str | Path, fix: str) -> Any:
+def read_json(path: str | Path, fix: str, max_bytes: int = MAX_ARTIFACT_BYTES) -> Any:
     """The JSON value in ``path``; a file that is too large, not UTF-8, not JSON or nested too deeply is one
     UserError naming the file and ``fix`` (what the user should do)."""
     path = Path(path)
-    if path.stat().st_size > MAX_ARTIFACT_BYTES:
-        raise UserError(f"{path} is over {MAX_ARTIFACT_BYTES // 2**20} MiB, not a fanlora file: {fix}")
+    if path.stat().st_size > max_bytes:
+        raise UserError(f"{path} is over {max_bytes:,} bytes, too large for what it should hold: {fix}")
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:

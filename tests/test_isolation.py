@@ -16,10 +16,11 @@ import socket
 
 import pytest
 import torch
+from helpers import WAIT, serve_in_thread
 from safetensors.torch import load_file, save_file
 from test_continuous import alone, job, run
 from test_engine import make_adapter, setting_for
-from test_server_faults import WAIT, Gate
+from test_server_faults import Gate
 
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
@@ -35,10 +36,6 @@ WEIGHTS = "adapter_model.safetensors"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_llama):
-    import threading
-    import time
-
-    import uvicorn
 
     root = tmp_path_factory.mktemp("isolation")
     backbone = load_backbone(str(tiny_llama))
@@ -53,14 +50,7 @@ def world(tmp_path_factory, tiny_llama):
     app = create_app(engine, root / "adapters", "key", limits)
     from fanlora.serving.server import TimedH11
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http=TimedH11)
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WAIT
-    while not srv.started and time.monotonic() < deadline:
-        threading.Event().wait(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
+    srv, thread, port = serve_in_thread(app, http=TimedH11)
     yield {"port": port, "app": app, "engine": engine, "gate": gate, "root": root, "setting": setting,
            "tiny": tiny_llama}  # fmt: skip
     gate.open()
@@ -314,7 +304,6 @@ def test_sigterm_drains_running_streams_and_refuses_new_requests(tmp_path, tiny_
     import threading
     import time
 
-    import uvicorn
     from test_server_faults import in_thread
 
     from fanlora.serving.server import DrainingServer
@@ -323,13 +312,7 @@ def test_sigterm_drains_running_streams_and_refuses_new_requests(tmp_path, tiny_
     engine = Engine.from_backbone(backbone, setting_for(backbone))
     gate = Gate(engine.model)
     app = create_app(engine, None, "key", Limits(max_tokens=64, drain_seconds=30))
-    srv = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"), app.state.scheduler, 30)
-    server_thread = threading.Thread(target=srv.run, daemon=True)
-    server_thread.start()
-    deadline = time.monotonic() + WAIT
-    while not srv.started and time.monotonic() < deadline:
-        threading.Event().wait(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
+    srv, server_thread, port = serve_in_thread(app, lambda config: DrainingServer(config, app.state.scheduler, 30))
 
     def stream() -> list[str]:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)

@@ -13,8 +13,8 @@ import threading
 import time
 
 import pytest
-import uvicorn
 from conftest import fail
+from helpers import WAIT, serve_in_thread
 from test_engine import make_adapter, setting_for
 
 from fanlora.backbone import load_backbone
@@ -24,8 +24,6 @@ from fanlora.serving import api as server_module
 from fanlora.serving.engine import Engine
 from fanlora.serving.scheduler import Job, QueueFull, Scheduler
 from fanlora.serving.server import Limits, check_serve_options, create_app
-
-WAIT = 30  # seconds: an upper bound on any wait, never a sleep
 
 
 class Gate:
@@ -80,13 +78,7 @@ def world(tmp_path_factory, tiny_llama):
     app = create_app(
         engine, root / "adapters", "key", Limits(max_tokens=64, max_body_bytes=20_000, max_queue=8, max_batch=4)
     )
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + WAIT
-    while not srv.started and time.monotonic() < deadline:
-        threading.Event().wait(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
+    srv, thread, port = serve_in_thread(app)
     yield {"port": port, "app": app, "engine": engine, "gate": gate, "root": root, "server": srv}
     gate.open()
     srv.should_exit = True

@@ -9,13 +9,13 @@ refused with the reason. Weights come only from ``adapter_model.safetensors`` (n
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fanlora.atomic import read_json
 from fanlora.errors import UserError
 
 PREFIX = "base_model.model."
@@ -38,16 +38,7 @@ def _config(path: Path) -> dict:
     file = path / "adapter_config.json"
     if not file.is_file():
         raise UserError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
-    if file.stat().st_size > MAX_CONFIG_BYTES:
-        raise UserError(f"{file} is over {MAX_CONFIG_BYTES} bytes: not an adapter config")
-    try:
-        config = json.loads(file.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{file} is not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{file} is not valid JSON ({exc.msg})") from None
-    except RecursionError:
-        raise UserError(f"{file} is nested too deeply to be an adapter config") from None
+    config = read_json(file, "fix or replace the adapter (fanlora finetune writes it)", MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise UserError(f"{file} holds a JSON {type(config).__name__}, not an object")
     return config
@@ -134,10 +125,7 @@ def read_adapter(path: str | Path, max_rank: int = DEFAULT_MAX_RANK) -> LoadedAd
     setting_file = path / "setting.json"
     setting = None
     if setting_file.is_file():
-        try:
-            setting = json.loads(setting_file.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise UserError(f"{setting_file} is not a readable setting file (UTF-8 JSON)") from None
+        setting = read_json(setting_file, "fix or replace the adapter's setting.json", MAX_CONFIG_BYTES)
         if not isinstance(setting, dict):
             raise UserError(f"{setting_file} holds a JSON {type(setting).__name__}, not a setting object")
     return LoadedAdapter(path, max(a.shape[0] for a, _ in factors.values()), factors, setting)
