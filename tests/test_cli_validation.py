@@ -38,6 +38,30 @@ def test_a_recipe_with_negative_sizes_is_refused(tmp_path):
         load_config(str(recipe))
 
 
-def test_the_bundled_recipes_pass_the_checks():
-    for name in ("demo", "paper"):
-        load_config(name)
+def test_the_bundled_recipes_pass_the_checks_and_say_what_they_set():
+    """Every bundled recipe loads, and every value it writes is the value the loaded config holds."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    recipes = sorted(p.stem for p in (Path(__file__).parents[1] / "fanlora" / "configs").glob("*.yaml"))
+    assert {"demo", "paper", "study"} <= set(recipes)
+
+    def leaves(node, prefix=()):
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                yield from leaves(value, (*prefix, key))
+        else:
+            yield prefix, node
+
+    for name in recipes:
+        cfg = load_config(name)
+        raw = yaml.safe_load((Path(__file__).parents[1] / "fanlora" / "configs" / f"{name}.yaml").read_text())
+        for path, value in leaves(raw or {}):
+            got = cfg
+            for key in path:
+                got = got[key] if isinstance(got, dict) else getattr(got, key)
+            if dataclasses.is_dataclass(got):
+                got = dataclasses.asdict(got)
+            assert got == value or (isinstance(value, list) and list(got) == value), (name, path, got, value)
