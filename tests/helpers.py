@@ -1,4 +1,5 @@
-"""Helpers shared by the serving tests."""
+"""Helpers shared by the tests: score tables and settings on a backbone's layout, random adapters, a server
+in a thread. One definition each (tests import them from here, never from another test file)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,47 @@ import time
 
 import uvicorn
 
+from fanlora.generate import Decoding
+from fanlora.serving.continuous import ContinuousScheduler
+from fanlora.serving.scheduler import Job
+
 WAIT = 30  # seconds: an upper bound on any wait, never a sleep
+
+
+def table_for(backbone, scores: dict[tuple[str, int], float]):
+    """A score table on ``backbone``'s layout with the given values (every other module scores -1)."""
+    from fanlora.scoring import ScoreTable
+
+    layout = backbone.layout
+    values = {f"{k}.{layer}": scores.get((k, layer), -1.0) for k, layer in layout.all_modules()}
+    names = {f"{k}.{layer}": layout.module_name(k, layer) for k, layer in layout.all_modules()}
+    return ScoreTable(
+        backbone=backbone.identity, kinds=layout.kinds, num_layers=layout.num_layers, module_names=names, values=values
+    )
+
+
+def setting_for(backbone, kinds=("V", "O")):
+    """The K_max = 2 setting that keeps ``kinds`` in every layer."""
+    from fanlora.setting import select
+
+    return select(table_for(backbone, {(k, n): 1.0 for k, n in backbone.layout.all_modules() if k in kinds}), 2)
+
+
+def make_adapter(path, tiny_llama, setting, r, alpha, seed, **extra):
+    """A PEFT adapter with random (non-zero) A and B on the setting's modules, as fanlora finetune saves it."""
+    from peft import LoraConfig, get_peft_model
+
+    from fanlora.backbone import load_backbone
+    from fanlora.methods import randomize
+
+    model = get_peft_model(
+        load_backbone(str(tiny_llama)).model,
+        LoraConfig(r=r, lora_alpha=alpha, target_modules=setting.modules, init_lora_weights=False, **extra),
+    )
+    randomize(model, seed, std=0.5)
+    model.save_pretrained(path)
+    setting.write(path / "setting.json")
+    return path
 
 
 def serve_in_thread(app, server_class=uvicorn.Server, **config):
@@ -19,3 +60,89 @@ def serve_in_thread(app, server_class=uvicorn.Server, **config):
     while not srv.started and time.monotonic() < deadline:
         threading.Event().wait(0.05)
     return srv, thread, srv.servers[0].sockets[0].getsockname()[1]
+
+
+class Gate:
+    """A forward pre-hook that, while armed, stops every forward pass until the test lets one through."""
+
+    def __init__(self, model) -> None:
+        self.armed = False
+        self.entered = threading.Semaphore(0)
+        self.permits = threading.Semaphore(0)
+        model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args) -> None:
+        if self.armed:
+            self.entered.release()
+            assert self.permits.acquire(timeout=WAIT), "the gate was never opened"
+
+    def wait_entered(self) -> None:
+        assert self.entered.acquire(timeout=WAIT), "no forward pass reached the gate"
+
+    def step(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.permits.release()
+
+    def open(self) -> None:
+        self.armed = False
+        self.step(100)
+
+
+def in_thread(fn, *args) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn(*args)
+        except Exception as exc:  # reported by the test's assertions
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+class Recorded(Job):
+    """A job that keeps its events instead of sending them to an event loop."""
+
+    def __init__(self, *args, leave_after: int | None = None, **kwargs) -> None:
+        super().__init__(*args, loop=None, **kwargs)
+        self.log: list[tuple[str, object]] = []
+        self.leave_after = leave_after
+
+    def emit(self, kind, value):
+        self.log.append((kind, value))
+        if kind == "text" and self.leave_after is not None and len(self.tokens) >= self.leave_after:
+            self.cancelled = True  # the client goes away
+
+    @property
+    def text(self) -> str:
+        return "".join(v for k, v in self.log if k == "text")
+
+    @property
+    def reason(self):
+        return next((v for k, v in self.log if k in ("done", "error")), None)
+
+
+def job(engine, prompt, adapter, decoding=None, max_tokens=12, stop=(), **kw) -> Recorded:
+    ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return Recorded(ids, adapter, decoding or Decoding(), max_tokens, list(stop), slot=engine.acquire(adapter), **kw)
+
+
+def run(scheduler: ContinuousScheduler, arrivals: dict[int, list[Recorded]], limit: int = 400) -> None:
+    """Submit ``arrivals[i]`` before iteration i; iterate until every job is done (bounded)."""
+    jobs = [j for js in arrivals.values() for j in js]
+    for step in range(limit):
+        for j in arrivals.get(step, []):
+            scheduler.submit(j)
+        with scheduler.lock:
+            scheduler.iterate()
+        if step >= max(arrivals) and all(j.reason is not None for j in jobs):
+            return
+    raise AssertionError("jobs did not finish")
+
+
+def alone(engine, make, **kw) -> Recorded:
+    j = make()
+    run(ContinuousScheduler(engine, start=False, **kw), {0: [j]})
+    return j

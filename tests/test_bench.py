@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from test_engine import setting_for
+from helpers import setting_for
 
 from fanlora.backbone import load_backbone
 

@@ -79,7 +79,7 @@ def test_a_full_disk_is_one_line_naming_the_path(searched_run, tmp_path, capsys,
 
 
 def test_a_finetune_that_fails_leaves_no_run_folder(tiny_llama, tmp_path, capsys, monkeypatch):
-    from test_engine import setting_for
+    from helpers import setting_for
 
     from fanlora import adapt
     from fanlora.backbone import load_backbone

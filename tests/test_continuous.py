@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import make_adapter, setting_for
+from helpers import alone, job, make_adapter, run, setting_for
 
 from fanlora.backbone import load_backbone
 from fanlora.generate import Decoding
 from fanlora.serving.continuous import Batch, ContinuousScheduler, _Row
 from fanlora.serving.engine import Engine
-from fanlora.serving.scheduler import Job, QueueFull
+from fanlora.serving.scheduler import QueueFull
 
 PROMPTS = [
     "Once upon a time",
@@ -19,28 +19,6 @@ PROMPTS = [
     "A very long prompt " * 6,
     "Hi",
 ]
-
-
-class Recorded(Job):
-    """A job that keeps its events instead of sending them to an event loop."""
-
-    def __init__(self, *args, leave_after: int | None = None, **kwargs) -> None:
-        super().__init__(*args, loop=None, **kwargs)
-        self.log: list[tuple[str, object]] = []
-        self.leave_after = leave_after
-
-    def emit(self, kind, value):
-        self.log.append((kind, value))
-        if kind == "text" and self.leave_after is not None and len(self.tokens) >= self.leave_after:
-            self.cancelled = True  # the client goes away
-
-    @property
-    def text(self) -> str:
-        return "".join(v for k, v in self.log if k == "text")
-
-    @property
-    def reason(self):
-        return next((v for k, v in self.log if k in ("done", "error")), None)
 
 
 @pytest.fixture(scope="module")
@@ -52,30 +30,6 @@ def engine(tmp_path_factory, tiny_llama):
     for i, name in enumerate(["alpha", "beta", "gamma"]):
         eng.load(name, make_adapter(root / name, tiny_llama, setting, 4 + 2 * i, 8, i))
     return eng
-
-
-def job(engine, prompt, adapter, decoding=None, max_tokens=12, stop=(), **kw) -> Recorded:
-    ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return Recorded(ids, adapter, decoding or Decoding(), max_tokens, list(stop), slot=engine.acquire(adapter), **kw)
-
-
-def run(scheduler: ContinuousScheduler, arrivals: dict[int, list[Recorded]], limit: int = 400) -> None:
-    """Submit ``arrivals[i]`` before iteration i; iterate until every job is done (bounded)."""
-    jobs = [j for js in arrivals.values() for j in js]
-    for step in range(limit):
-        for j in arrivals.get(step, []):
-            scheduler.submit(j)
-        with scheduler.lock:
-            scheduler.iterate()
-        if step >= max(arrivals) and all(j.reason is not None for j in jobs):
-            return
-    raise AssertionError("jobs did not finish")
-
-
-def alone(engine, make, **kw) -> Recorded:
-    j = make()
-    run(ContinuousScheduler(engine, start=False, **kw), {0: [j]})
-    return j
 
 
 def test_greedy_rows_joining_and_leaving_equal_each_request_alone_and_hf_generate(engine):

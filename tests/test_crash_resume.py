@@ -59,7 +59,7 @@ def argv(tiny_llama: Path, setting: Path, run: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_llama):
-    from test_engine import setting_for
+    from helpers import setting_for
 
     from fanlora.backbone import load_backbone
 

@@ -6,39 +6,15 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from helpers import make_adapter, setting_for
+from peft import PeftModel
 
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
 from fanlora.generate import Decoding
-from fanlora.methods import randomize
-from fanlora.scoring import ScoreTable
 from fanlora.serving.engine import Engine
-from fanlora.setting import select
 
 PROMPTS = ["The capital of France is", "One, two, three,", "Hello there, my friend", "A"]
-
-
-def setting_for(backbone, kinds=("V", "O")):
-    layout = backbone.layout
-    values = {f"{k}.{layer}": (1.0 if k in kinds else -1.0) for k, layer in layout.all_modules()}
-    names = {f"{k}.{layer}": layout.module_name(k, layer) for k, layer in layout.all_modules()}
-    table = ScoreTable(
-        backbone=backbone.identity, kinds=layout.kinds, num_layers=layout.num_layers, module_names=names, values=values
-    )
-    return select(table, 2)
-
-
-def make_adapter(path, tiny_llama, setting, r, alpha, seed, **extra):
-    """A PEFT adapter with random (non-zero) A and B on the setting's modules, as fanlora finetune saves it."""
-    model = get_peft_model(
-        load_backbone(str(tiny_llama)).model,
-        LoraConfig(r=r, lora_alpha=alpha, target_modules=setting.modules, init_lora_weights=False, **extra),
-    )
-    randomize(model, seed, std=0.5)
-    model.save_pretrained(path)
-    setting.write(path / "setting.json")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ from conftest import fail
 
 from fanlora.backbone import load_backbone
 from fanlora.cli import main
-from fanlora.scoring import ScoreTable
-from fanlora.setting import select
 
 ALL_TASKS = ["copa", "boolq", "mmlu", "squad", "gsm8k", "sql", "mtbench"]
 
@@ -18,15 +16,10 @@ ALL_TASKS = ["copa", "boolq", "mmlu", "squad", "gsm8k", "sql", "mtbench"]
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory, tiny_llama):
     """A setting for the tiny model: V and O of every layer."""
-    b = load_backbone(str(tiny_llama))
-    layout = b.layout
-    values = {f"{k}.{layer}": (1.0 if k in ("V", "O") else -1.0) for k, layer in layout.all_modules()}
-    names = {f"{k}.{layer}": layout.module_name(k, layer) for k, layer in layout.all_modules()}
-    table = ScoreTable(
-        backbone=b.identity, kinds=layout.kinds, num_layers=layout.num_layers, module_names=names, values=values
-    )
+    from helpers import setting_for
+
     path = tmp_path_factory.mktemp("setting") / "setting.json"
-    select(table, 2).write(path)
+    setting_for(load_backbone(str(tiny_llama))).write(path)
     return path
 
 
@@ -123,7 +116,7 @@ def test_finetune_refuses_a_run_dir_made_from_another_setting_and_publishes_port
     import os
     import stat
 
-    from test_engine import setting_for
+    from helpers import setting_for
 
     from fanlora.backbone import load_backbone
 

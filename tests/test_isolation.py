@@ -16,11 +16,8 @@ import socket
 
 import pytest
 import torch
-from helpers import WAIT, serve_in_thread
+from helpers import WAIT, Gate, alone, in_thread, job, make_adapter, run, serve_in_thread, setting_for
 from safetensors.torch import load_file, save_file
-from test_continuous import alone, job, run
-from test_engine import make_adapter, setting_for
-from test_server_faults import Gate
 
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
@@ -304,8 +301,6 @@ def test_sigterm_drains_running_streams_and_refuses_new_requests(tmp_path, tiny_
     import threading
     import time
 
-    from test_server_faults import in_thread
-
     from fanlora.serving.server import DrainingServer
 
     backbone = load_backbone(str(tiny_llama))
@@ -346,7 +341,7 @@ def test_sigterm_drains_running_streams_and_refuses_new_requests(tmp_path, tiny_
 
 
 def test_a_drain_that_runs_out_of_time_ends_every_row_with_its_text_and_abort(world):
-    from test_continuous import Recorded
+    from helpers import Recorded
 
     engine = world["engine"]
     scheduler = ContinuousScheduler(engine, start=False, max_batch=2)

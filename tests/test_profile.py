@@ -6,7 +6,7 @@ import json
 
 import pytest
 from conftest import fail
-from test_engine import setting_for
+from helpers import setting_for
 
 from fanlora.backbone import load_backbone
 from fanlora.serving import profile as latency

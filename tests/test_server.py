@@ -11,7 +11,7 @@ import urllib.request
 import openai
 import pytest
 import uvicorn
-from test_engine import make_adapter, setting_for
+from helpers import make_adapter, setting_for
 
 from fanlora.backbone import load_backbone
 from fanlora.generate import Decoding

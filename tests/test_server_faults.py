@@ -14,8 +14,7 @@ import time
 
 import pytest
 from conftest import fail
-from helpers import WAIT, serve_in_thread
-from test_engine import make_adapter, setting_for
+from helpers import WAIT, Gate, in_thread, make_adapter, serve_in_thread, setting_for
 
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
@@ -24,32 +23,6 @@ from fanlora.serving import api as server_module
 from fanlora.serving.engine import Engine
 from fanlora.serving.scheduler import Job, QueueFull, Scheduler
 from fanlora.serving.server import Limits, check_serve_options, create_app
-
-
-class Gate:
-    """A forward pre-hook that, while armed, stops every forward pass until the test lets one through."""
-
-    def __init__(self, model) -> None:
-        self.armed = False
-        self.entered = threading.Semaphore(0)
-        self.permits = threading.Semaphore(0)
-        model.register_forward_pre_hook(self)
-
-    def __call__(self, module, args) -> None:
-        if self.armed:
-            self.entered.release()
-            assert self.permits.acquire(timeout=WAIT), "the gate was never opened"
-
-    def wait_entered(self) -> None:
-        assert self.entered.acquire(timeout=WAIT), "no forward pass reached the gate"
-
-    def step(self, n: int = 1) -> None:
-        for _ in range(n):
-            self.permits.release()
-
-    def open(self) -> None:
-        self.armed = False
-        self.step(100)
 
 
 class Recorded(Job):
@@ -104,20 +77,6 @@ def health(port: int, timeout: float = 5) -> int:
         return conn.getresponse().status
     finally:
         conn.close()
-
-
-def in_thread(fn, *args) -> tuple[threading.Thread, dict]:
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn(*args)
-        except Exception as exc:  # reported by the test's assertions
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
 
 
 def test_loading_an_adapter_never_blocks_the_event_loop(world, monkeypatch):

@@ -3,27 +3,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import table_for
 from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from fanlora.backbone import KINDS, load_backbone
 from fanlora.errors import UserError
-from fanlora.scoring import ScoreTable
 from fanlora.setting import Setting, select
-
-
-def table_for(backbone, scores: dict[tuple[str, int], float]) -> ScoreTable:
-    """A score table with the given values (every other module scores -1)."""
-    layout = backbone.layout
-    values = {f"{k}.{layer}": scores.get((k, layer), -1.0) for k, layer in layout.all_modules()}
-    names = {f"{k}.{layer}": layout.module_name(k, layer) for k, layer in layout.all_modules()}
-    return ScoreTable(
-        backbone=backbone.identity,
-        kinds=layout.kinds,
-        num_layers=layout.num_layers,
-        module_names=names,
-        values=values,
-    )
 
 
 @pytest.fixture(scope="module")
