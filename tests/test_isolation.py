@@ -216,6 +216,15 @@ def test_the_stacks_shrink_when_the_widest_adapter_leaves(world):
     engine.unload("wide")
     first = next(iter(engine.modules.values()))
     assert engine.rank == base_rank and first.A.shape[2] == base_rank and first.A.shape[0] <= base_slots
+    # a request pinned on the wide adapter ends after its unload: the release may come from any thread, so the
+    # stacks are swapped only where the model's owner runs (before the next forward), never under a forward
+    engine.load("wide", wide)
+    pinned = engine.acquire("wide")
+    engine.unload("wide")
+    engine.release(pinned)
+    assert first.A.shape[2] == 16 and engine.rank == 16  # not yet: no tensor swapped from the releasing thread
+    engine.use_slots([0])
+    assert next(iter(engine.modules.values())).A.shape[2] == base_rank == engine.rank
     with pytest.raises(UserError, match="over this server's --max-lora-rank 8"):
         read_adapter(wide, max_rank=8)
 

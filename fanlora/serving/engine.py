@@ -127,6 +127,7 @@ class Engine:
         # stays until its last pin is released.
         self.pins: dict[int, int] = {}
         self.retired: set[int] = set()
+        self.freed: set[int] = set()  # free again, not yet zeroed: compact() clears them between forwards
         self.book = threading.Lock()  # guards slots/pins/retired; never held during a forward pass
 
     @classmethod
@@ -176,6 +177,7 @@ class Engine:
         """
         adapter = read_adapter(path, self.max_rank)
         self.check(adapter)
+        self.compact()
         with self.book:
             slot = self._free_slot()
             self.retired.add(slot)  # reserved while it is written: no other load takes it
@@ -193,7 +195,6 @@ class Engine:
                 wrapped.refresh()
         except BaseException:
             with self.book:
-                self._clear(slot)
                 self._reclaim(slot)
             raise
         with self.book:
@@ -214,6 +215,7 @@ class Engine:
             self.paths.pop(name)
             self.retired.add(slot)
             self._reclaim(slot)
+        self.compact()
 
     def acquire(self, name: str | None) -> int:
         """The slot of ``name`` (0: none), pinned until :meth:`release`."""
@@ -231,22 +233,31 @@ class Engine:
             self._reclaim(slot)
 
     def _reclaim(self, slot: int) -> None:
-        """Free a retired slot once no request holds it: zero it, and shrink the stacks if it was the widest."""
+        """Free a retired slot once no request holds it. Its stacks are cleared (and shrunk) by
+        :meth:`compact`, not here: a release may come from any thread, while only the thread that owns the
+        model (between forwards) or a load/unload under the scheduler's lock may swap the tensors."""
         if slot in self.retired and not self.pins.get(slot):
             self.retired.discard(slot)
             self.pins.pop(slot, None)
-            self._clear(slot)
-            self._shrink()
+            self.freed.add(slot)
 
-    def _clear(self, slot: int) -> None:
-        self.slot_rank.pop(slot, None)
-        for wrapped in self.modules.values():
-            wrapped.A[slot].zero_()
-            wrapped.B[slot].zero_()
-            wrapped.refresh()
+    def compact(self) -> None:
+        """Zero the freed slots, and drop rank columns and trailing slots that nothing live, pinned or reserved
+        uses (the stacks shrink back when the widest adapter leaves). Called before a forward and by loads."""
+        if not self.freed:
+            return
+        with self.book:
+            for slot in self.freed:
+                self.slot_rank.pop(slot, None)
+                for wrapped in self.modules.values():
+                    wrapped.A[slot].zero_()
+                    wrapped.B[slot].zero_()
+            self.freed.clear()
+            self._shrink()
+            for wrapped in self.modules.values():
+                wrapped.refresh()
 
     def _shrink(self) -> None:
-        """Drop rank columns and trailing slots that no live, pinned or reserved slot uses."""
         if not self.modules:
             return
         held = set(self.slots.values()) | self.retired | {s for s, n in self.pins.items() if n}
@@ -258,11 +269,10 @@ class Engine:
         for wrapped in self.modules.values():
             wrapped.A = wrapped.A[:slots, :, :rank].contiguous()
             wrapped.B = wrapped.B[:slots, :rank].contiguous()
-            wrapped.refresh()
         self.rank = rank
 
     def _free_slot(self) -> int:
-        used = set(self.slots.values()) | self.retired | {s for s, n in self.pins.items() if n}
+        used = set(self.slots.values()) | self.retired | self.freed | {s for s, n in self.pins.items() if n}
         capacity = next(iter(self.modules.values())).A.shape[0] if self.modules else 1
         for slot in range(1, capacity):
             if slot not in used:
@@ -295,7 +305,8 @@ class Engine:
 
     def use_slots(self, slots: Sequence[int]) -> None:
         """Route the next forward passes by slot (what the scheduler pinned at admission): one mask per batch,
-        shared by every wrapped module."""
+        shared by every wrapped module. Runs in the thread that owns the model, so it also compacts."""
+        self.compact()
         present = sorted(set(slots) - {0})
         if len(set(slots)) == 1 or not present:
             self.rows.uniform, self.rows.cols, self.rows.mask = slots[0] if present else 0, None, None
