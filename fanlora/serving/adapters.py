@@ -53,15 +53,24 @@ def _number(config: dict, key: str, default: float, where: Path) -> float:
     return float(value)
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _tensors(path: Path, max_rank: int) -> dict[str, torch.Tensor]:
+    """The weights, read only after the header's shapes passed: a rank over ``max_rank`` or a tensor that is
+    not a matrix is refused before any of its bytes are allocated."""
+    from safetensors import SafetensorError, safe_open
 
     file = path / "adapter_model.safetensors"
     if not file.is_file():
         raise UserError(f"{path} has no adapter_model.safetensors: only safetensors weights are loaded")
     try:
-        return load_file(str(file), device="cpu")
+        with safe_open(str(file), framework="pt", device="cpu") as weights:
+            for key in weights.keys():  # noqa: SIM118 - safe_open has keys(), not iteration
+                shape = weights.get_slice(key).get_shape()
+                if len(shape) != 2:
+                    raise UserError(f"{path}: {key} is a {len(shape)}-D tensor, not a 2-D float matrix")
+                rank = shape[0] if ".lora_A." in key else shape[1] if ".lora_B." in key else 0
+                if rank > max_rank:
+                    raise UserError(f"{path}: {key} has rank {rank}, over this server's --max-lora-rank {max_rank}")
+            return {key: weights.get_tensor(key) for key in weights.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise UserError(f"{file} is not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
 
@@ -103,7 +112,7 @@ def read_adapter(path: str | Path, max_rank: int = DEFAULT_MAX_RANK) -> LoadedAd
     if not isinstance(alpha_pattern, dict):
         raise UserError(f"{path}: alpha_pattern is not a mapping of module names to numbers")
     factors = {}
-    for module, ab in _pairs(path, _tensors(path)).items():
+    for module, ab in _pairs(path, _tensors(path, max_rank)).items():
         if set(ab) != {"lora_A", "lora_B"}:
             raise UserError(f"{path}: module {module} lacks lora_A or lora_B")
         a, b = ab["lora_A"], ab["lora_B"]

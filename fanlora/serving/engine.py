@@ -242,33 +242,28 @@ class Engine:
             self.freed.add(slot)
 
     def compact(self) -> None:
-        """Zero the freed slots, and drop rank columns and trailing slots that nothing live, pinned or reserved
-        uses (the stacks shrink back when the widest adapter leaves). Called before a forward and by loads."""
+        """Make the freed slots free for loads, and when the widest adapter has left, drop the rank columns (and
+        trailing slots) nothing live, pinned or reserved uses. Called before a forward and by loads. A freed
+        slot is not zeroed: no row routes to it, and a load zeroes a slot before writing it. The stacks are
+        reallocated only when the rank shrinks, so reload churn does not fragment memory."""
         if not self.freed:
             return
         with self.book:
             for slot in self.freed:
                 self.slot_rank.pop(slot, None)
-                for wrapped in self.modules.values():
-                    wrapped.A[slot].zero_()
-                    wrapped.B[slot].zero_()
             self.freed.clear()
             self._shrink()
-            for wrapped in self.modules.values():
-                wrapped.refresh()
 
     def _shrink(self) -> None:
-        if not self.modules:
-            return
         held = set(self.slots.values()) | self.retired | {s for s, n in self.pins.items() if n}
         rank = max([self.slot_rank.get(s, 1) for s in held] + [1])
-        slots = max(held | {0}) + 1
-        first = next(iter(self.modules.values()))
-        if rank >= self.rank and slots >= first.A.shape[0]:
+        if not self.modules or rank >= self.rank:
             return
+        slots = max(held | {0}) + 1
         for wrapped in self.modules.values():
             wrapped.A = wrapped.A[:slots, :, :rank].contiguous()
             wrapped.B = wrapped.B[:slots, :rank].contiguous()
+            wrapped.refresh()
         self.rank = rank
 
     def _free_slot(self) -> int:
