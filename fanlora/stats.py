@@ -167,13 +167,6 @@ def clustered_interval(
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
-def two_way_interval(
-    diff: np.ndarray, level: float = 0.95, resamples: int = 4000, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap of the grand mean of ``diff`` [seeds, items], resampling both axes (items unclustered)."""
-    return clustered_interval(diff, np.arange(diff.shape[1]), level, resamples, seed)
-
-
 def item_interval(per_item: np.ndarray, resamples: int = 4000) -> tuple[float, float]:
     """BCa interval of the mean of independent per-item values; the percentile one where BCa cannot be formed."""
     if np.ptp(per_item) == 0:

@@ -10,8 +10,7 @@ import urllib.request
 
 import openai
 import pytest
-import uvicorn
-from helpers import make_adapter, setting_for
+from helpers import make_adapter, serve_in_thread, setting_for
 
 from fanlora.backbone import load_backbone
 from fanlora.generate import Decoding
@@ -34,13 +33,7 @@ def server(tmp_path_factory, tiny_llama):
     make_adapter(adapters / "misfit", tiny_llama, other, 4, 8, 9)
     engine = Engine.from_backbone(backbone, setting)
     app = create_app(engine, adapters, KEY, Limits(max_tokens=32, max_body_bytes=20_000, max_queue=8, max_batch=4))
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
+    srv, thread, port = serve_in_thread(app)
     yield f"http://127.0.0.1:{port}", app
     srv.should_exit = True
     thread.join(timeout=10)

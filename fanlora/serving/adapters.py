@@ -82,7 +82,7 @@ def _pairs(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, 
         for part in ("lora_A", "lora_B"):
             marker = f".{part}."
             if marker in name:
-                if not value.is_floating_point() or value.dim() != 2:
+                if not value.is_floating_point():  # the header check in _tensors made it 2-D
                     raise UserError(f"{path}: {key} is a {value.dim()}-D {value.dtype} tensor, not a 2-D float matrix")
                 if not torch.isfinite(value).all():
                     raise UserError(f"{path}: {key} holds NaN or infinite values")

@@ -336,8 +336,7 @@ class ContinuousScheduler(Admission):
 
     def abort_all(self, reason: str = "abort") -> None:
         """End every admitted job now (a drain ran out of time): each gets what it decoded and ``reason``."""
-        with self.lock:  # between two iterations
-            self.abort_reason = reason
+        with self.lock:  # between two iterations: every admitted job is taken out and ended here
             jobs = [r.job for r in self.batch.rows] + ([self.partial.job] if self.partial else [])
             waiting = list(self.new)
             while True:
