@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fanlora import atomic, houlsby, learned_adapter, ssp
+from fanlora import atomic, methods
 from fanlora.backbone import Backbone, from_config
 from fanlora.config import Config
 from fanlora.dist import is_main, say
@@ -27,7 +27,6 @@ from fanlora.evaluate import (
     training_examples,
 )
 from fanlora.generate import Decoding
-from fanlora.methods import build
 from fanlora.setting import Setting
 from fanlora.tasks import get_task
 from fanlora.train import train_adapter
@@ -44,21 +43,8 @@ def load_for_eval(cfg: Config, adapter: str | Path | None, backbone: Backbone | 
     """The backbone, with the adapter on top when given (its setting checked against the backbone first)."""
     backbone = backbone or from_config(cfg.backbone)
     model = backbone.model
-    if adapter is not None and (Path(adapter) / houlsby.CONFIG).is_file():  # a Houlsby baseline's adapter
-        model = houlsby.load(model, backbone.layout, adapter)
-    elif adapter is not None and (Path(adapter) / ssp.CONFIG).is_file():
-        model = ssp.load(backbone, adapter)
-    elif adapter is not None and (Path(adapter) / learned_adapter.CONFIG).is_file():
-        model = learned_adapter.load(backbone, adapter)
-    elif adapter is not None:
-        from peft import PeftModel
-
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise UserError(f"{adapter} is not an adapter directory (no adapter_config.json, nor a baseline's config)")
-        setting_file = Path(adapter) / "setting.json"
-        if setting_file.is_file():
-            Setting.read(setting_file).validate(backbone)
-        model = PeftModel.from_pretrained(model, str(adapter))
+    if adapter is not None:  # whichever method saved it (the registry recognises its files)
+        model = methods.load(backbone, adapter)
     model.eval()
     return model, backbone
 
@@ -219,7 +205,8 @@ def run_finetune(cfg: Config, setting_path: str | Path, out_dir: str | Path) -> 
     tok = backbone.tokenizer
     train, dev = task_training_data(cfg, backbone)
     torch.manual_seed(ft.train.seed)
-    model = build("fanlora", backbone, {"r": ft.lora.r, "alpha": ft.lora.alpha}, setting, dropout=ft.lora.dropout).model
+    options = {"r": ft.lora.r, "alpha": ft.lora.alpha}
+    model = methods.build("fanlora", backbone, options, setting, dropout=ft.lora.dropout).model
     say(
         f"stage d: {ft.task}: {len(train)} train / {len(dev)} dev; LoRA r={ft.lora.r} on {setting.n_modules} modules "
         f"({model.get_nb_trainable_parameters()[0]} trainable parameters)"

@@ -127,7 +127,7 @@ def run_cell(exp: Experiment, cell: Cell, progress: bool = False) -> dict[str, A
     cfg = cell_config(exp, cell)
     options = dict(exp.method_options.get(cell.method, {}))
     setting = None
-    if cell.method == "fanlora":
+    if methods.get(cell.method).needs_setting:
         setting_path, rank = prepare_setting(exp, exp.variants[cell.variant])
         setting = Setting.read(setting_path)
         options.setdefault("r", rank)
@@ -135,7 +135,7 @@ def run_cell(exp: Experiment, cell: Cell, progress: bool = False) -> dict[str, A
     ft = cfg.finetune
     backbone = from_config(cfg.backbone)
     tok = backbone.tokenizer
-    if cell.method in methods.SEARCHED and not options.get("budget"):  # FanLoRA's trainable parameters
+    if methods.get(cell.method).searched and not options.get("budget"):  # FanLoRA's trainable parameters
         reference, rank = prepare_setting(exp, exp.variants[exp.reference or next(iter(exp.variants))])
         options["budget"] = methods.lora_params(backbone, Setting.read(reference).modules, rank)
     train, dev = task_training_data(cfg, backbone)

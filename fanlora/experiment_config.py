@@ -114,8 +114,8 @@ def _parse_grid(path: Path, raw: dict[str, Any], exp: Experiment) -> None:
     if "seeds" in raw:
         exp.seeds = _list(raw["seeds"], "seeds", int)
     for m in exp.methods:
-        if m not in methods.METHODS:
-            raise UserError(f"{path}: unknown method {m!r}; methods are {', '.join(methods.METHODS)}")
+        if m not in methods.names():
+            raise UserError(f"{path}: unknown method {m!r}; methods are {', '.join(methods.names())}")
     for t in exp.tasks:
         if t not in grid_tasks():
             raise UserError(

@@ -25,7 +25,7 @@ def plot(exp: Any, rows: list[dict[str, Any]], report: Path) -> None:
         if not task_rows:
             continue
         fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(names), 3.2))
-        for method in methods.METHODS:
+        for method in methods.names():
             pts = sorted(
                 ((names.index(r["variant"]), r) for r in task_rows if r["method"] == method), key=lambda p: p[0]
             )
@@ -65,7 +65,7 @@ def loss_plot(exp: Any, records: list[dict[str, Any]], report: Path) -> None:
         points.sort(key=lambda p: p[1])
         fig, ax = plt.subplots(figsize=(6.5, 0.9 + 0.35 * len(points)))
         for y, (_, mean, lo, hi, variant, method) in enumerate(points):
-            is_ref = variant == reference and method == "fanlora"
+            is_ref = (variant, method) == (reference, "fanlora")
             color = "tab:red" if is_ref else ("0.6" if variant.startswith("random") else "tab:blue")
             ax.errorbar(mean, y, xerr=[[mean - lo], [hi - mean]], fmt="*" if is_ref else "o", color=color,
                         markersize=12 if is_ref else 6, capsize=3)  # fmt: skip

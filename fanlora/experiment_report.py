@@ -284,20 +284,13 @@ def markdown(exp: Any, summary: dict[str, Any], notes: str = "") -> str:
     return "\n".join(lines)
 
 
-def _parts(method: str, label: str) -> tuple[str, int]:
-    """(what, layer) of one element of a searched structure: ``lora:Q.3``, ``adapter:O.5``, ``attn.3:gelu``."""
-    if method == "ssp":
-        family, _, where = label.partition(":")
-        kind, _, layer = where.partition(".")
-        return (f"LoRA {kind}" if family == "lora" else f"adapter after {kind}"), int(layer)
-    where, _, act = label.partition(":")
-    place, _, layer = where.partition(".")
-    return f"{place} adapter ({act})", int(layer)
+def _searched(method: str) -> bool:
+    return method in methods.names() and methods.get(method).searched
 
 
 def structures(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What each searched method kept, beside the reference FanLoRA setting: counts by what and layers used."""
-    if not any(r["method"] in methods.SEARCHED for r in records):
+    if not any(_searched(r["method"]) for r in records):
         return []
     from collections import Counter
 
@@ -306,8 +299,8 @@ def structures(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     reference = exp.reference or next(iter(exp.variants))
     out = []
     for r in records:
-        if r["method"] in methods.SEARCHED and r.get("structure"):
-            parts = [_parts(r["method"], label) for label in r["structure"]]
+        if _searched(r["method"]) and r.get("structure"):
+            parts = [methods.get(r["method"]).describe(label) for label in r["structure"]]
         elif r["method"] == "fanlora" and r["variant"] == reference:
             path = Path(exp.out) / "settings" / f"{reference}.json"
             if not path.is_file():
@@ -327,7 +320,7 @@ def structures(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _table(exp: Any, task: str, rows: list[dict[str, Any]]) -> list[str]:
-    order = {m: i for i, m in enumerate(methods.METHODS)}
+    order = {m: i for i, m in enumerate(methods.names())}
     lines = [
         f"## {task} ({rows[0]['metric']} on {rows[0]['n_test']} test examples; gold loss on {rows[0]['n_loss']})"
         if rows[0]["n_test"]

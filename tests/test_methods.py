@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fanlora import houlsby, methods
+from fanlora import methods
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
+from fanlora.methods import houlsby
 
 
 def _per_layer_dims(bb):

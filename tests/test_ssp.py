@@ -8,12 +8,13 @@ import json
 import torch
 from test_experiment import _grid
 
-from fanlora import methods, ssp
+from fanlora import methods
 from fanlora.adapt import load_for_eval
 from fanlora.backbone import load_backbone
 from fanlora.cli import main
 from fanlora.config import TrainParams
 from fanlora.data.instruct import Example
+from fanlora.methods import ssp
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2]])
 
@@ -54,11 +55,11 @@ def test_search_trains_the_gates_then_the_retrained_structure_starts_as_the_back
     cands = ssp.candidates(bb, 4, 8)
     assert {c.family for c in cands} == {"lora", "adapter"} and len(cands) == bb.layout.num_layers * 9
     budget = sum(c.params for c in cands) // 4
-    opts = {**methods.DEFAULTS["ssp"], "r": 4, "alpha": 8, "size": 8, "budget": budget}
+    opts = {**methods.get("ssp").defaults, "r": 4, "alpha": 8, "size": 8, "budget": budget}
     params = TrainParams(learning_rate=1e-2, max_steps=6, batch_size=4, eval_steps=3, logging_steps=1)
     chosen, minutes = ssp.search(bb, opts, examples(), examples(4), params, tmp_path / "search", 0, train_adapter)
     record = json.loads((tmp_path / "search" / "structure.json").read_text())
-    assert minutes >= 0 and record["minutes"] == minutes
+    assert record["minutes"] == minutes and record["params"] == sum(c.params for c in chosen)
     assert len(set(record["logits"].values())) > 1, "the gate logits never moved"
     assert 0 < record["params"] <= budget and sum(c.params for c in chosen) == record["params"]
     with torch.no_grad():  # the search trained a copy: the backbone is untouched
@@ -67,7 +68,7 @@ def test_search_trains_the_gates_then_the_retrained_structure_starts_as_the_back
     assert again == chosen  # a finished search is not run again
 
     model = ssp.retrain_model(bb, chosen, opts)
-    assert ssp.trainable(model) == sum(c.params for c in chosen)
+    assert methods.get("ssp").trainable(model) == sum(c.params for c in chosen)
     assert all(("lora_" in n or ".down." in n or ".up." in n) for n, p in model.named_parameters() if p.requires_grad)
     retrains_from_the_backbone_and_round_trips(ssp, model, before, params, tmp_path, tiny_llama)
 
@@ -98,6 +99,8 @@ def test_ssp_runs_in_a_grid_at_fanloras_budget(tmp_path, recipe_file):
     cells = {c["method"]: c for c in json.loads((tmp_path / "report" / "cells.json").read_text())}
     fan, found = cells["fanlora"], cells["ssp"]
     assert found["options"]["budget"] > 0 and found["trainable_parameters"] <= found["options"]["budget"]
-    assert found["structure"] and found["search_minutes"] >= 0
+    searched = json.loads((tmp_path / "grid" / "cells" / found["id"] / "search" / "structure.json").read_text())
+    assert found["structure"] == searched["chosen"] and found["structure"]
+    assert found["search_minutes"] == round(searched["minutes"], 2)
     assert (tmp_path / "grid" / "cells" / found["id"] / "adapter" / ssp.WEIGHTS).is_file()
     assert fan["trainable_parameters"] > 0

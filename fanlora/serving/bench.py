@@ -34,7 +34,7 @@ import torch
 from fanlora import methods
 from fanlora.backbone import Backbone, load_backbone
 from fanlora.errors import UserError
-from fanlora.methods import randomize
+from fanlora.methods.fanlora import ALPHA, RANK
 from fanlora.rss import PeakRSS
 from fanlora.serving import profile as latency
 from fanlora.serving.engine import Engine
@@ -52,7 +52,7 @@ from fanlora.setting import Setting
 def _baseline(backbone_name: str, method: str) -> torch.nn.Module:
     """A Table 1 baseline exactly as ``fanlora experiment`` builds it (:func:`fanlora.methods.build`)."""
     model = methods.build(method, load_backbone(backbone_name), total_steps=1000).model.eval()
-    randomize(model)
+    methods.randomize(model)
     return model
 
 
@@ -62,8 +62,8 @@ def configurations(backbone_name: str, setting: Setting, workdir: Path) -> dict[
     base = load_backbone(backbone_name).model.eval()
     engine = Engine.from_backbone(load_backbone(backbone_name), setting)
     engine.load("t0", save_random_adapter(backbone_name, setting, workdir / "t0", 0))
-    fan_peft = methods.build("fanlora", load_backbone(backbone_name), {"r": 12, "alpha": 24}, setting).model.eval()
-    randomize(fan_peft)
+    fan_peft = methods.build("fanlora", load_backbone(backbone_name), {"r": RANK, "alpha": ALPHA}, setting).model.eval()
+    methods.randomize(fan_peft)
     return {
         "base": (base, noop),
         "fanlora (engine)": (engine.model, lambda: engine.use(["t0"])),

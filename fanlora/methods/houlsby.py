@@ -12,13 +12,15 @@ Saved as ``houlsby_config.json`` + ``houlsby_model.safetensors`` (adapter weight
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from fanlora import atomic
-from fanlora.backbone import ModuleLayout
+from fanlora.backbone import Backbone, ModuleLayout
 from fanlora.errors import UserError
+from fanlora.methods.registry import BuildContext, Built, Method, register
 
 CONFIG = "houlsby_config.json"
 WEIGHTS = "houlsby_model.safetensors"
@@ -94,5 +96,18 @@ def load(model: nn.Module, layout: ModuleLayout, directory: str | Path) -> nn.Mo
     return model
 
 
-def n_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+class Houlsby(Method):
+    name = "houlsby"
+    order = 4
+    defaults: ClassVar[dict[str, Any]] = {"size": 18, "kinds": ["O", "D"]}
+    config_file = CONFIG
+
+    def build(self, backbone: Backbone, opts: dict[str, Any], ctx: BuildContext) -> Built:
+        add(backbone.model, backbone.layout, opts["size"], tuple(opts["kinds"]))
+        return Built(backbone.model, self.name, self.trainable(backbone.model), custom_save=save)
+
+    def load(self, backbone: Backbone, directory: Path) -> nn.Module:
+        return load(backbone.model, backbone.layout, directory)
+
+
+register(Houlsby())

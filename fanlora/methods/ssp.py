@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -39,9 +39,13 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import TrainerCallback
 
-from fanlora import atomic, houlsby
+from fanlora import atomic
 from fanlora.backbone import Backbone, ModuleLayout
 from fanlora.errors import UserError
+from fanlora.methods import houlsby
+from fanlora.methods.fanlora import ALPHA, RANK
+from fanlora.methods.registry import register
+from fanlora.methods.searched import SearchedMethod
 
 CONFIG = "ssp_config.json"
 WEIGHTS = "ssp_model.safetensors"
@@ -228,5 +232,23 @@ def load(backbone: Backbone, directory: str | Path) -> nn.Module:
     return model
 
 
-def trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+class SSP(SearchedMethod):
+    name = "ssp"
+    order = 5
+    defaults: ClassVar[dict[str, Any]] = {
+        "r": RANK, "alpha": ALPHA, "size": 18, "budget": None, "alpha_scale": 100.0, "tau_start": 1.0, "tau_end": 0.1,
+    }  # fmt: skip
+    budget_required = True
+    config_file = CONFIG
+    search = staticmethod(search)
+    retrain_model = staticmethod(retrain_model)
+    save = staticmethod(save)
+    load = staticmethod(load)
+
+    def describe(self, label: str) -> tuple[str, int]:  # lora:Q.3, adapter:O.5
+        family, _, where = label.partition(":")
+        kind, _, layer = where.partition(".")
+        return (f"LoRA {kind}" if family == "lora" else f"adapter after {kind}"), int(layer)
+
+
+register(SSP())

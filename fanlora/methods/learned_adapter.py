@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -47,6 +47,8 @@ from fanlora import atomic
 from fanlora.backbone import Backbone, ModuleLayout
 from fanlora.data.collate import pad_batch
 from fanlora.errors import UserError
+from fanlora.methods.registry import register
+from fanlora.methods.searched import SearchedMethod
 
 CONFIG = "learned_adapter_config.json"
 WEIGHTS = "learned_adapter_model.safetensors"
@@ -268,5 +270,20 @@ def load(backbone: Backbone, directory: str | Path) -> nn.Module:
     return model
 
 
-def trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+class LearnedAdapter(SearchedMethod):
+    name = "learned-adapter"
+    order = 6
+    defaults: ClassVar[dict[str, Any]] = {"size": 36, "budget": None, "arch_lr": 0.05, "arch_batch": 4}
+    config_file = CONFIG
+    search = staticmethod(search)
+    retrain_model = staticmethod(retrain_model)
+    save = staticmethod(save)
+    load = staticmethod(load)
+
+    def describe(self, label: str) -> tuple[str, int]:  # attn.3:gelu
+        where, _, act = label.partition(":")
+        place, _, layer = where.partition(".")
+        return f"{place} adapter ({act})", int(layer)
+
+
+register(LearnedAdapter())
