@@ -34,7 +34,9 @@ def _common(p: argparse.ArgumentParser, run_dir: str | None) -> None:
 
 
 def _score_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", help="ab-exact (default, the paper's), ab-first-order, sensitivity or shapley")
+    from fanlora.scoring import scorers  # declarations only: no torch
+
+    p.add_argument("--method", metavar="SCORER", help=f"stage-b scorer (config score.method) — {scorers.described()}")
     p.add_argument("--budget", type=int, help="shapley: permutations to sample (config score.shapley_budget)")
     p.add_argument("--seed", type=int, help="shapley: seed of the sampled permutations")
     p.add_argument("--memory-limit-gb", type=float, help="cache budget (default: a quarter of RAM / GPU memory)")

@@ -155,10 +155,10 @@ def _intended_backbone(args: argparse.Namespace) -> dict | None:
 
 def _stage_config(args: argparse.Namespace) -> Config:
     """Config of a stage-a/b command: stored with the run, the scoring method checked before any directory."""
-    from fanlora.scoring.study import check_method
+    from fanlora.scoring import scorers
 
     cfg = config_for(args, Path(args.run_dir))
-    check_method(cfg.score.method, cfg.score.shapley_budget)
+    scorers.get(cfg.score.method).options(cfg.score)
     return cfg
 
 

@@ -70,7 +70,7 @@ class SearchConfig:
 
 @dataclass
 class ScoreConfig:
-    method: str = "ab-exact"  # ab-exact (the paper's eq. 3) | ab-first-order | sensitivity | shapley
+    method: str = "ab-exact"  # a scorer of fanlora.scoring.scorers: ab-exact is the paper's eq. 3
     max_val_examples: Any = None  # int or null: score on the first N val examples (after val_start)
     val_start: int = 0  # skip the first val examples: two disjoint halves give a split-half stability check
     batch_size: int = 8

@@ -11,7 +11,7 @@ from typing import Any
 from fanlora import methods
 from fanlora.config import Config, load_config, read_yaml
 from fanlora.errors import UserError
-from fanlora.scoring.study import check_method
+from fanlora.scoring import scorers
 from fanlora.setting import check_rule
 from fanlora.tasks import get_task, known_tasks
 
@@ -150,7 +150,7 @@ def _parse_variant(path: Path, name: Any, spec: Any, exp: Experiment) -> Variant
         raise UserError(f"{path}: variant {name}: k_max must be an integer >= 1, got {v.k_max!r}")
     if v.r1 is not None and v.r1 != "budget" and (not isinstance(v.r1, int) or v.r1 < 1):
         raise UserError(f"{path}: variant {name}: r1 must be a rank >= 1 or 'budget', got {v.r1!r}")
-    check_method(v.scorer, 1)
+    scorers.get(v.scorer)
     check_rule(v.setting)
     if str(v.setting).startswith("budget:"):
         from fanlora.budget import parse_budget

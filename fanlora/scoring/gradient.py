@@ -23,10 +23,8 @@ from fanlora.scoring.journal import Journal
 from fanlora.scoring.replay import Batch, Replayer
 from fanlora.scoring.rowgates import RowGates
 
-
-def passes(method: str) -> list[float]:
-    """Gate values at which gradients are taken."""
-    return [1.0] if method == "sensitivity" else [1.0, 0.0]
+SENSITIVITY_PASSES = (1.0,)  # gate values at which gradients are taken
+FIRST_ORDER_PASSES = (1.0, 0.0)
 
 
 def entry_id(batch: int, at: float) -> str:
@@ -34,7 +32,8 @@ def entry_id(batch: int, at: float) -> str:
 
 
 def run(
-    method: str,
+    passes: Sequence[float],
+    per_batch_mean: bool,
     gated: GatedLoRA,
     batches: Sequence[Batch],
     progress: Journal,
@@ -42,22 +41,22 @@ def run(
     n_tokens: int,
     tick: Callable[[int], None] = lambda n: None,
 ) -> None:
-    """Gate gradients of batches ``mine`` at each gate value the method needs, recorded per batch."""
+    """Gate gradients of batches ``mine`` at each gate value in ``passes``, recorded per batch, of the batch's
+    own mean loss (``per_batch_mean``: sensitivity) or of its share of −S (first order)."""
     lm = gated.model.get_base_model()
     replayer = Replayer(lm, gated.layout.layers_path)
     gates = RowGates(gated)
     device = batches[0].input_ids.device
     keys = gated.keys
     with gates.active():
-        for at in passes(method):
+        for at in passes:
             for i in mine:
                 if entry_id(i, at) in progress.done:
                     continue
                 params = {k: torch.tensor(at, device=device, requires_grad=True) for k in keys}
                 gates.gates.update(params)
                 nll, _ = replayer.forward(batches[i])
-                # sensitivity: the batch's own mean loss; first order: this batch's share of −S
-                loss = nll.sum() / (batches[i].n_scored if method == "sensitivity" else n_tokens)
+                loss = nll.sum() / (batches[i].n_scored if per_batch_mean else n_tokens)
                 grads = torch.autograd.grad(loss, list(params.values()))
                 progress.record(
                     {
@@ -68,25 +67,33 @@ def run(
                 tick(1)
 
 
-def assemble(
-    method: str, entries: dict[str, dict[str, Any]], keys: list[str], n_batches: int
-) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    missing = [entry_id(i, at) for at in passes(method) for i in range(n_batches) if entry_id(i, at) not in entries]
+def _gradients(
+    entries: dict[str, dict[str, Any]], passes: Sequence[float], n_batches: int
+) -> dict[float, list[dict[str, float]]]:
+    """Every batch's recorded gradients at each gate value; an incomplete set is refused."""
+    missing = [entry_id(i, at) for at in passes for i in range(n_batches) if entry_id(i, at) not in entries]
     if missing:
         raise UserError(
             f"the scores are incomplete: no gradients for batch {', '.join(missing[:4])} — give every shard "
             "(or re-run `fanlora score` to finish)"
         )
+    return {at: [entries[entry_id(i, at)]["grad"] for i in range(n_batches)] for at in passes}
 
-    def grads(at: float) -> list[dict[str, float]]:
-        return [entries[entry_id(i, at)]["grad"] for i in range(n_batches)]
 
-    if method == "sensitivity":
-        g1 = grads(1.0)
-        values = {k: sum(abs(g[k]) for g in g1) / n_batches for k in keys}
-        return values, {}
-    # the loss was −S's share, so ∂S/∂g = −Σ grad
-    d_all = {k: -sum(g[k] for g in grads(1.0)) for k in keys}
-    d_null = {k: -sum(g[k] for g in grads(0.0)) for k in keys}
+def assemble_sensitivity(
+    entries: dict[str, dict[str, Any]], keys: list[str], n_batches: int
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Mean |∂L/∂g| at all gates 1 over the batches."""
+    g1 = _gradients(entries, SENSITIVITY_PASSES, n_batches)[1.0]
+    return {k: sum(abs(g[k]) for g in g1) / n_batches for k in keys}, {}
+
+
+def assemble_first_order(
+    entries: dict[str, dict[str, Any]], keys: list[str], n_batches: int
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """∂S/∂g at all gates 1 plus at all gates 0; the loss was −S's share, so ∂S/∂g = −Σ grad."""
+    grads = _gradients(entries, FIRST_ORDER_PASSES, n_batches)
+    d_all = {k: -sum(g[k] for g in grads[1.0]) for k in keys}
+    d_null = {k: -sum(g[k] for g in grads[0.0]) for k in keys}
     values = {k: d_all[k] + d_null[k] for k in keys}
     return values, {k: {"dS_dg_at_all": d_all[k], "dS_dg_at_null": d_null[k]} for k in keys}

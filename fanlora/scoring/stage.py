@@ -1,8 +1,8 @@
 """Stage b as library calls: prepare (backbone, val batches, gated model, journal), compute this process's
 units, gather them on rank 0 (torchrun) or write a shard (separate machines), assemble the table.
 
-The scoring engines themselves are :mod:`fanlora.scoring.exact`, :mod:`~fanlora.scoring.gradient` and
-:mod:`~fanlora.scoring.shapley`; this module only runs them over a run directory.
+The scorers themselves are :mod:`fanlora.scoring.scorers` (one file each, behind one protocol); this module
+only runs one over a run directory.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from fanlora.data.instruct import InstructionData, for_search
 from fanlora.dist import say
 from fanlora.errors import UserError
 from fanlora.gates import GatedLoRA
-from fanlora.scoring import ScoreTable, make_batches, memory
+from fanlora.scoring import ScoreTable, make_batches, memory, scorers
 from fanlora.scoring.journal import Journal
-from fanlora.scoring.study import SHARD_FORMAT, Study, assemble, check_method, compute, stem_for
+from fanlora.scoring.study import SHARD_FORMAT, Study, assemble, compute
 from fanlora.setting import file_sha256
 
 
 def scores_path(cfg: Config, run_dir: str | Path) -> Path:
     """Where `fanlora score` writes: scores.json for ab-exact, scores-<method>.json for the other methods."""
-    return Path(run_dir) / f"{stem_for(cfg.score.method)}.json"
+    return Path(run_dir) / f"{scorers.get(cfg.score.method).stem}.json"
 
 
 @dataclass
@@ -51,11 +51,11 @@ class _Scoring:
 
 def _score_options(cfg: Config) -> dict[str, Any]:
     sc = cfg.score
-    check_method(sc.method, sc.shapley_budget)
+    scorer = scorers.get(sc.method)
     gb = sc.memory_limit_gb
     if gb is not None and (isinstance(gb, bool) or not isinstance(gb, int | float) or gb <= 0):
         raise UserError(f"score.memory_limit_gb must be a positive number of GiB or null, got {gb!r}")
-    return {"budget": sc.shapley_budget, "seed": sc.seed} if sc.method == "shapley" else {}
+    return scorer.options(sc)
 
 
 def _prepare_scoring(cfg: Config, run_dir: Path, options: dict[str, Any], rank: int, world: int) -> _Scoring:
@@ -88,8 +88,7 @@ def _prepare_scoring(cfg: Config, run_dir: Path, options: dict[str, Any], rank: 
         module_names={f"{k}.{n}": layout.module_name(k, n) for k, n in layout.all_modules()},
         n_batches=len(batches),
         n_tokens=n_tokens,
-        budget=options.get("budget", 0),
-        seed=options.get("seed", 0),
+        options=options,
     )
     adapter_sha = file_sha256(adapter / "adapter_model.safetensors")[:16]
     val_fp = InstructionData(train=[], val=val, sources=data.sources).fingerprint()

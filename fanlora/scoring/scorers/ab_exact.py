@@ -1,0 +1,36 @@
+"""``ab-exact``: the paper's eq. 3, exactly — 2 + 2·N·L forward passes, split by layers over processes
+(engine: :mod:`fanlora.scoring.exact`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fanlora.scoring.scorers.registry import Assembled, Scorer, register
+
+
+class ExactAB(Scorer):
+    name = "ab-exact"
+    summary = "the paper's eq. 3, exact (default)"
+    paper = True
+
+    def units(self, study: Any, rank: int, world: int) -> list[int]:
+        from fanlora.scoring import exact
+
+        return exact.assign_layers(study.num_layers, world)[rank]
+
+    def cost(self, study: Any) -> int:
+        return 2 + 2 * len(study.keys)  # passes
+
+    def compute(self, study: Any, gated: Any, batches: Any, progress: Any, units: Any, memory_limit: int,
+                tick: Any) -> None:  # fmt: skip
+        from fanlora.scoring import exact
+
+        exact.run(gated, batches, progress, units, memory_limit, tick)
+
+    def assemble(self, study: Any, entries: dict[str, dict[str, Any]]) -> Assembled:
+        from fanlora.scoring import exact
+
+        return exact.assemble(entries, study.keys, study.n_batches, study.n_tokens)
+
+
+register(ExactAB())

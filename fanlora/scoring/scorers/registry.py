@@ -1,0 +1,91 @@
+"""The scorer protocol: what stage b asks of a scorer, and the registry that finds one by name.
+
+A scorer declares its work *units* (what one process computes and journals at a time — layers, validation
+batches, permutations), their *cost* (for the progress bar), how to *compute* a process's units and how to
+*assemble* the table from everyone's entries, and which ``score.*`` config values it reads (its *options*,
+recorded with the scores so a re-run with other options is refused). ``fanlora.scoring.study`` and
+``stage`` run any scorer through this protocol and never test a scorer's name.
+
+Declarations are light (no torch at import): the CLI builds ``--method``'s choices and help from
+:func:`names` and each scorer's ``summary``; the engines are imported inside ``compute``/``assemble``.
+Adding a scorer is one file in ``fanlora/scoring/scorers/`` that calls :func:`register`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from fanlora.errors import UserError
+
+if TYPE_CHECKING:  # annotations only: importing these needs torch
+    from fanlora.config import ScoreConfig
+    from fanlora.gates import GatedLoRA
+    from fanlora.scoring.journal import Journal
+    from fanlora.scoring.study import Study
+
+#: What assemble returns: (values, columns, S_all, S_null) — the last two only for eq. 3's exact scorer.
+Assembled = tuple[dict[str, float], dict[str, dict[str, float]], float | None, float | None]
+
+
+class Scorer:
+    """One stage-b scorer. Subclasses set ``name`` and ``summary`` and implement cost, compute and assemble."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for `fanlora score --help`
+    paper: ClassVar[bool] = False  # the paper's scorer writes scores.json; the others scores-<name>.json
+
+    def options(self, sc: ScoreConfig) -> dict[str, Any]:
+        """The ``score.*`` values this scorer reads beyond the common ones, checked (recorded in the scores)."""
+        return {}
+
+    def check(self, options: dict[str, Any]) -> None:
+        """Refuse options this scorer cannot run with (one line naming the fix)."""
+
+    def units(self, study: Study, rank: int, world: int) -> list[int]:
+        """This process's share of the work; by default every ``world``-th validation batch."""
+        return [u for u in range(study.n_batches) if u % world == rank]
+
+    def cost(self, study: Study) -> int:
+        raise NotImplementedError
+
+    def compute(self, study: Study, gated: GatedLoRA, batches: Sequence[Any], progress: Journal,
+                units: Sequence[int], memory_limit: int, tick: Callable[[int], None]) -> None:  # fmt: skip
+        raise NotImplementedError
+
+    def assemble(self, study: Study, entries: dict[str, dict[str, Any]]) -> Assembled:
+        raise NotImplementedError
+
+    @property
+    def stem(self) -> str:
+        return "scores" if self.paper else f"scores-{self.name}"
+
+
+_REGISTRY: dict[str, Scorer] = {}
+
+
+def register(scorer: Scorer, replace: bool = False) -> Scorer:
+    if scorer.name in _REGISTRY and not replace:
+        raise ValueError(f"scorer {scorer.name!r} is already registered (pass replace=True to replace it)")
+    _REGISTRY[scorer.name] = scorer
+    return scorer
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def names() -> list[str]:
+    """Every scorer, the paper's first."""
+    return sorted(_REGISTRY, key=lambda n: (not _REGISTRY[n].paper, n))
+
+
+def get(name: str) -> Scorer:
+    if name not in _REGISTRY:
+        raise UserError(f"unknown scoring method {name!r}: choose one of {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def described() -> str:
+    """``name (summary), …`` for help texts."""
+    return "; ".join(f"{n}: {_REGISTRY[n].summary}" for n in names())
