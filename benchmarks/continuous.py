@@ -33,10 +33,10 @@ import numpy as np
 from fanlora.backbone import load_backbone
 from fanlora.data.instruct import render
 from fanlora.generate import Decoding, prompt_ids
+from fanlora.latency.timing import save_random_adapter
 from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine
 from fanlora.serving.scheduler import Job, Scheduler
-from fanlora.serving.timing import save_random_adapter
 from fanlora.setting import Setting
 
 PROMPTS = [

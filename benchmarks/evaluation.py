@@ -21,7 +21,7 @@ import time
 import torch
 
 from fanlora.backbone import load_backbone
-from fanlora.evaluate import (
+from fanlora.evaluation.evaluate import (
     choice_logliks,
     encode_pair,
     evaluate_mc,

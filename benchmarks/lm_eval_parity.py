@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from fanlora import atomic
 from fanlora.backbone import load_backbone
 from fanlora.data.records import BUNDLED_PREFIX, read_source
-from fanlora.evaluate import evaluate_mc
+from fanlora.evaluation.evaluate import evaluate_mc
 from fanlora.tasks import get_task
 from fanlora.tasks.base import halve
 

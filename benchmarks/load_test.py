@@ -23,9 +23,9 @@ import openai
 import uvicorn
 
 from fanlora.backbone import load_backbone
+from fanlora.latency.timing import save_random_adapter
 from fanlora.serving.engine import Engine
 from fanlora.serving.server import Limits, create_app
-from fanlora.serving.timing import save_random_adapter
 from fanlora.setting import Setting
 
 PROMPTS = [

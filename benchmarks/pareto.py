@@ -3,7 +3,7 @@
 Quality is what ``fanlora experiment`` measured for each variant (held-out gold loss after the same short
 fine-tune, with paired intervals against the reference variant, from the grid's results.json). Cost is
 measured here, in one run: the engine on every variant's setting against the bare backbone in balanced rounds
-(:func:`fanlora.serving.profile.overheads`), beside what the backbone's latency profile predicts. Time it on an
+(:func:`fanlora.latency.profile.overheads`), beside what the backbone's latency profile predicts. Time it on an
 otherwise idle machine (stop other jobs first).
 
     fanlora profile --backbone embedded --out benchmarks/results/profile-embedded.json
@@ -24,9 +24,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from fanlora import atomic, experiment_config
-from fanlora.serving import profile as latency
-from fanlora.serving.timing import spread
+from fanlora import atomic
+from fanlora.experiments import config as experiment_config
+from fanlora.latency import profile as latency
+from fanlora.latency.timing import spread
 from fanlora.setting import Setting
 
 

@@ -30,7 +30,7 @@ import openai
 from load_test import PROMPTS  # the load test's six prompts (benchmarks/ is on sys.path when run)
 
 from fanlora.backbone import resolve_source
-from fanlora.serving.timing import save_random_adapter
+from fanlora.latency.timing import save_random_adapter
 from fanlora.setting import Setting
 
 ADAPTERS = ["tenant-a", "tenant-b", "tenant-c", "tenant-d"]

@@ -23,14 +23,14 @@ from fanlora.backbone import from_config
 from fanlora.config import load_config
 from fanlora.data.instruct import for_search
 from fanlora.gates import GatedLoRA
-from fanlora.pipeline import run_search
-from fanlora.rss import PeakRSS
+from fanlora.latency.rss import PeakRSS
 from fanlora.rundir import prepare
 from fanlora.scoring import make_batches
 from fanlora.scoring.compare import stats
 from fanlora.scoring.journal import Journal
 from fanlora.scoring.naive import naive_ab
 from fanlora.scoring.study import Study, assemble, compute
+from fanlora.stages.search import run_search
 
 
 def engine(study: Study, gated: GatedLoRA, batches, directory: Path) -> tuple[dict[str, float], float, float]:

@@ -44,8 +44,8 @@ from pathlib import Path
 
 from fanlora import atomic
 from fanlora.backbone import load_backbone
+from fanlora.latency.timing import save_random_adapter
 from fanlora.scoring import ScoreTable
-from fanlora.serving.timing import save_random_adapter
 from fanlora.setting import Setting, select
 
 KEY = "soak-key"

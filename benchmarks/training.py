@@ -22,7 +22,7 @@ import torch
 
 from fanlora.backbone import load_backbone
 from fanlora.data.collate import pad_batch
-from fanlora.evaluate import training_examples
+from fanlora.evaluation.evaluate import training_examples
 from fanlora.methods import build
 from fanlora.setting import Setting
 from fanlora.tasks import get_task

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fanlora import __version__, commands, dist
+from fanlora.config import R1
 from fanlora.errors import UserError
 
 
@@ -42,7 +43,10 @@ def _score_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-limit-gb", type=float, help="cache budget (default: a quarter of RAM / GPU memory)")
 
 
-TASKS = "copa, boolq, mmlu, squad, gsm8k, sql, mtbench"
+def _tasks() -> str:
+    from fanlora.tasks import known_tasks  # light: a task's torch work is imported when it runs
+
+    return ", ".join(known_tasks())
 
 
 def _data_option(p: argparse.ArgumentParser) -> None:
@@ -130,7 +134,7 @@ def _method_parsers(sub: Any) -> None:
         help="choose the modules maximising the summed score within a budget: params=N (trainable parameters "
         "at rank --r1, e.g. params=1M) or latency=P%% (decode slowdown, from `fanlora profile`)",
     )
-    p.add_argument("--r1", type=int, default=12, help="stage-d LoRA rank a params budget is costed at (default 12)")
+    p.add_argument("--r1", type=int, default=R1, help=f"stage-d LoRA rank a params budget is costed at (default {R1})")
     p.add_argument("--profile", help="latency profile (default: this backbone's cached `fanlora profile`)")
     p.add_argument("--out", help="setting path (default: setting.json next to the scores)")
     p.add_argument("--backbone", help="the backbone the setting is for; scores of another one are refused")
@@ -143,7 +147,7 @@ def _task_parsers(sub: Any) -> None:
     p.set_defaults(func=commands.finetune)
     _common(p, None)
     p.add_argument("--setting", required=True, help="setting.json from `fanlora select`")
-    p.add_argument("--task", help=f"task name ({TASKS}); default from the config")
+    p.add_argument("--task", help=f"task name ({_tasks()}); default from the config")
     p.add_argument("--run-dir", help="output directory (default runs/<task>)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
@@ -153,7 +157,7 @@ def _task_parsers(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="evaluate the base model or an adapter on one or more tasks")
     p.set_defaults(func=commands.evaluate)
     _common(p, None)
-    p.add_argument("--task", required=True, action="append", help=f"task name ({TASKS}); repeatable")
+    p.add_argument("--task", required=True, action="append", help=f"task name ({_tasks()}); repeatable")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--adapter", help="a PEFT adapter directory")
     who.add_argument("--base", action="store_true", help="evaluate the bare backbone")
@@ -234,7 +238,7 @@ def _serving_parsers(sub: Any) -> None:
     p = sub.add_parser("profile", help="decode cost of LoRA on each module kind, for latency budgets (cached)")
     p.set_defaults(func=commands.profile)
     p.add_argument("--backbone", default="embedded", help="model to profile (default: the embedded backbone)")
-    p.add_argument("--r", type=int, default=12, help="LoRA rank profiled (default 12, stage d's)")
+    p.add_argument("--r", type=int, default=R1, help=f"LoRA rank profiled (default {R1}, stage d's)")
     p.add_argument("--rounds", type=int, default=30, help="balanced rounds (the median ratio is used)")
     p.add_argument("--prompt-tokens", type=int, default=276, help="the decode steps' position (cache length)")
     p.add_argument("--steps", type=int, default=8, help="decode steps per timed run")

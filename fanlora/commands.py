@@ -163,10 +163,10 @@ def _stage_config(args: argparse.Namespace) -> Config:
 
 
 def search(args: argparse.Namespace) -> int:
-    from fanlora import pipeline
+    from fanlora.stages.search import run_search
 
     cfg = prepared(args, _stage_config(args), Path(args.run_dir), SECTIONS["search"])
-    pipeline.run_search(cfg, Path(args.run_dir))
+    run_search(cfg, Path(args.run_dir))
     return 0
 
 
@@ -184,10 +184,11 @@ def score(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from fanlora import pipeline, report
+    from fanlora import report
+    from fanlora.stages.demo import run_demo
 
     cfg = prepared(args, _stage_config(args), Path(args.run_dir), SECTIONS["demo"])
-    s = pipeline.run_demo(cfg, Path(args.run_dir))
+    s = run_demo(cfg, Path(args.run_dir))
     t = s["task"]
     print(f"report: {report.write_report(args.run_dir)}", flush=True)
     print(
@@ -199,7 +200,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def select(args: argparse.Namespace) -> int:
-    from fanlora import pipeline
+    from fanlora.stages.select import run_select
 
     scores = Path(args.scores) if args.scores else Path(args.run_dir) / "scores.json"
     out = Path(args.out) if args.out else scores.parent / "setting.json"
@@ -209,7 +210,7 @@ def select(args: argparse.Namespace) -> int:
     if args.k_max is not None and args.k_max < 1:
         raise UserError(f"--k-max must be >= 1, got {args.k_max}: leave it out for no per-layer cap")
     backbone = _intended_backbone(args)
-    pipeline.run_select(scores, args.k_max, out, plots, backbone, args.budget, args.r1, args.profile)
+    run_select(scores, args.k_max, out, plots, backbone, args.budget, args.r1, args.profile)
     return 0
 
 
@@ -232,21 +233,21 @@ def scores_compare(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
-    from fanlora.compare import compare_folders
+    from fanlora.experiments.compare import compare_folders
 
     return compare_folders(args.a, args.b, args.metric, args.out)
 
 
 def stability(args: argparse.Namespace) -> int:
-    from fanlora import pipeline
+    from fanlora.stages import stability as study
 
     cfg = prepared(args, _stage_config(args), Path(args.run_dir), SECTIONS["stability"])
     if args.split_half:
-        result = pipeline.run_split_half(cfg, Path(args.run_dir), args.seeds[0])
+        result = study.run_split_half(cfg, Path(args.run_dir), args.seeds[0])
         print(result.markdown())
         print(f"RESULT split_half_spearman={result.spearman[0][1]:.4f} seed={args.seeds[0]}", flush=True)
         return 0
-    result = pipeline.run_stability(cfg, Path(args.run_dir), args.seeds)
+    result = study.run_stability(cfg, Path(args.run_dir), args.seeds)
     print(result.markdown())
     n = len(args.seeds)
     off = [result.spearman[i][j] for i in range(n) for j in range(n) if i != j]
@@ -255,7 +256,7 @@ def stability(args: argparse.Namespace) -> int:
 
 
 def finetune(args: argparse.Namespace) -> int:
-    from fanlora import adapt
+    from fanlora.stages import adapt
     from fanlora.tasks import get_task
 
     cfg = config_for(args)
@@ -276,7 +277,7 @@ def finetune(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from fanlora import adapt
+    from fanlora.stages import adapt
 
     cfg = config_for(args)
     if args.split:
@@ -298,7 +299,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def bench(args: argparse.Namespace) -> int:
     from fanlora import atomic
-    from fanlora.serving import bench as serving_bench
+    from fanlora.latency import bench as serving_bench
 
     if min(args.rounds, args.prompt_tokens, args.new_tokens, args.tenants) < 1:
         raise UserError("--rounds, --prompt-tokens, --new-tokens and --tenants must be ≥ 1")
@@ -316,7 +317,7 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def profile(args: argparse.Namespace) -> int:
-    from fanlora.serving import profile as latency
+    from fanlora.latency import profile as latency
 
     if min(args.r, args.rounds, args.prompt_tokens, args.steps) < 1:
         raise UserError("--r, --rounds, --prompt-tokens and --steps must be ≥ 1")
@@ -340,8 +341,8 @@ def report(args: argparse.Namespace) -> int:
 
 
 def experiment(args: argparse.Namespace) -> int:
-    from fanlora import experiment as grid
-    from fanlora import experiment_config as grid_config
+    from fanlora.experiments import config as grid_config
+    from fanlora.experiments import grid
 
     exp = grid_config.parse(args.config)
     if args.list:
@@ -373,7 +374,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def judge(args: argparse.Namespace) -> int:
-    from fanlora import judge as mtbench_judge
+    from fanlora.evaluation import judge as mtbench_judge
 
     mtbench_judge.read_answers(args.answers)  # bad directories fail before any request
     if args.against:

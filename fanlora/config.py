@@ -26,10 +26,14 @@ class BackboneConfig:
     module_map: Any = None  # e.g. "Q=self_attn.q_proj,..." when the architecture is not recognised
 
 
+#: Stage d's LoRA rank r1 (the paper's 12; stage a's r0 defaults to it too): every default rank of 12 reads this.
+R1 = 12
+
+
 @dataclass
 class LoraParams:
-    r: int = 12
-    alpha: int = 24
+    r: int = R1
+    alpha: int = 2 * R1
     dropout: float = 0.0
 
 

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from fanlora import atomic
+from fanlora.config import R1
 from fanlora.errors import UserError
-from fanlora.score_table import ScoreTable
+from fanlora.scoring.table import ScoreTable
 from fanlora.setting import Setting
 
 STYLE = """
@@ -173,7 +174,7 @@ def _is_number(runs: dict[str, dict[str, Any]], key: str) -> bool:
 def _setting_params(setting: Setting, r1: int) -> int | None:
     """Trainable parameters of rank ``r1`` on the setting (None when the backbone cannot be loaded here)."""
     try:
-        from fanlora.budget import module_shapes
+        from fanlora.stages.budget import module_shapes
 
         shapes = module_shapes(setting.backbone.get("source", "embedded"))
     except (UserError, OSError, ValueError):
@@ -183,7 +184,7 @@ def _setting_params(setting: Setting, r1: int) -> int | None:
 
 def _profile(setting: Setting) -> tuple[Path, dict[str, Any]] | None:
     try:
-        from fanlora.serving import profile as latency
+        from fanlora.latency import profile as latency
 
         return latency.find_profile(setting.backbone)
     except UserError:
@@ -201,7 +202,7 @@ def setting_section(setting: Setting, r1: int) -> str:
         [f"trainable parameters at r1={r1}", "unknown" if params is None else f"{params:,}"],
     ]
     if found:
-        from fanlora.serving import profile as latency
+        from fanlora.latency import profile as latency
 
         lo, hi = latency.predict_interval(setting, found[1])
         guess = f"{latency.predict(setting, found[1]) * 100:+.2f}% [95% CI {lo * 100:+.2f}, {hi * 100:+.2f}]"
@@ -261,7 +262,7 @@ def build(run: Path) -> str:
             f"{run} holds neither scores.json nor setting.json: run `fanlora score` and `fanlora select` first"
         )
     backbone = (setting or table).backbone
-    r1 = int(config.get("finetune", {}).get("lora", {}).get("r", 12))
+    r1 = int(config.get("finetune", {}).get("lora", {}).get("r", R1))
     search = _json(run / "search" / "metrics.json") or {}
     sections = [
         f"<h1>fanlora run {esc(run)}</h1>",

@@ -18,7 +18,7 @@ from peft import LoraConfig
 from fanlora import atomic
 from fanlora.backbone import KINDS, Backbone
 from fanlora.errors import UserError
-from fanlora.score_table import ScoreTable
+from fanlora.scoring.table import ScoreTable
 
 SETTING_FORMAT = "fanlora-setting/1"
 
@@ -167,7 +167,7 @@ RULES = ("top", "inverse", "all", "random:SEED", "fixed:KINDS", "budget:UNIT=VAL
 def check_rule(rule: Any) -> None:
     """Refuse a malformed setting rule before any work (the kinds of ``fixed:`` are checked against scores).
 
-    ``budget:`` rules are made by :func:`fanlora.budget.budget_setting` (the experiment runner dispatches them);
+    ``budget:`` rules are made by :func:`fanlora.stages.budget.budget_setting` (the experiment runner dispatches them);
     their budget text is checked there.
     """
     kind, _, arg = str(rule).partition(":")

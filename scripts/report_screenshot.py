@@ -1,7 +1,7 @@
 """Render a run's report.html in headless Chromium and save a screenshot (docs/report.png in the README).
 
-    bash scripts/setup.sh --browser
-    python scripts/report_screenshot.py runs/demo docs/report.png
+bash scripts/setup.sh --browser
+python scripts/report_screenshot.py runs/demo docs/report.png
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ mkdir -p "$out/settings" "$out/cells"
 [ -f "$out/experiment.json" ] || python - "configs/experiments/$grid.yaml" <<'PY'  # what `fanlora experiment` writes first
 import sys
 from fanlora import atomic
-from fanlora.experiment_config import FORMAT, parse
+from fanlora.experiments.config import FORMAT, parse
 exp = parse(sys.argv[1])
 atomic.write_json(f"{exp.out}/experiment.json", {"format": FORMAT, "experiment": exp.to_dict()})
 PY

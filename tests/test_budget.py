@@ -9,10 +9,10 @@ import random
 import pytest
 from conftest import fail
 
-from fanlora import budget as fb
 from fanlora.errors import UserError
-from fanlora.score_table import ScoreTable
+from fanlora.scoring.table import ScoreTable
 from fanlora.setting import select
+from fanlora.stages import budget as fb
 
 KINDS = ["Q", "K", "V"]
 

@@ -81,8 +81,8 @@ def test_a_full_disk_is_one_line_naming_the_path(searched_run, tmp_path, capsys,
 def test_a_finetune_that_fails_leaves_no_run_folder(tiny_llama, tmp_path, capsys, monkeypatch):
     from helpers import setting_for
 
-    from fanlora import adapt
     from fanlora.backbone import load_backbone
+    from fanlora.stages import adapt
 
     setting = tmp_path / "setting.json"
     setting_for(load_backbone(str(tiny_llama))).write(setting)

@@ -9,7 +9,7 @@ import torch
 
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
-from fanlora.evaluate import encode_pair, evaluate_mc, training_examples
+from fanlora.evaluation.evaluate import encode_pair, evaluate_mc, training_examples
 from fanlora.tasks import MCExample, get_task
 
 
@@ -46,7 +46,7 @@ def test_training_pairs_label_only_the_answer(tiny_llama):
 
 
 def test_single_token_fast_path_equals_one_pass_per_choice(tiny_llama):
-    from fanlora.evaluate import choice_logliks, next_token_logprobs, single_token_choices
+    from fanlora.evaluation.evaluate import choice_logliks, next_token_logprobs, single_token_choices
 
     b = load_backbone(str(tiny_llama))
     tok = b.tokenizer
@@ -90,7 +90,7 @@ def test_lm_eval_format_scores_what_lm_eval_scores(tiny_llama):
 
 def test_gold_losses_are_read_from_the_choices_scores_when_they_hold_them(tiny_llama):
     """BoolQ's gold loss in the same pass as its accuracy: equal to the separate loss pass, or not taken."""
-    from fanlora.evaluate import gold_losses, gold_losses_from_choices
+    from fanlora.evaluation.evaluate import gold_losses, gold_losses_from_choices
 
     b = load_backbone(str(tiny_llama))
     tok = b.tokenizer
@@ -111,7 +111,7 @@ def test_gold_losses_are_read_from_the_choices_scores_when_they_hold_them(tiny_l
 def test_mc_accuracy_and_gold_loss_take_one_pass_in_the_clean_format(tiny_llama, tmp_path, monkeypatch):
     import json
 
-    import fanlora.adapt as adapt
+    import fanlora.stages.adapt as adapt
     from fanlora.cli import main
 
     calls, real = [], adapt.gold_losses

@@ -151,7 +151,7 @@ def test_setting_rules_and_paired_gold_losses(tmp_path, recipe_file):
 def test_paired_comparisons_use_the_seeds_both_sides_have(tmp_path):
     from types import SimpleNamespace
 
-    from fanlora.experiment_report import paired
+    from fanlora.experiments.report import paired
 
     exp = SimpleNamespace(out=str(tmp_path), reference="ab", variants={"ab": None, "rnd": None})
     records = []
@@ -170,7 +170,7 @@ def test_paired_comparisons_use_the_seeds_both_sides_have(tmp_path):
 def test_seed_effects_say_how_far_a_groups_seeds_differ_item_by_item(tmp_path):
     from types import SimpleNamespace
 
-    from fanlora.experiment_report import section_lines, seed_effects
+    from fanlora.experiments.report import section_lines, seed_effects
 
     exp = SimpleNamespace(out=str(tmp_path))
     records = []
@@ -193,7 +193,7 @@ def test_seed_effects_say_how_far_a_groups_seeds_differ_item_by_item(tmp_path):
 def test_the_reference_meets_the_random_draws_as_a_pool(tmp_path):
     from types import SimpleNamespace
 
-    from fanlora.experiment_report import markdown, pooled
+    from fanlora.experiments.report import markdown, pooled
 
     variants = {"ab": "top", "random1": "random:1", "random2": "random:2", "random3": "random:3", "vo": "fixed:V,O"}
     exp = SimpleNamespace(out=str(tmp_path), reference="ab", tasks=["sql"], name="t",
@@ -221,7 +221,7 @@ GRIDS = Path(__file__).parents[1] / "fanlora" / "configs" / "experiments"
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in GRIDS.glob("*.yaml")))
 def test_committed_experiment_configs_parse(name):
-    from fanlora.experiment_config import cells, parse
+    from fanlora.experiments.config import cells, parse
 
     exp = parse(GRIDS / f"{name}.yaml")
     assert exp.name == name and len(cells(exp)) == len(exp.seeds) * sum(
@@ -234,7 +234,7 @@ def test_cells_written_before_clusters_get_the_tasks_keys(tmp_path):
     their intervals resample question templates, not the 402 items one by one."""
     from types import SimpleNamespace
 
-    from fanlora.experiment_report import item_clusters, paired
+    from fanlora.experiments.report import item_clusters, paired
     from fanlora.tasks import get_task
 
     test = get_task("sql").examples("test")[:60]

@@ -9,7 +9,7 @@ import torch
 
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
-from fanlora.evaluate import evaluate_generation, match_choice, training_examples
+from fanlora.evaluation.evaluate import evaluate_generation, match_choice, training_examples
 from fanlora.generate import Decoding, cut, generate, prompt_ids
 from fanlora.sqlgen import dataset_dir
 from fanlora.tasks import GenExample, get_task
@@ -112,7 +112,7 @@ def test_generation_targets_end_with_eos_and_only_they_are_learned(tiny):
 
 
 def test_mtbench_second_turn_sees_the_first_answer(tiny, monkeypatch):
-    import fanlora.tasks.mtbench as mtbench
+    import fanlora.generate
 
     seen: list[list[str]] = []
 
@@ -120,7 +120,7 @@ def test_mtbench_second_turn_sees_the_first_answer(tiny, monkeypatch):
         seen.append(list(prompts))
         return [f"answer{len(seen)}-{i}" for i in range(len(prompts))]
 
-    monkeypatch.setattr(mtbench, "generate", fake)
+    monkeypatch.setattr(fanlora.generate, "generate", fake)  # mtbench imports it when it answers
     task = get_task("mtbench")
     exs = task.examples("test", limit=2)
     result = evaluate_generation(tiny.model, tiny.tokenizer, task, exs, Decoding(), 2, None, progress=False)

@@ -12,7 +12,7 @@ import pytest
 from conftest import fail
 
 from fanlora.cli import main
-from fanlora.judge import rating, verdict
+from fanlora.evaluation.judge import rating, verdict
 
 
 class FakeJudge:

@@ -58,3 +58,64 @@ def test_functions_and_modules_stay_small():
         if len(text.splitlines()) > 400 and "Long by design:" not in (ast.get_docstring(tree) or ""):
             long_modules.append(name)
     assert not long_functions and not long_modules, (long_functions, long_modules)
+
+
+def all_imports(tree: ast.Module, known: dict[str, Path]) -> set[str]:
+    """Every package module this one imports, at module level or inside a function (lazy imports count)."""
+    deps = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fanlora"):
+            for alias in node.names:
+                name = f"{node.module}.{alias.name}"
+                deps.add(name if name in known else node.module)
+        elif isinstance(node, ast.Import):
+            deps |= {a.name for a in node.names if a.name.startswith("fanlora")}
+    return deps
+
+
+#: (importer prefix, forbidden prefix, why). Serving must not need the training stack; the stages and the
+#: methods must not need the server; nothing below the CLI reaches up into the experiment grids.
+FORBIDDEN = [
+    ("fanlora.serving", "fanlora.methods", "serving loads adapters by their files, never by building a method"),
+    ("fanlora.serving", "fanlora.latency", "the latency package measures serving, not the other way round"),
+    ("fanlora.serving", "fanlora.experiments", "serving knows nothing of grids"),
+    ("fanlora.stages", "fanlora.serving", "stage c costs settings from the latency profile, not the server"),
+    ("fanlora.methods", "fanlora.serving", "a method trains; serving is downstream"),
+    ("fanlora.methods", "fanlora.experiments", "a method is built by grids, never builds one"),
+    ("fanlora.scoring", "fanlora.methods", "stage b scores stage a's gated LoRA only"),
+    ("fanlora.scoring", "fanlora.serving", "stage b has nothing to serve"),
+    ("fanlora.stages", "fanlora.experiments", "stages are what grids run"),
+    ("fanlora.tasks", "fanlora.experiments", "tasks are what grids and stages use"),
+]
+
+
+def test_no_sideways_imports():
+    known = modules()
+    found = []
+    for name, path in known.items():
+        for dep in all_imports(ast.parse(path.read_text()), known):
+            for importer, forbidden, why in FORBIDDEN:
+                if name.startswith(importer) and (dep == forbidden or dep.startswith(forbidden + ".")):
+                    found.append(f"{name} imports {dep}: {why}")
+    assert not found, found
+
+
+def test_top_level_stays_small():
+    """At most ~15 modules at the package's top level; the rest live in packages named for what they hold."""
+    top = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 15, top
+
+
+def test_extensions_register_from_their_own_file():
+    """A method, scorer and task is one file: each package imports its modules itself (methods and scorers by
+    discovery), so no list elsewhere names them."""
+    from fanlora import methods
+    from fanlora.scoring import scorers
+    from fanlora.tasks import known_tasks
+
+    method_files = {p.stem for p in (PACKAGE / "methods").glob("*.py")} - {"__init__", "registry", "common", "searched"}
+    assert {n.replace("-", "_") for n in methods.names()} == method_files
+    scorer_files = {p.stem for p in (PACKAGE / "scoring" / "scorers").glob("*.py")} - {"__init__", "registry"}
+    assert {n.replace("-", "_") for n in scorers.names()} == scorer_files
+    task_files = {p.stem for p in (PACKAGE / "tasks").glob("*.py")} - {"__init__", "base"}
+    assert set(known_tasks()) == task_files

@@ -13,10 +13,10 @@ from test_experiment import _grid
 from torch import nn
 
 from fanlora import atomic, methods
-from fanlora.adapt import load_for_eval
 from fanlora.backbone import Backbone, load_backbone
 from fanlora.cli import main
 from fanlora.errors import UserError
+from fanlora.stages.adapt import load_for_eval
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2]])
 

@@ -64,8 +64,8 @@ def test_houlsby_starts_as_identity_trains_only_itself_and_round_trips(tiny_llam
     assert not torch.allclose(after, before)
     houlsby.save(built.model, tmp_path / "a")
     assert {p.name for p in (tmp_path / "a").iterdir()} == {houlsby.CONFIG, houlsby.WEIGHTS}
-    from fanlora.adapt import load_for_eval  # `fanlora evaluate --adapter DIR` loads it the same way
     from fanlora.config import load_config
+    from fanlora.stages.adapt import load_for_eval  # `fanlora evaluate --adapter DIR` loads it the same way
 
     loaded, _ = load_for_eval(load_config(None, [f"backbone.name={tiny_llama}"]), tmp_path / "a")
     with torch.no_grad():

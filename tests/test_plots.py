@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from matplotlib import image
 
-from fanlora.plots import write_all
-from fanlora.score_table import ScoreTable
+from fanlora.scoring.table import ScoreTable
 from fanlora.setting import select
+from fanlora.stages.plots import write_all
 
 KINDS = ["Q", "K", "V", "O", "G", "U", "D"]
 PATHS = {

@@ -9,7 +9,7 @@ from conftest import fail
 from helpers import setting_for
 
 from fanlora.backbone import load_backbone
-from fanlora.serving import profile as latency
+from fanlora.latency import profile as latency
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_bench_puts_the_prediction_beside_the_measurement(profiled, tiny_llama, 
 
 
 def test_step_runner_times_the_same_position_every_call(tiny_llama):
-    from fanlora.serving.timing import prompt_ids, step_runner
+    from fanlora.latency.timing import prompt_ids, step_runner
 
     backbone = load_backbone(str(tiny_llama))
     seen: list[int] = []

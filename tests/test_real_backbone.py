@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fanlora.backbone import KINDS, load_backbone
-from fanlora.evaluate import evaluate_mc
+from fanlora.evaluation.evaluate import evaluate_mc
 from fanlora.gates import GatedLoRA
 from fanlora.scoring import make_batches, performance
 from fanlora.tasks import get_task
@@ -105,7 +105,7 @@ def test_cached_exact_engine_equals_naive_on_the_real_backbone(smol, tmp_path):
 
 
 def test_real_backbone_single_pass_mc_and_batched_generation(smol):
-    from fanlora.evaluate import choice_logliks, encode_pair, next_token_logprobs, single_token_choices
+    from fanlora.evaluation.evaluate import choice_logliks, encode_pair, next_token_logprobs, single_token_choices
     from fanlora.generate import Decoding, generate
 
     tok = smol.tokenizer

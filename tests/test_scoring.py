@@ -275,7 +275,12 @@ def test_every_method_feeds_select_and_round_trips(setup, tmp_path):
     from fanlora.setting import select
 
     gated, batches, _ = setup
-    for method, kw in [("ab-exact", {}), ("sensitivity", {}), ("ab-first-order", {}), ("shapley", {"options": {"budget": 2, "seed": 0}})]:
+    for method, kw in [
+        ("ab-exact", {}),
+        ("sensitivity", {}),
+        ("ab-first-order", {}),
+        ("shapley", {"options": {"budget": 2, "seed": 0}}),
+    ]:
         table = run_study(study_for(gated, batches, method, **kw), gated, batches, tmp_path / method)
         table.backbone = {"name": "tiny", "weights_digest": "x"}
         table.write(tmp_path / f"{method}.json", tmp_path / f"{method}.csv")

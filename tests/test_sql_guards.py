@@ -8,8 +8,8 @@ import sqlite3
 import pytest
 from conftest import fail
 
-from fanlora import adapt
 from fanlora.metrics import sql
+from fanlora.stages import adapt
 from fanlora.tasks import get_task
 from fanlora.tasks.base import GenExample
 

@@ -9,12 +9,12 @@ import torch
 from test_experiment import _grid
 
 from fanlora import methods
-from fanlora.adapt import load_for_eval
 from fanlora.backbone import load_backbone
 from fanlora.cli import main
 from fanlora.config import TrainParams
 from fanlora.data.instruct import Example
 from fanlora.methods import ssp
+from fanlora.stages.adapt import load_for_eval
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2]])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fanlora.stats import compare, seed_spread
+from fanlora.experiments.stats import compare, seed_spread
 
 
 def outcomes(values: np.ndarray) -> dict[int, dict[str, float]]:
@@ -54,7 +54,7 @@ def test_seed_spread_counts_items_that_change():
 
 
 def test_a_rule_pool_is_a_random_effect():
-    from fanlora.stats import compare_to_pool
+    from fanlora.experiments.stats import compare_to_pool
 
     rng = np.random.default_rng(3)
     items = rng.normal(2.0, 0.5, size=(1, 400))
@@ -117,7 +117,7 @@ def _clustered_null(rng: np.random.Generator, n_clusters: int = 25, size: int = 
 
 
 def test_clustered_interval_covers_a_zero_effect_at_its_level_and_the_item_level_one_does_not():
-    from fanlora.stats import clustered_interval, item_interval
+    from fanlora.experiments.stats import clustered_interval, item_interval
 
     rng = np.random.default_rng(10)
     reps, clustered, naive = 300, 0, 0
@@ -132,7 +132,7 @@ def test_clustered_interval_covers_a_zero_effect_at_its_level_and_the_item_level
 
 
 def test_seeds_are_resampled_as_a_random_effect():
-    from fanlora.stats import clustered_interval
+    from fanlora.experiments.stats import clustered_interval
 
     rng = np.random.default_rng(11)
     reps, covered = 200, 0
@@ -171,7 +171,7 @@ def test_few_clusters_are_named_and_whole_clusters_flip_in_the_permutation_test(
 
 
 def test_the_item_interval_falls_back_to_bootstrap_means_not_raw_quantiles():
-    from fanlora.stats import item_interval
+    from fanlora.experiments.stats import item_interval
 
     values = np.zeros(200)
     values[0] = 1.0  # one non-zero item: BCa's acceleration cannot be formed

@@ -6,7 +6,7 @@ import pytest
 
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
-from fanlora.evaluate import evaluate_mc
+from fanlora.evaluation.evaluate import evaluate_mc
 from fanlora.tasks import get_task
 
 

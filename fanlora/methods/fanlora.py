@@ -8,12 +8,12 @@ from typing import Any, ClassVar
 from torch import nn
 
 from fanlora.backbone import Backbone
+from fanlora.config import R1
 from fanlora.errors import UserError
 from fanlora.methods.registry import BuildContext, Built, PeftMethod, register
 from fanlora.setting import Setting
 
-#: Stage d's LoRA rank and alpha (the paper's r1 = 12, alpha = 2·r1) — every default rank of 12 reads this.
-RANK = 12
+RANK = R1  # stage d's rank (config.R1) and alpha = 2·r1
 ALPHA = 2 * RANK
 
 

@@ -11,8 +11,8 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "SCORES_FORMAT": "fanlora.score_table",
-    "ScoreTable": "fanlora.score_table",
+    "SCORES_FORMAT": "fanlora.scoring.table",
+    "ScoreTable": "fanlora.scoring.table",
     "make_batches": "fanlora.scoring.batches",
     "performance": "fanlora.scoring.batches",
     "response_nll": "fanlora.scoring.batches",

@@ -13,7 +13,7 @@ from pathlib import Path
 from scipy import stats
 
 from fanlora.errors import UserError
-from fanlora.score_table import ScoreTable
+from fanlora.scoring.table import ScoreTable
 from fanlora.setting import select
 
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fanlora.gates import GatedLoRA
-from fanlora.score_table import ScoreTable
 from fanlora.scoring import scorers
 from fanlora.scoring.journal import Journal
 from fanlora.scoring.replay import Batch
+from fanlora.scoring.table import ScoreTable
 
 SHARD_FORMAT = "fanlora-scores-shard/2"  # /2: the scorer's options in one mapping
 

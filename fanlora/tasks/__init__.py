@@ -1,6 +1,12 @@
-"""Downstream tasks; importing this package registers every bundled task (one file each)."""
+"""Downstream tasks, one file each; importing this package imports every module in it, and each task's file
+registers its class (``@register``), so a new task is one new file."""
 
-from fanlora.tasks import boolq, copa, gsm8k, mmlu, mtbench, sql, squad  # noqa: F401
+import importlib
+import pkgutil
+
 from fanlora.tasks.base import GenExample, GenTask, MCExample, MCTask, Task, get_task, known_tasks
 
 __all__ = ["GenExample", "GenTask", "MCExample", "MCTask", "Task", "get_task", "known_tasks"]
+
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")

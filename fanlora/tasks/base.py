@@ -21,7 +21,6 @@ from typing import Any
 
 from fanlora.data.records import BUNDLED_PREFIX, read_source
 from fanlora.errors import UserError
-from fanlora.generate import generate
 
 Rows = list[tuple[str, dict[str, Any]]]  # (file:line, record)
 
@@ -55,6 +54,7 @@ class Task:
     kind: str = ""  # "mc" or "generate"
     splits: tuple[str, ...] = ("train", "dev", "test")
     metric: str = "acc"  # the headline metric in metrics.json (what tables and plots compare)
+    shown: tuple[str, ...] = ()  # other metrics.json keys the evaluate line prints after the headline
     item_key: str | None = "correct"  # the per-example score in a prediction record (None: no such score)
 
     def __init__(self, data: dict[str, str] | None = None) -> None:
@@ -77,7 +77,8 @@ class Task:
 
     @staticmethod
     def cluster_key(example: Any) -> str:
-        """The unit a paired comparison resamples (:mod:`fanlora.stats`): items with one key share a source."""
+        """The unit a paired comparison resamples (:mod:`fanlora.experiments.stats`): items with one key share a
+        source."""
         return example.cluster or getattr(example, "group", "") or str(example.id)
 
     def clusters(self, split: str) -> dict[str, str]:
@@ -127,6 +128,7 @@ class MCTask(Task):
     """
 
     kind = "mc"
+    shown = ("acc_norm",)
     lm_eval_choice_has_space = False  # COPA: lm-eval's doc_to_choice keeps the leading space
 
     def training_pair(self, ex: MCExample) -> tuple[str, str]:
@@ -169,6 +171,8 @@ class GenTask(Task):
         progress: bool,
     ) -> list[Any]:
         """What the model says for each example (multi-turn tasks override this)."""
+        from fanlora.generate import generate  # torch: only when a task generates
+
         return generate(
             model,
             tokenizer,

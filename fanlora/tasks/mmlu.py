@@ -19,6 +19,7 @@ LETTERS = "ABCD"
 @register
 class Mmlu(MCTask):
     name = "mmlu"
+    shown = ("acc_norm", "acc_macro")
     description = "MMLU: 57 subjects, 4 choices, accuracy per subject and macro"
 
     def load_split(self, split: str) -> list[MCExample]:

@@ -4,7 +4,7 @@
 question, the model's first answer and the second question, each through the tokenizer's chat template;
 predictions.jsonl keeps the answers (FastChat's answer layout: question_id, model_id, choices[0].turns), so
 judging can be re-run or redone with another judge without regenerating. The judge is any OpenAI-compatible
-endpoint (:mod:`fanlora.judge`). MT-Bench has no training set: ``fanlora finetune --task mtbench`` trains on
+endpoint (:mod:`fanlora.evaluation.judge`). MT-Bench has no training set: ``fanlora finetune --task mtbench`` trains on
 the bundled instruction corpus (the paper's instruction-tuning setting), split 99:1 into train/dev; test is
 the 80 questions.
 """
@@ -17,7 +17,6 @@ from typing import Any
 from fanlora.data.instruct import render, split_indices, to_messages
 from fanlora.data.records import BUNDLED_PREFIX, read_source
 from fanlora.errors import UserError
-from fanlora.generate import generate
 from fanlora.tasks.base import GenExample, GenTask, register
 
 INSTRUCT_SOURCES = ("bundled:instruct/gpteacher_codegen", "bundled:instruct/gpteacher_roleplay")
@@ -85,6 +84,8 @@ class MtBench(GenTask):
         progress: bool,
     ) -> list[list[str]]:
         """Both turns' answers per question; turn 2 sees the model's own turn-1 answer."""
+        from fanlora.generate import generate  # torch: imported when answering, not when the CLI lists tasks
+
         budget = decoding.max_new_tokens or self.max_new_tokens
         answers: list[list[str]] = [[] for _ in examples]
         for turn in range(max(len(ex.meta["turns"]) for ex in examples)):

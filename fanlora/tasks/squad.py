@@ -23,6 +23,7 @@ from fanlora.tasks.base import GenExample, GenTask, register
 class Squad(GenTask):
     name = "squad"
     metric = "f1"
+    shown = ("exact_match", "f1_em")
     item_key = "f1"
     description = "SQuAD v1.1: extractive QA, exact match, F1 and f1-em"
     max_new_tokens = 32

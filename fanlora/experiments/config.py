@@ -1,5 +1,5 @@
 """What an experiment grid is: its YAML (methods × tasks × seeds × variants), checked whole before anything
-runs, and the cells it expands to. Running the cells is :mod:`fanlora.experiment`.
+runs, and the cells it expands to. Running the cells is :mod:`fanlora.experiments.grid`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fanlora import methods
-from fanlora.config import Config, load_config, read_yaml
+from fanlora.config import R1, Config, load_config, read_yaml
 from fanlora.errors import UserError
 from fanlora.scoring import scorers
 from fanlora.setting import check_rule
@@ -66,7 +66,7 @@ class Experiment:
     variants: dict[str, Variant] = field(default_factory=dict)
     task_set: dict[str, list[str]] = field(default_factory=dict)
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    budget: dict[str, int] = field(default_factory=lambda: {"k_max": 2, "r": 12})
+    budget: dict[str, int] = field(default_factory=lambda: {"k_max": 2, "r": R1})
     reference: str | None = None  # the variant FanLoRA's paired comparisons are made against (default: first)
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def _parse_variant(path: Path, name: Any, spec: Any, exp: Experiment) -> Variant
     scorers.get(v.scorer)
     check_rule(v.setting)
     if str(v.setting).startswith("budget:"):
-        from fanlora.budget import parse_budget
+        from fanlora.stages.budget import parse_budget
 
         try:
             parse_budget(v.setting.partition(":")[2])

@@ -29,16 +29,18 @@ from typing import Any
 
 import torch
 
-from fanlora import atomic, methods, pipeline, rundir
-from fanlora import experiment_plots as plots
-from fanlora import experiment_report as report_
-from fanlora.adapt import run_evaluate, task_training_data
+from fanlora import atomic, methods, rundir
 from fanlora.backbone import from_config
 from fanlora.config import Config, load_config
 from fanlora.errors import UserError
-from fanlora.experiment_config import FORMAT, Cell, Experiment, Variant, cell_config, cells
+from fanlora.experiments import plots
+from fanlora.experiments import report as report_
+from fanlora.experiments.config import FORMAT, Cell, Experiment, Variant, cell_config, cells
 from fanlora.scoring import ScoreTable, stage
 from fanlora.setting import Setting, select, select_by_rule
+from fanlora.stages.adapt import run_evaluate, task_training_data
+from fanlora.stages.search import run_search
+from fanlora.stages.select import run_select
 from fanlora.tasks import get_task
 from fanlora.train import train_adapter
 
@@ -80,16 +82,16 @@ def prepare_setting(exp: Experiment, variant: Variant) -> tuple[Path, int]:
         run = Path(variant.search_run or exp.search_run)
         if not (run / "run.json").is_file():
             rundir.prepare(run, cfg.to_dict(), ["backbone", "search", "score"])
-        pipeline.run_search(cfg, run)
+        run_search(cfg, run)
         stage.run_score(cfg, run, progress=False)
         table = ScoreTable.read(stage.scores_path(cfg, run))
         k_max = variant.k_max or cfg.select.k_max
         if variant.setting == "top":
-            setting = pipeline.run_select(stage.scores_path(cfg, run), k_max, out)
+            setting = run_select(stage.scores_path(cfg, run), k_max, out)
         elif variant.setting.startswith("budget:"):  # k_max only caps a layer if the variant sets it
             r1 = variant.r1 if isinstance(variant.r1, int) else cfg.finetune.lora.r
             budget = variant.setting.partition(":")[2]
-            setting = pipeline.run_select(stage.scores_path(cfg, run), variant.k_max, out, None, None, budget, r1)
+            setting = run_select(stage.scores_path(cfg, run), variant.k_max, out, None, None, budget, r1)
         else:
             source = {"scores": str(stage.scores_path(cfg, run)), "method": variant.scorer}
             setting = select_by_rule(table, variant.setting, k_max, source)
@@ -226,7 +228,7 @@ def run(
 
 def aggregate(exp: Experiment) -> dict[str, Any]:
     """Summaries per (task, variant, method) of the finished cells and FanLoRA's paired comparisons
-    → results.md / results.json / cells.json (+ plots), through :mod:`fanlora.experiment_report`."""
+    → results.md / results.json / cells.json (+ plots), through :mod:`fanlora.experiments.report`."""
     records = []
     for cell in cells(exp):
         path = Path(exp.out) / "cells" / cell.id / "cell.json"

@@ -3,11 +3,11 @@
 Part 1 (batch 1): the bare backbone, FanLoRA through this engine and through PEFT, LoRA on all modules,
 AdaLoRA and (IA)3 (PEFT, unmerged), each decoding ``--new-tokens`` tokens after a ``--prompt-tokens``-token
 prompt with beam 1 and beam 3. Every configuration is its own copy of the backbone, and the runs are
-interleaved in balanced rounds (:func:`fanlora.serving.timing.balanced_rounds`: a shuffled order, then its
+interleaved in balanced rounds (:func:`fanlora.latency.timing.balanced_rounds`: a shuffled order, then its
 reverse — only ratios measured in the same run mean anything on a shared CPU); tokens/s are medians over
 rounds, ratios are medians of the per-round ratios with their range. The peak resident memory above the
 level before a decode is measured in a separate, untimed pass (a sampler thread would share the 2 cores).
-Then the engine's decode step against the base's (:func:`fanlora.serving.profile.overheads`, the
+Then the engine's decode step against the base's (:func:`fanlora.latency.profile.overheads`, the
 measure ``fanlora profile`` uses), beside what the backbone's latency profile predicts when it has one.
 
 Part 2 (multi-tenant): a batch of ``--tenants`` prompts, each with its own adapter, through the engine's
@@ -34,11 +34,9 @@ import torch
 from fanlora import methods
 from fanlora.backbone import Backbone, load_backbone
 from fanlora.errors import UserError
-from fanlora.methods.fanlora import ALPHA, RANK
-from fanlora.rss import PeakRSS
-from fanlora.serving import profile as latency
-from fanlora.serving.engine import Engine
-from fanlora.serving.timing import (
+from fanlora.latency import profile as latency
+from fanlora.latency.rss import PeakRSS
+from fanlora.latency.timing import (
     balanced_rounds,
     decode_seconds,
     per_round_ratios,
@@ -46,6 +44,8 @@ from fanlora.serving.timing import (
     save_random_adapter,
     spread,
 )
+from fanlora.methods.fanlora import ALPHA, RANK
+from fanlora.serving.engine import Engine
 from fanlora.setting import Setting
 
 

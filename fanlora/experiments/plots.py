@@ -1,5 +1,5 @@
 """The figures of an experiment grid's report: the metric per variant, and the gold loss of every group with
-its clustered interval (:func:`fanlora.stats.mean_interval`). Split from :mod:`fanlora.experiment_report`,
+its clustered interval (:func:`fanlora.experiments.stats.mean_interval`). Split from :mod:`fanlora.experiments.report`,
 which owns the tables and verdicts."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ import io
 from pathlib import Path
 from typing import Any
 
-from fanlora import atomic, methods, stats
-from fanlora.experiment_report import item_clusters, item_outcomes
+from fanlora import atomic, methods
+from fanlora.experiments import stats
+from fanlora.experiments.report import item_clusters, item_outcomes
 
 
 def plot(exp: Any, rows: list[dict[str, Any]], report: Path) -> None:

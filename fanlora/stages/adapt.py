@@ -18,7 +18,7 @@ from fanlora.backbone import Backbone, from_config
 from fanlora.config import Config
 from fanlora.dist import is_main, say
 from fanlora.errors import UserError
-from fanlora.evaluate import (
+from fanlora.evaluation.evaluate import (
     evaluate_generation,
     evaluate_mc,
     evaluate_mc_generate,
@@ -103,7 +103,7 @@ def run_evaluate(
         atomic.write_jsonl(out / "predictions.jsonl", predictions)
     atomic.write_jsonl(out / "items.jsonl", item_rows(task, predictions, loss_examples, losses, examples))
     atomic.write_json(out / "metrics.json", metrics)
-    say(f"evaluate: {task_name}/{ev.split} {_headline(metrics)} (n={metrics['n']}) → {out / 'metrics.json'}")
+    say(f"evaluate: {task_name}/{ev.split} {_headline(task, metrics)} (n={metrics['n']}) → {out / 'metrics.json'}")
     return metrics
 
 
@@ -152,12 +152,10 @@ def item_rows(
     return list(rows.values())
 
 
-HEADLINE = ("acc", "acc_norm", "acc_macro", "exact_match", "f1", "f1_em", "execution_accuracy", "answers")
-
-
-def _headline(metrics: dict[str, Any]) -> str:
+def _headline(task: Any, metrics: dict[str, Any]) -> str:
+    """The task's headline metric and the others it shows, as ``key=value`` pairs."""
     parts = []
-    for key in HEADLINE:
+    for key in (task.metric, *task.shown):
         value = metrics.get(key)
         if isinstance(value, float):
             parts.append(f"{key}={value:.4f}")

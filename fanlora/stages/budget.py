@@ -9,7 +9,7 @@ Costs of a module:
 
 - ``params``: ``r1 · (in + out)`` from the backbone's shapes — what LoRA rank ``r1`` trains on it;
 - ``latency``: the measured decode-time cost of LoRA on a module of that kind, from the backbone's profile
-  (:mod:`fanlora.serving.profile`), as a fraction of the bare backbone's decode time.
+  (:mod:`fanlora.latency.profile`), as a fraction of the bare backbone's decode time.
 
 Neither scipy nor PEFT has a knapsack (scipy's ``milp`` could solve it but adds nothing for a few hundred
 0/1 items), so this is a dynamic programme over integer costs with numpy: ``params`` costs are exact integers
@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from fanlora.config import R1
 from fanlora.errors import UserError
-from fanlora.score_table import ScoreTable
+from fanlora.scoring.table import ScoreTable
 from fanlora.setting import Setting, from_table, select
 
 UNITS = {
@@ -193,7 +194,7 @@ def costs_for(
             raise UserError(f"--r1 must be a LoRA rank >= 1, got {r1!r}")
         costs = param_costs(table, module_shapes(table.backbone.get("source", "embedded")), r1)
         return costs, {"r1": r1, "cost": "r1 * (in + out) per module"}
-    from fanlora.serving import profile as latency
+    from fanlora.latency import profile as latency
     from fanlora.setting import file_sha256
 
     where, prof = latency.find_profile(table.backbone, profile_path)
@@ -206,7 +207,7 @@ def costs_for(
 
 
 def budget_setting(
-    table: ScoreTable, text: str, k_max: int | None, r1: int = 12, profile_path: str | None = None,
+    table: ScoreTable, text: str, k_max: int | None, r1: int = R1, profile_path: str | None = None,
     source: dict[str, Any] | None = None,
 ) -> Setting:  # fmt: skip
     """``fanlora select --budget``: parse, cost, solve; the setting records its budget and predicted cost."""

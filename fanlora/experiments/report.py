@@ -2,7 +2,7 @@
 
 Summaries per (task, variant, method) give the median and range over seeds of the task's metric and the mean
 held-out gold loss. The verdicts are paired: FanLoRA on the reference variant against every other
-(variant, method) on the same task, item by item and seed by seed (:mod:`fanlora.stats`), from each cell's
+(variant, method) on the same task, item by item and seed by seed (:mod:`fanlora.experiments.stats`), from each cell's
 ``items.jsonl`` — on the gold loss (lower is better) and on the task's per-item score (higher is better).
 Seed ranges that merely overlap are not a verdict.
 """
@@ -15,7 +15,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fanlora import methods, stats
+from fanlora import methods
+from fanlora.experiments import stats
 
 ITEM_METRICS = (("gold_nll", False), ("value", True))  # (items.jsonl key, higher is better)
 

@@ -1,5 +1,5 @@
 """``fanlora compare A B``: two evaluations of one task (``fanlora evaluate --out`` folders or grid cells), paired
-item by item with the grid's statistics (:mod:`fanlora.stats`) — e.g. execution accuracy of two cells'
+item by item with the grid's statistics (:mod:`fanlora.experiments.stats`) — e.g. execution accuracy of two cells'
 adapters scored after their grid ran, which the grid itself never generated. Items are resampled by their
 cluster (items.jsonl's ``cluster``; for folders written before it existed, the task's own key, found from the
 folder's metrics.json)."""
@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fanlora import atomic, stats
+from fanlora import atomic
 from fanlora.errors import UserError
+from fanlora.experiments import stats
 
 
 def item_values(folder: str, metric: str) -> dict[str, float]:

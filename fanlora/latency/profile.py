@@ -2,8 +2,8 @@
 
 For every kind the engine is built with LoRA (rank ``r``, random factors) on that kind in *every* layer — one
 module's cost alone is below the machine's noise — and its decode step (one token after a
-``prompt_tokens``-token prompt, :func:`fanlora.serving.timing.step_runner`) is timed against the bare
-backbone's in balanced rounds (:func:`fanlora.serving.timing.balanced_rounds`): the per-module cost of a kind
+``prompt_tokens``-token prompt, :func:`fanlora.latency.timing.step_runner`) is timed against the bare
+backbone's in balanced rounds (:func:`fanlora.latency.timing.balanced_rounds`): the per-module cost of a kind
 is ``(median per-round time ratio − 1) / layers``. Whole ``generate`` calls were tried first and were too
 noisy here (quartiles ±5 % around 1–6 % effects over 8 rounds); short interleaved steps are not.
 
@@ -28,9 +28,9 @@ from scipy import stats as sps
 
 from fanlora import atomic
 from fanlora.backbone import Backbone, cache_dir, load_backbone
+from fanlora.config import R1
 from fanlora.errors import UserError
-from fanlora.serving.engine import Engine
-from fanlora.serving.timing import (
+from fanlora.latency.timing import (
     balanced_rounds,
     per_round_ratios,
     prompt_ids,
@@ -38,6 +38,7 @@ from fanlora.serving.timing import (
     spread,
     step_runner,
 )
+from fanlora.serving.engine import Engine
 from fanlora.setting import Setting
 
 PROFILE_FORMAT = "fanlora-profile/1"
@@ -137,7 +138,7 @@ def step_ratios(
 
 
 def run_profile(
-    backbone_name: str, r: int = 12, prompt_tokens: int = 276, steps: int = 8, rounds: int = 30,
+    backbone_name: str, r: int = R1, prompt_tokens: int = 276, steps: int = 8, rounds: int = 30,
     out: str | Path | None = None, say: Callable[[str], None] = print,
 ) -> dict[str, Any]:  # fmt: skip
     """Profile every kind of ``backbone_name``; write it (default: the cache) and return it."""

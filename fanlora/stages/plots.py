@@ -13,7 +13,7 @@ import numpy as np
 
 from fanlora import atomic
 from fanlora.backbone import KIND_NAMES
-from fanlora.score_table import ScoreTable
+from fanlora.scoring.table import ScoreTable
 from fanlora.setting import Setting
 
 
