@@ -62,6 +62,9 @@ class ModuleLayout:
     layers_path: str
     num_layers: int
     paths: dict[str, str]
+    #: (in, out) of every mapped module by full name — what every LoRA/adapter size is computed from, whatever
+    #: the projection's class (nn.Linear stores its weight out x in, GPT-2's Conv1D in x out)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def kinds(self) -> list[str]:
@@ -73,6 +76,15 @@ class ModuleLayout:
         if not 0 <= layer < self.num_layers:
             raise UserError(f"layer {layer} is out of range: this backbone has layers 0..{self.num_layers - 1}")
         return f"{self.layers_path}.{layer}.{self.paths[kind]}"
+
+    def shape(self, kind: str, layer: int) -> tuple[int, int]:
+        """(in features, out features) of the (kind, layer) module."""
+        return self.shape_of(self.module_name(kind, layer))
+
+    def shape_of(self, name: str) -> tuple[int, int]:
+        if name not in self.shapes:
+            raise UserError(f"{name} is not a mapped module of this backbone: its kinds are {', '.join(self.kinds)}")
+        return self.shapes[name]
 
     def all_modules(self) -> list[tuple[str, int]]:
         """Every (kind, layer), layer-major, kinds in paper order."""
@@ -196,6 +208,21 @@ def _linear_names(layer: nn.Module) -> list[str]:
     return [name for name, mod in layer.named_modules() if isinstance(mod, nn.Linear | Conv1D)]
 
 
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a projection: ``nn.Linear``, GPT-2's ``Conv1D`` (weight stored in x out, ``nf`` outputs), or
+    a PEFT/bottleneck wrapper around either (its base layer's)."""
+    from transformers.pytorch_utils import Conv1D
+
+    while not isinstance(module, nn.Linear | Conv1D):
+        inner = module.get_base_layer() if hasattr(module, "get_base_layer") else getattr(module, "base", None)
+        if inner is None or inner is module:
+            raise UserError(f"{type(module).__name__} is not a linear projection (nn.Linear or Conv1D)")
+        module = inner
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[0]), int(module.nf)
+    return module.in_features, module.out_features
+
+
 def parse_module_map(text: str | dict[str, str] | None) -> dict[str, str] | None:
     """Parse ``"Q=self_attn.q_proj,K=..."`` (or a dict from YAML) into a kind → path mapping."""
     if text is None or text == "" or text == {}:
@@ -246,7 +273,12 @@ def discover_layout(model: nn.Module, module_map: dict[str, str] | None = None) 
                     f"its linear modules are {', '.join(sorted(names))}"
                 )
     ordered = {k: paths[k] for k in KINDS if k in paths}
-    return ModuleLayout(layers_path=layers_path, num_layers=len(layers), paths=ordered)
+    shapes = {
+        f"{layers_path}.{index}.{path}": linear_shape(layer.get_submodule(path))
+        for index, layer in enumerate(layers)
+        for path in ordered.values()
+    }
+    return ModuleLayout(layers_path=layers_path, num_layers=len(layers), paths=ordered, shapes=shapes)
 
 
 def weights_digest(model: nn.Module, layout: ModuleLayout) -> str:

@@ -139,12 +139,15 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _intended_backbone(args: argparse.Namespace) -> dict | None:
-    """For `select`: the identity of --backbone if given, else of the run's own stage-a backbone."""
+def _intended_backbone(args: argparse.Namespace, scores: Path) -> dict | None:
+    """For `select`: the identity of --backbone if given (loaded with the module map the scores name, for
+    backbones that need one), else of the run's own stage-a backbone."""
     if args.backbone:
         from fanlora.backbone import load_backbone
+        from fanlora.scoring.table import ScoreTable
+        from fanlora.stages.budget import table_module_map
 
-        return load_backbone(args.backbone).identity
+        return load_backbone(args.backbone, module_map=table_module_map(ScoreTable.read(scores))).identity
     if args.run_dir:
         metrics = Path(args.run_dir) / "search" / "metrics.json"
         if metrics.is_file():
@@ -209,7 +212,7 @@ def select(args: argparse.Namespace) -> int:
         raise UserError("--profile is only used with --budget latency=P%")
     if args.k_max is not None and args.k_max < 1:
         raise UserError(f"--k-max must be >= 1, got {args.k_max}: leave it out for no per-layer cap")
-    backbone = _intended_backbone(args)
+    backbone = _intended_backbone(args, scores)
     run_select(scores, args.k_max, out, plots, backbone, args.budget, args.r1, args.profile)
     return 0
 

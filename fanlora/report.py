@@ -176,7 +176,7 @@ def _setting_params(setting: Setting, r1: int) -> int | None:
     try:
         from fanlora.stages.budget import module_shapes
 
-        shapes = module_shapes(setting.backbone.get("source", "embedded"))
+        shapes = module_shapes(setting.backbone.get("source", "embedded"), setting.module_paths)
     except (UserError, OSError, ValueError):
         return None
     return sum(r1 * sum(shapes[m]) for m in setting.modules if m in shapes)

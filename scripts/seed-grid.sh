@@ -5,7 +5,7 @@
 #   bash scripts/seed-grid.sh decisive-pilot     bash scripts/seed-grid.sh decisive
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grid=${1:?usage: bash scripts/seed-grid.sh decisive|decisive-pilot}
+grid=${1:?usage: bash scripts/seed-grid.sh decisive|decisive-gsm8k|decisive-pilot}
 out=runs/experiments/$grid
 . .venv/bin/activate
 mkdir -p "$out/settings" "$out/cells"
@@ -45,6 +45,10 @@ case $grid in
     mv "$out/settings/cost.tmp.json" "$out/settings/costaware.json"
     rank 12 ab-exact "budget:params=993024" > "$out/settings/costaware.rank.json"
     copy_cell sql__fanlora__ab__s0 setting-study-long; copy_cell sql__fanlora__random2__s0 setting-study-long ;;
-  *) echo "no seeding recipe for $grid: give decisive or decisive-pilot" >&2; exit 2 ;;
+  decisive-gsm8k)  # the same three setting files as decisive (its costaware from the same knapsack)
+    copy_setting ab setting-study-long; copy_setting vo setting-study
+    mv "$out/settings/cost.tmp.json" "$out/settings/costaware.json"
+    rank 12 ab-exact "budget:params=993024" > "$out/settings/costaware.rank.json" ;;
+  *) echo "no seeding recipe for $grid: give decisive, decisive-gsm8k or decisive-pilot" >&2; exit 2 ;;
 esac
 echo "seeded $out: $(ls "$out/settings" | grep -vc rank) settings, $(ls "$out/cells" | wc -l) cells"

@@ -40,12 +40,15 @@ def make_tiny(path: Path, arch: str = "llama", layers: int = 2, seed: int = 0) -
         word_embed_proj_dim=32,
         max_position_embeddings=512,
     )
+    gpt2 = dict(vocab_size=VOCAB, n_embd=32, n_inner=64, n_layer=layers, n_head=4, n_positions=512)
     builders = {  # arch → (model class, config class, config kwargs)
         "llama": ("LlamaForCausalLM", "LlamaConfig", common),
         "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", common),
         "mistral": ("MistralForCausalLM", "MistralConfig", common),
         "gemma": ("GemmaForCausalLM", "GemmaConfig", {**common, "head_dim": 8}),
         "opt": ("OPTForCausalLM", "OPTConfig", opt),  # not Llama-shaped: needs a module map
+        # GPT-2: Conv1D projections (weights stored in x out), Q/K/V packed into one c_attn
+        "gpt2": ("GPT2LMHeadModel", "GPT2Config", gpt2),
     }
     model_cls, config_cls, kwargs = builders[arch]
     torch.manual_seed(seed)

@@ -28,11 +28,7 @@ def randomize(model: nn.Module, seed: int = 0, std: float = 0.02, markers: tuple
 
 def lora_params(backbone: Backbone, modules: list[str], r: int) -> int:
     """Trainable parameters of LoRA rank ``r`` on ``modules``: r·(in + out) each."""
-    total = 0
-    for name in modules:
-        m = backbone.model.get_submodule(name)
-        total += r * (m.in_features + m.out_features)
-    return total
+    return sum(r * sum(backbone.layout.shape_of(name)) for name in modules)
 
 
 def lora_rank_for_budget(backbone: Backbone, modules: list[str], budget: int) -> int:

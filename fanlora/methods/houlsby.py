@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fanlora import atomic
-from fanlora.backbone import Backbone, ModuleLayout
+from fanlora.backbone import Backbone, ModuleLayout, linear_shape
 from fanlora.errors import UserError
 from fanlora.methods.registry import BuildContext, Built, Method, register
 
@@ -65,8 +65,7 @@ def wrap(model: nn.Module, names: list[str], size: int) -> list[Bottleneck]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = getattr(parent, child)
-        width_of = base if isinstance(base, nn.Linear) else base.get_base_layer()  # a PEFT layer inside
-        bottleneck = Bottleneck(base, size, width_of.out_features, width_of.weight)
+        bottleneck = Bottleneck(base, size, linear_shape(base)[1], next(base.parameters()))  # PEFT layers too
         setattr(parent, child, bottleneck)
         out.append(bottleneck)
     return out

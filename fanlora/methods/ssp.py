@@ -70,10 +70,10 @@ def candidates(backbone: Backbone, r: int, size: int) -> list[Candidate]:
     """Every (kind, layer) LoRA and every adapter place, with its trainable parameter count."""
     layout, out = backbone.layout, []
     for kind, layer in layout.all_modules():
-        m = backbone.model.get_submodule(layout.module_name(kind, layer))
-        out.append(Candidate(kind, layer, "lora", r * (m.in_features + m.out_features)))
+        n_in, n_out = layout.shape(kind, layer)
+        out.append(Candidate(kind, layer, "lora", r * (n_in + n_out)))
         if kind in ADAPTER_KINDS:
-            out.append(Candidate(kind, layer, "adapter", 2 * size * m.out_features + size + m.out_features))
+            out.append(Candidate(kind, layer, "adapter", 2 * size * n_out + size + n_out))
     return out
 
 

@@ -35,7 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
 
+from fanlora.backbone import linear_shape
 from fanlora.errors import UserError
 from fanlora.generate import generate
 from fanlora.serving.adapters import DEFAULT_MAX_RANK, LoadedAdapter, read_adapter
@@ -58,20 +60,22 @@ class MultiLoRALinear(nn.Module):
     multiplied by the adapter's scaling) so the hot path is ``y += (x·A)·B`` with the second product fused
     into the add (``addmm_`` / ``baddbmm_`` on the base output, no temporary): measured at decode shape on
     this CPU, the update then costs ~5 µs per module against ~15 µs for ``y + x@A.T@B.T``. The base weight
-    is applied with ``F.linear`` directly rather than through a nested module call.
+    is applied with ``F.linear`` directly rather than through a nested module call (a GPT-2 ``Conv1D``, whose
+    weight is stored in x out, is called as it is).
     """
 
-    def __init__(self, base: nn.Linear, rows: _Rows) -> None:
+    def __init__(self, base: nn.Module, rows: _Rows) -> None:
         super().__init__()
         self.base, self.rows = base, rows
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = linear_shape(base)
+        self.plain = isinstance(base, nn.Linear)
         dev, dt = base.weight.device, base.weight.dtype
-        self.register_buffer("A", torch.zeros(1, base.in_features, 1, device=dev, dtype=dt), persistent=False)
-        self.register_buffer("B", torch.zeros(1, 1, base.out_features, device=dev, dtype=dt), persistent=False)
+        self.register_buffer("A", torch.zeros(1, self.in_features, 1, device=dev, dtype=dt), persistent=False)
+        self.register_buffer("B", torch.zeros(1, 1, self.out_features, device=dev, dtype=dt), persistent=False)
         self.refresh()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.base.weight, self.base.bias)
+        y = F.linear(x, self.base.weight, self.base.bias) if self.plain else self.base(x)
         rows = self.rows
         slot = rows.uniform
         if slot == 0:
@@ -113,7 +117,7 @@ class Engine:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             base = getattr(parent, child)
-            if not isinstance(base, nn.Linear):
+            if not isinstance(base, nn.Linear | Conv1D):
                 raise UserError(f"setting module {name} is a {type(base).__name__}, not a linear layer")
             wrapped = MultiLoRALinear(base, self.rows)
             setattr(parent, child, wrapped)
@@ -160,7 +164,7 @@ class Engine:
                     f"adapter {adapter.path} belongs to another setting (its setting.json lists other modules)"
                 )
         for name, (a, b) in adapter.factors.items():
-            base = self.modules[name].base
+            base = self.modules[name]
             if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
                 raise UserError(
                     f"adapter {adapter.path}: {name} has shape {tuple(b.shape)}x{tuple(a.shape)}, "

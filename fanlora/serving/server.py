@@ -358,6 +358,13 @@ def check_serve_options(host: str, port: int, api_key: str | None, limits: Limit
         )
 
 
+def load_engine(s: Setting, backbone: str | None, max_rank: int) -> Engine:
+    """The backbone the setting was made for (or ``backbone``), loaded with the setting's own module map — so a
+    backbone that needs a map (GPT-2's packed Conv1D, OPT) serves without one on the command line."""
+    model = load_backbone(backbone or s.backbone.get("source", "embedded"), module_map=dict(s.module_paths))
+    return Engine.from_backbone(model, s, max_rank)
+
+
 def serve(
     setting: str | Path,
     adapter_dir: str | Path | None,
@@ -374,8 +381,7 @@ def serve(
         raise UserError(
             f"adapter directory {adapter_dir} does not exist: give the folder holding one folder per adapter"
         )
-    model = load_backbone(backbone or s.backbone.get("source", "embedded"))
-    engine = Engine.from_backbone(model, s, limits.max_lora_rank)
+    engine = load_engine(s, backbone, limits.max_lora_rank)
     app = create_app(engine, adapter_dir, api_key, limits)
     import socket
 

@@ -175,14 +175,17 @@ def select_within(
     return setting
 
 
-def module_shapes(backbone_name: str) -> dict[str, tuple[int, int]]:
-    """(in, out) of every linear module of the backbone, by full name."""
-    from torch import nn
-
+def module_shapes(backbone_name: str, module_map: dict[str, str] | None = None) -> dict[str, tuple[int, int]]:
+    """(in, out) of every mapped module of the backbone, by full name (its layout's; Conv1D included).
+    ``module_map`` (kind → path in a layer, as a setting records it) for backbones that need one."""
     from fanlora.backbone import load_backbone
 
-    model = load_backbone(backbone_name).model
-    return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return dict(load_backbone(backbone_name, module_map=module_map).layout.shapes)
+
+
+def table_module_map(table: ScoreTable) -> dict[str, str]:
+    """kind → path inside a layer, as the scores name the modules (``<layers>.0.<path>``)."""
+    return {k: table.module_names[f"{k}.0"].split(".0.", 1)[-1] for k in table.kinds}
 
 
 def costs_for(
@@ -192,7 +195,8 @@ def costs_for(
     if budget.unit == "params":
         if not isinstance(r1, int) or r1 < 1:
             raise UserError(f"--r1 must be a LoRA rank >= 1, got {r1!r}")
-        costs = param_costs(table, module_shapes(table.backbone.get("source", "embedded")), r1)
+        shapes = module_shapes(table.backbone.get("source", "embedded"), table_module_map(table))
+        costs = param_costs(table, shapes, r1)
         return costs, {"r1": r1, "cost": "r1 * (in + out) per module"}
     from fanlora.latency import profile as latency
     from fanlora.setting import file_sha256
