@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fanlora import __version__, commands, dist
-from fanlora.config import R1
+from fanlora.config import R1, cli_flags
 from fanlora.errors import UserError
 
 
@@ -34,13 +34,15 @@ def _common(p: argparse.ArgumentParser, run_dir: str | None) -> None:
         p.add_argument("--overwrite", action="store_true", help="delete the run directory's previous run first")
 
 
-def _score_options(p: argparse.ArgumentParser) -> None:
-    from fanlora.scoring import scorers  # declarations only: no torch
+def _config_flags(p: argparse.ArgumentParser, section: str) -> None:
+    """The section's config values that are flags too; options, types, choices and help come from the fields."""
+    for f in cli_flags(section):
+        p.add_argument(f.flag, dest=f.dest, type=f.type, choices=f.choices, help=f.help,
+                      metavar=None if f.choices else f.key.upper())  # fmt: skip
 
-    p.add_argument("--method", metavar="SCORER", help=f"stage-b scorer (config score.method) — {scorers.described()}")
-    p.add_argument("--budget", type=int, help="shapley: permutations to sample (config score.shapley_budget)")
-    p.add_argument("--seed", type=int, help="shapley: seed of the sampled permutations")
-    p.add_argument("--memory-limit-gb", type=float, help="cache budget (default: a quarter of RAM / GPU memory)")
+
+def _score_options(p: argparse.ArgumentParser) -> None:
+    _config_flags(p, "score")
 
 
 def _tasks() -> str:
@@ -60,22 +62,7 @@ def _data_option(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--mode", choices=["auto", "loglik", "generate"], help="multiple choice: loglik (default) or generate"
-    )
-    p.add_argument(
-        "--mc-format",
-        choices=["clean", "lm-eval"],
-        help="multiple-choice text: clean (default: one space before each choice) or lm-eval (stock "
-        "lm-evaluation-harness 0.4, item for item)",
-    )
-    p.add_argument("--decoding", choices=["greedy", "sampling", "beam"], help="default greedy")
-    p.add_argument("--num-beams", type=int, help="beam search width (default 3, the paper's)")
-    p.add_argument("--temperature", type=float, help="sampling temperature (default 0.7)")
-    p.add_argument("--top-p", type=float, help="sampling nucleus (default 0.95)")
-    p.add_argument("--max-new-tokens", type=int, help="generation budget (default: the task's)")
-    p.add_argument("--sample-seed", type=int, help="sampling seed (default 0)")
-    p.add_argument("--batch-size", type=int, help="examples per batch (default from the config: 16)")
+    _config_flags(p, "evaluate")
 
 
 def _method_parsers(sub: Any) -> None:

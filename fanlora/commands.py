@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from fanlora import atomic, dist
-from fanlora.config import Config, check_values, load_config
+from fanlora.config import Config, check_values, flag_overrides, load_config
 from fanlora.errors import UserError
 
 SECTIONS = {
@@ -30,21 +30,8 @@ SECTIONS = {
 
 
 def apply_eval_options(args: argparse.Namespace, cfg: Config) -> None:
+    """--data on top of the config (the evaluate.* flags are config overrides already, see config_for)."""
     ev = cfg.evaluate
-    for flag, key in (
-        ("mode", "mode"),
-        ("mc_format", "mc_format"),
-        ("decoding", "decoding"),
-        ("num_beams", "num_beams"),
-        ("temperature", "temperature"),
-        ("top_p", "top_p"),
-        ("max_new_tokens", "max_new_tokens"),
-        ("sample_seed", "seed"),
-        ("batch_size", "batch_size"),
-    ):
-        value = getattr(args, flag, None)
-        if value is not None:
-            setattr(ev, key, value)
     data = {}
     for item in getattr(args, "data", []):
         split, sep, source = item.partition("=")
@@ -80,14 +67,7 @@ def config_for(args: argparse.Namespace, stored_dir: Path | None = None) -> Conf
         overrides.insert(0, f"backbone.name={json.dumps(backbone)}")
     if getattr(args, "module_map", None):
         overrides.insert(0, f"backbone.module_map={json.dumps(args.module_map)}")
-    for flag, key in (("method", "method"), ("budget", "shapley_budget"), ("seed", "seed")):
-        if getattr(args, flag, None) is not None:
-            overrides.append(f"score.{key}={json.dumps(getattr(args, flag))}")
-    if getattr(args, "memory_limit_gb", None) is not None:
-        import yaml
-
-        # YAML reads "1e-09" as a string; its own float spelling round-trips
-        overrides.append(f"score.memory_limit_gb={yaml.safe_dump(args.memory_limit_gb).splitlines()[0]}")
+    overrides += flag_overrides(vars(args))  # --method, --num-beams, …: generated from the config's fields
     source = args.config
     if source is None and args.command == "demo":
         source = "demo"

@@ -18,6 +18,22 @@ import yaml
 
 from fanlora.errors import UserError
 
+MODES = ("auto", "loglik", "generate")  # evaluate.mode
+MC_FORMATS = ("clean", "lm-eval")  # evaluate.mc_format
+DECODINGS = ("greedy", "sampling", "beam")  # evaluate.decoding
+
+
+def _scorer_help() -> str:
+    from fanlora.scoring import scorers  # declarations only: no torch
+
+    return f"stage-b scorer — {scorers.described()}"
+
+
+def flag(name: str, help: str | Callable[[], str], type: Any = None, choices: tuple[str, ...] | None = None) -> dict:
+    """Field metadata: this config value is also a command-line flag. Its default, range and config key are
+    the field's own; the CLI's option and help text are generated from them (:func:`cli_flags`)."""
+    return {"flag": name, "help": help, "type": type, "choices": choices}
+
 
 @dataclass
 class BackboneConfig:
@@ -74,13 +90,17 @@ class SearchConfig:
 
 @dataclass
 class ScoreConfig:
-    method: str = "ab-exact"  # a scorer of fanlora.scoring.scorers: ab-exact is the paper's eq. 3
+    method: str = field(default="ab-exact", metadata=flag("--method", lambda: _scorer_help()))
     max_val_examples: Any = None  # int or null: score on the first N val examples (after val_start)
     val_start: int = 0  # skip the first val examples: two disjoint halves give a split-half stability check
     batch_size: int = 8
-    shapley_budget: int = 8  # shapley: permutations sampled (each ≈ N·L/2 passes' work)
-    seed: int = 0  # shapley: which permutations
-    memory_limit_gb: Any = None  # number or null: cache budget (null: a quarter of RAM, or of GPU memory)
+    shapley_budget: int = field(default=8, metadata=flag("--budget", "shapley: permutations sampled (each ≈ N·L/2 "
+                                                                     "passes' work)"))  # fmt: skip
+    seed: int = field(default=0, metadata=flag("--seed", "shapley: seed of the sampled permutations"))
+    memory_limit_gb: Any = field(
+        default=None, metadata=flag("--memory-limit-gb", "cache budget in GiB (null: a quarter of RAM / GPU memory)",
+                                    float),
+    )  # fmt: skip
 
 
 @dataclass
@@ -103,15 +123,20 @@ class FinetuneConfig:
 class EvaluateConfig:
     split: str = "test"
     limit: Any = None  # int or null: evaluate the first N examples
-    batch_size: int = 16
-    mode: str = "auto"  # multiple-choice tasks: loglik (auto) or generate
-    mc_format: str = "clean"  # multiple-choice text: clean (one space) | lm-eval (stock lm-eval's, item for item)
-    decoding: str = "greedy"  # greedy | sampling | beam (the paper: beam, num_beams 3)
-    num_beams: int = 3
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: Any = None  # int or null: the task's default
-    seed: int = 0  # sampling
+    batch_size: int = field(default=16, metadata=flag("--batch-size", "examples per batch"))
+    mode: str = field(default="auto", metadata=flag("--mode", "multiple choice: loglik (what auto means) or "
+                                                              "generate", choices=MODES))  # fmt: skip
+    mc_format: str = field(default="clean", metadata=flag(
+        "--mc-format", "multiple-choice text: clean (one space before each choice) or lm-eval (stock "
+        "lm-evaluation-harness 0.4, item for item)", choices=MC_FORMATS))  # fmt: skip
+    decoding: str = field(default="greedy", metadata=flag("--decoding", "the paper's is beam (num_beams 3)",
+                                                          choices=DECODINGS))  # fmt: skip
+    num_beams: int = field(default=3, metadata=flag("--num-beams", "beam search width (the paper's)"))
+    temperature: float = field(default=0.7, metadata=flag("--temperature", "sampling temperature"))
+    top_p: float = field(default=0.95, metadata=flag("--top-p", "sampling nucleus"))
+    max_new_tokens: Any = field(default=None, metadata=flag("--max-new-tokens", "generation budget (null: the "
+                                                                                "task's)", int))  # fmt: skip
+    seed: int = field(default=0, metadata=flag("--sample-seed", "sampling seed"))
     max_length: int = 2048  # prompt + generation; longer prompts are cut from the left
     data: Any = None  # {split: source}, as finetune.data
     accuracy: bool = True  # score the first `limit` examples with the task's metric
@@ -198,7 +223,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
     "temperature": (lambda v: v > 0, "> 0"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "mc_format": (lambda v: v in ("clean", "lm-eval"), "clean or lm-eval"),
+    "mc_format": (lambda v: v in MC_FORMATS, " or ".join(MC_FORMATS)),
     "limit": (_optional_count, "null or ≥ 1"),
     "max_new_tokens": (_optional_count, "null or ≥ 1"),
     "loss_limit": (_optional_count, "null or ≥ 1"),
@@ -309,3 +334,48 @@ def load_config(source: str | dict[str, Any] | None = None, overrides: list[str]
     config = _build(Config, data, "")
     check_values(config)
     return config
+
+
+@dataclass
+class CliFlag:
+    """A config value offered as a command-line flag: what the parser adds and which key it overrides."""
+
+    section: str
+    key: str
+    flag: str
+    type: Any
+    choices: tuple[str, ...] | None
+    help: str
+
+    @property
+    def dest(self) -> str:
+        return f"config.{self.section}.{self.key}"
+
+
+def cli_flags(section: str) -> list[CliFlag]:
+    """The flags of a config section, their help text made from the field's help, default, range and key."""
+    cls = get_type_hints(Config)[section]
+    hints = get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata.get("flag") and f.metadata
+        if not meta:
+            continue
+        text = meta["help"]() if callable(meta["help"]) else meta["help"]
+        default = "null" if f.default is None else f.default
+        rule = _RANGES.get(f.name)
+        extra = f", {rule[1]}" if rule and not meta["choices"] else ""
+        typ = meta["type"] or (hints[f.name] if hints[f.name] in (int, float, str) else str)
+        help_text = f"{text} (default {default}{extra}; config {section}.{f.name})".replace("%", "%%")
+        out.append(CliFlag(section, f.name, meta["flag"], typ, meta["choices"], help_text))
+    return out
+
+
+def flag_overrides(values: dict[str, Any]) -> list[str]:
+    """``section.key=value`` overrides (YAML) for the config flags given on the command line (by ``dest``)."""
+    out = []
+    for dest, value in values.items():
+        if dest.startswith("config.") and value is not None:
+            literal = yaml.safe_dump(value).splitlines()[0]  # YAML's own spelling round-trips (1e-09, 'yes')
+            out.append(f"{dest.removeprefix('config.')}={literal}")
+    return out

@@ -14,19 +14,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fanlora.config import DECODINGS as STRATEGIES
+from fanlora.config import EvaluateConfig as _Defaults
 from fanlora.errors import UserError
-
-STRATEGIES = ("greedy", "sampling", "beam")
 
 
 @dataclass
 class Decoding:
-    strategy: str = "greedy"
-    num_beams: int = 3  # beam search only (the paper's default beam)
-    temperature: float = 0.7  # sampling only
-    top_p: float = 0.95  # sampling only
+    """How to decode; the defaults are the recipe's (``evaluate.*`` in :mod:`fanlora.config`)."""
+
+    strategy: str = _Defaults.decoding
+    num_beams: int = _Defaults.num_beams  # beam search only (the paper's default beam)
+    temperature: float = _Defaults.temperature  # sampling only
+    top_p: float = _Defaults.top_p  # sampling only
     max_new_tokens: int | None = None  # None: the task's default
-    seed: int = 0  # sampling only: the same seed and batch size give the same text
+    seed: int = _Defaults.seed  # sampling only: the same seed and batch size give the same text
 
     def check(self) -> Decoding:
         if self.strategy not in STRATEGIES:

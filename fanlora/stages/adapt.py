@@ -15,7 +15,7 @@ import torch
 
 from fanlora import atomic, methods
 from fanlora.backbone import Backbone, from_config
-from fanlora.config import Config
+from fanlora.config import MODES, Config
 from fanlora.dist import is_main, say
 from fanlora.errors import UserError
 from fanlora.evaluation.evaluate import (
@@ -30,8 +30,6 @@ from fanlora.generate import Decoding
 from fanlora.setting import Setting
 from fanlora.tasks import get_task
 from fanlora.train import train_adapter
-
-MODES = ("auto", "loglik", "generate")
 
 
 def decoding_of(cfg: Config) -> Decoding:
