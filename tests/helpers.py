@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
+import torch
 import uvicorn
 
 from fanlora.generate import Decoding
@@ -146,3 +148,54 @@ def alone(engine, make, **kw) -> Recorded:
     j = make()
     run(ContinuousScheduler(engine, start=False, **kw), {0: [j]})
     return j
+
+
+def grid_config(tmp_path: Path, recipe_file: Path, **extra) -> Path:
+    """A one-task experiment YAML on the tiny recipe (``extra`` replaces keys); its path."""
+    import yaml
+
+    config = {
+        "name": "t",
+        "recipe": str(recipe_file),
+        "search_run": str(tmp_path / "run"),
+        "out": str(tmp_path / "grid"),
+        "report": str(tmp_path / "report"),
+        "methods": ["fanlora", "lora"],
+        "tasks": ["copa"],
+        "seeds": [0, 1],
+        "set": ["finetune.train.max_steps=2", "finetune.train.eval_steps=1", "finetune.max_dev_examples=4"],
+        **extra,
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+IDS = torch.tensor([[1, 5, 9, 3, 7, 2]])
+
+
+def examples(n: int = 8) -> list:
+    from fanlora.data.instruct import Example
+
+    return [Example(input_ids=[1, 5, 9, 3, 7, 2], labels=[-100, -100, 9, 3, 7, 2]) for _ in range(n)]
+
+
+def retrains_from_the_backbone_and_round_trips(method, model, before, params, tmp_path, tiny_llama) -> None:
+    """Shared by the searched methods: the retrained model starts as the backbone, moves when trained, and
+    loads back (through the method's ``load`` and through the evaluator's loader) to the same logits."""
+    from fanlora.backbone import load_backbone
+    from fanlora.stages.adapt import load_for_eval
+    from fanlora.train import train_adapter
+
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=IDS).logits, before, atol=1e-6)  # identity at the start
+    train_adapter(model, examples(), examples(4), params, tmp_path / "cell", 0, (), method.save)
+    with torch.no_grad():
+        tuned = model(input_ids=IDS).logits
+    assert not torch.allclose(tuned, before, atol=1e-4)
+    for loaded in (
+        method.load(load_backbone(str(tiny_llama)), tmp_path / "cell" / "adapter"),
+        load_for_eval(None, tmp_path / "cell" / "adapter", load_backbone(str(tiny_llama)))[0],  # as `evaluate` does
+    ):
+        with torch.no_grad():
+            assert torch.allclose(loaded(input_ids=IDS).logits, tuned, atol=1e-5)

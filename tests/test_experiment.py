@@ -6,32 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import fail
+from helpers import grid_config
 
 from fanlora.cli import main
 
 
-def _grid(tmp_path: Path, recipe_file: Path, **extra) -> Path:
-    config = {
-        "name": "t",
-        "recipe": str(recipe_file),
-        "search_run": str(tmp_path / "run"),
-        "out": str(tmp_path / "grid"),
-        "report": str(tmp_path / "report"),
-        "methods": ["fanlora", "lora"],
-        "tasks": ["copa"],
-        "seeds": [0, 1],
-        "set": ["finetune.train.max_steps=2", "finetune.train.eval_steps=1", "finetune.max_dev_examples=4"],
-        **extra,
-    }
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def test_grid_runs_resumes_cell_by_cell_and_aggregates(tmp_path, recipe_file, capsys):
-    exp = _grid(tmp_path, recipe_file)
+    exp = grid_config(tmp_path, recipe_file)
     assert main(["experiment", str(exp), "--shard", "0/2"]) == 0  # half the cells, as if killed midway
     cells = sorted((tmp_path / "grid" / "cells").glob("*/cell.json"))
     assert len(cells) == 2
@@ -61,12 +43,12 @@ def test_grid_runs_resumes_cell_by_cell_and_aggregates(tmp_path, recipe_file, ca
     # a rerun without --resume, or with a changed config, is refused
     assert "pass --resume" in fail(capsys, ["experiment", str(exp)])
     assert "no cell id matches" in fail(capsys, ["experiment", str(exp), "--resume", "--cells", "sql__*"])
-    changed = _grid(tmp_path, recipe_file, seeds=[0, 1, 2])
+    changed = grid_config(tmp_path, recipe_file, seeds=[0, 1, 2])
     assert "another config" in fail(capsys, ["experiment", str(changed), "--resume"])
 
 
 def test_kmax_variants_share_a_budget_and_plot(tmp_path, recipe_file):
-    exp = _grid(
+    exp = grid_config(
         tmp_path,
         recipe_file,
         methods=["fanlora"],
@@ -101,7 +83,7 @@ def test_kmax_variants_share_a_budget_and_plot(tmp_path, recipe_file):
     ],
 )
 def test_bad_experiment_configs_are_refused_before_anything_runs(tmp_path, recipe_file, capsys, extra, message):
-    exp = _grid(tmp_path, recipe_file, **extra)
+    exp = grid_config(tmp_path, recipe_file, **extra)
     assert message in fail(capsys, ["experiment", str(exp)])
     assert not (tmp_path / "grid").exists() and not (tmp_path / "run").exists()
 
@@ -130,7 +112,7 @@ def test_setting_rules_and_paired_gold_losses(tmp_path, recipe_file):
     overrides = ["finetune.train.max_steps=2", "finetune.train.eval_steps=1", "finetune.max_dev_examples=4"]
     overrides += ["evaluate.gold_loss=true", "evaluate.loss_limit=6"]
     extra = {"methods": ["fanlora"], "seeds": [0], "variants": variants, "budget": {"k_max": 2, "r": 4}}
-    exp = _grid(tmp_path, recipe_file, set=overrides, **extra)
+    exp = grid_config(tmp_path, recipe_file, set=overrides, **extra)
     assert main(["experiment", str(exp)]) == 0
     table = ScoreTable.read(tmp_path / "run" / "scores.json")
     settings = {name: Setting.read(tmp_path / "grid" / "settings" / f"{name}.json") for name in variants}

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-from test_experiment import _grid
-from test_ssp import IDS, examples, retrains_from_the_backbone_and_round_trips
+from helpers import IDS, examples, grid_config, retrains_from_the_backbone_and_round_trips
 
 from fanlora import methods
 from fanlora.backbone import load_backbone
@@ -81,7 +80,7 @@ def test_a_budget_that_is_not_a_count_is_refused(tiny_llama):
 
 def test_learned_adapter_runs_in_a_grid_at_fanloras_budget(tmp_path, recipe_file):
     extra = {"methods": ["fanlora", "learned-adapter"], "seeds": [0], "budget": {"k_max": 2, "r": 4}}
-    path = _grid(tmp_path, recipe_file, **extra)
+    path = grid_config(tmp_path, recipe_file, **extra)
     assert main(["experiment", str(path)]) == 0
     cells = {c["method"]: c for c in json.loads((tmp_path / "report" / "cells.json").read_text())}
     found = cells["learned-adapter"]

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from test_experiment import _grid
+from helpers import grid_config
 from torch import nn
 
 from fanlora import atomic, methods
@@ -54,7 +54,7 @@ def norm_tuning():
 
 def test_registered_method_runs_in_a_grid_and_loads_back(tmp_path, recipe_file, tiny_llama, norm_tuning):
     assert "norm-tuning" in methods.names()
-    path = _grid(tmp_path, recipe_file, methods=["norm-tuning"], seeds=[0], set=[
+    path = grid_config(tmp_path, recipe_file, methods=["norm-tuning"], seeds=[0], set=[
         "finetune.train.max_steps=3", "finetune.train.eval_steps=1", "finetune.max_dev_examples=4",
         "finetune.train.learning_rate=0.05",
     ])  # fmt: skip

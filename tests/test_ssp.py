@@ -6,21 +6,13 @@ from __future__ import annotations
 import json
 
 import torch
-from test_experiment import _grid
+from helpers import IDS, examples, grid_config, retrains_from_the_backbone_and_round_trips
 
 from fanlora import methods
 from fanlora.backbone import load_backbone
 from fanlora.cli import main
 from fanlora.config import TrainParams
-from fanlora.data.instruct import Example
 from fanlora.methods import ssp
-from fanlora.stages.adapt import load_for_eval
-
-IDS = torch.tensor([[1, 5, 9, 3, 7, 2]])
-
-
-def examples(n: int = 8) -> list[Example]:
-    return [Example(input_ids=[1, 5, 9, 3, 7, 2], labels=[-100, -100, 9, 3, 7, 2]) for _ in range(n)]
 
 
 def test_the_shifted_sigmoid_holds_the_expected_parameters_at_the_budget():
@@ -73,28 +65,9 @@ def test_search_trains_the_gates_then_the_retrained_structure_starts_as_the_back
     retrains_from_the_backbone_and_round_trips(ssp, model, before, params, tmp_path, tiny_llama)
 
 
-def retrains_from_the_backbone_and_round_trips(method, model, before, params, tmp_path, tiny_llama) -> None:
-    """Shared by the searched methods: the retrained model starts as the backbone, moves when trained, and
-    loads back (through the method's ``load`` and through the evaluator's loader) to the same logits."""
-    from fanlora.train import train_adapter
-
-    with torch.no_grad():
-        assert torch.allclose(model(input_ids=IDS).logits, before, atol=1e-6)  # identity at the start
-    train_adapter(model, examples(), examples(4), params, tmp_path / "cell", 0, (), method.save)
-    with torch.no_grad():
-        tuned = model(input_ids=IDS).logits
-    assert not torch.allclose(tuned, before, atol=1e-4)
-    for loaded in (
-        method.load(load_backbone(str(tiny_llama)), tmp_path / "cell" / "adapter"),
-        load_for_eval(None, tmp_path / "cell" / "adapter", load_backbone(str(tiny_llama)))[0],  # as `evaluate` does
-    ):
-        with torch.no_grad():
-            assert torch.allclose(loaded(input_ids=IDS).logits, tuned, atol=1e-5)
-
-
 def test_ssp_runs_in_a_grid_at_fanloras_budget(tmp_path, recipe_file):
     extra = {"methods": ["fanlora", "ssp"], "seeds": [0], "budget": {"k_max": 2, "r": 4}}
-    path = _grid(tmp_path, recipe_file, **extra)
+    path = grid_config(tmp_path, recipe_file, **extra)
     assert main(["experiment", str(path)]) == 0
     cells = {c["method"]: c for c in json.loads((tmp_path / "report" / "cells.json").read_text())}
     fan, found = cells["fanlora"], cells["ssp"]
