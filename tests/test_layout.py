@@ -18,10 +18,11 @@ def modules() -> dict[str, Path]:
     return out
 
 
-def imports(tree: ast.Module, known: dict[str, Path]) -> set[str]:
-    """The package's modules this one imports at module level (what runs at import time)."""
+def imports(tree: ast.Module, known: dict[str, Path], everywhere: bool = False) -> set[str]:
+    """The package's modules this one imports at module level (what runs at import time), or with
+    ``everywhere`` also inside functions (lazy imports count for the sideways rules)."""
     deps = set()
-    for node in tree.body:
+    for node in ast.walk(tree) if everywhere else tree.body:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fanlora"):
             for alias in node.names:
                 name = f"{node.module}.{alias.name}"
@@ -60,19 +61,6 @@ def test_functions_and_modules_stay_small():
     assert not long_functions and not long_modules, (long_functions, long_modules)
 
 
-def all_imports(tree: ast.Module, known: dict[str, Path]) -> set[str]:
-    """Every package module this one imports, at module level or inside a function (lazy imports count)."""
-    deps = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fanlora"):
-            for alias in node.names:
-                name = f"{node.module}.{alias.name}"
-                deps.add(name if name in known else node.module)
-        elif isinstance(node, ast.Import):
-            deps |= {a.name for a in node.names if a.name.startswith("fanlora")}
-    return deps
-
-
 #: (importer prefix, forbidden prefix, why). Serving must not need the training stack; the stages and the
 #: methods must not need the server; nothing below the CLI reaches up into the experiment grids.
 FORBIDDEN = [
@@ -93,7 +81,7 @@ def test_no_sideways_imports():
     known = modules()
     found = []
     for name, path in known.items():
-        for dep in all_imports(ast.parse(path.read_text()), known):
+        for dep in imports(ast.parse(path.read_text()), known, everywhere=True):
             for importer, forbidden, why in FORBIDDEN:
                 if name.startswith(importer) and (dep == forbidden or dep.startswith(forbidden + ".")):
                     found.append(f"{name} imports {dep}: {why}")
