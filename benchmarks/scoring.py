@@ -24,12 +24,12 @@ from fanlora.config import load_config
 from fanlora.data.instruct import for_search
 from fanlora.gates import GatedLoRA
 from fanlora.latency.rss import PeakRSS
-from fanlora.rundir import prepare
 from fanlora.scoring import make_batches
 from fanlora.scoring.compare import stats
 from fanlora.scoring.journal import Journal
 from fanlora.scoring.naive import naive_ab
 from fanlora.scoring.study import Study, assemble, compute
+from fanlora.stages.rundir import prepare
 from fanlora.stages.search import run_search
 
 

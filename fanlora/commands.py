@@ -78,7 +78,7 @@ def config_for(args: argparse.Namespace, stored_dir: Path | None = None) -> Conf
             stored = atomic.read_json(meta, "pass --overwrite to start this run again")
             source = stored.get("config") if isinstance(stored, dict) else None
             if isinstance(source, dict):
-                from fanlora.rundir import PER_COMMAND
+                from fanlora.stages.rundir import PER_COMMAND
 
                 # which scorer the last command ran is not part of the run: --method etc. default afresh
                 for key in PER_COMMAND:
@@ -90,7 +90,7 @@ def config_for(args: argparse.Namespace, stored_dir: Path | None = None) -> Conf
 def prepared(
     args: argparse.Namespace, cfg: Config, run_dir: Path, sections: list[str], inputs: dict[str, str] | None = None
 ) -> Config:
-    from fanlora import rundir
+    from fanlora.stages import rundir
 
     def prep() -> dict:
         return rundir.prepare(run_dir, cfg.to_dict(), sections, args.resume, args.overwrite, inputs)

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from fanlora import rundir
 from fanlora.errors import UserError
+from fanlora.stages import rundir
 
 A = {"backbone": {"name": "a"}, "search": {"x": 1}, "score": {"y": 1}}
 B = {"backbone": {"name": "a"}, "search": {"x": 2}, "score": {"y": 1}}

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fanlora import atomic, methods, rundir
+from fanlora import atomic, methods
 from fanlora.backbone import from_config
 from fanlora.config import Config, load_config
 from fanlora.errors import UserError
@@ -38,6 +38,7 @@ from fanlora.experiments import report as report_
 from fanlora.experiments.config import FORMAT, Cell, Experiment, Variant, cell_config, cells
 from fanlora.scoring import ScoreTable, stage
 from fanlora.setting import Setting, select, select_by_rule
+from fanlora.stages import rundir
 from fanlora.stages.adapt import run_evaluate, task_training_data
 from fanlora.stages.search import run_search
 from fanlora.stages.select import run_select

@@ -22,6 +22,7 @@ from torch import nn
 
 from fanlora.backbone import Backbone
 from fanlora.errors import UserError
+from fanlora.registry import Registry
 from fanlora.setting import Setting
 
 
@@ -103,30 +104,18 @@ class PeftMethod(Method):
         return Built(peft, self.name, peft.get_nb_trainable_parameters()[0], callbacks=callbacks or [])
 
 
-_REGISTRY: dict[str, Method] = {}
+_REGISTRY: Registry[Method] = Registry(
+    "method", "unknown method {name}: methods are {known}", lambda n, m: (m.order, n)
+)
 
 
 def register(method: Method, replace: bool = False) -> Method:
     """Make ``method`` available under ``method.name`` (to grids, ``adapt``, reports, benchmarks)."""
-    if method.name in _REGISTRY and not replace:
-        raise ValueError(f"method {method.name!r} is already registered (pass replace=True to replace it)")
-    _REGISTRY[method.name] = method
-    return method
+    return _REGISTRY.register(method.name, method, replace)
 
 
-def unregister(name: str) -> None:
-    _REGISTRY.pop(name, None)
-
-
-def names() -> list[str]:
-    """Every registered method, in table order."""
-    return sorted(_REGISTRY, key=lambda n: (_REGISTRY[n].order, n))
-
-
-def get(name: str) -> Method:
-    if name not in _REGISTRY:
-        raise UserError(f"unknown method {name!r}: methods are {', '.join(names())}")
-    return _REGISTRY[name]
+unregister, get = _REGISTRY.unregister, _REGISTRY.get
+names = _REGISTRY.names  # in table order
 
 
 def check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -154,7 +143,7 @@ def build(
 def owner(directory: str | Path) -> Method | None:
     """The registered method whose saved adapter ``directory`` holds, if any."""
     where = Path(directory)
-    return next((_REGISTRY[n] for n in names() if _REGISTRY[n].owns(where)), None)
+    return next((get(n) for n in names() if get(n).owns(where)), None)
 
 
 def load(backbone: Backbone, directory: str | Path) -> nn.Module:

@@ -7,12 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fanlora import atomic, rundir
+from fanlora import atomic
 from fanlora.config import Config, load_config
 from fanlora.dist import say
 from fanlora.errors import UserError
 from fanlora.scoring.compare import compare
 from fanlora.scoring.stage import run_score
+from fanlora.stages import rundir
 from fanlora.stages.search import run_search
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from fanlora.data.records import BUNDLED_PREFIX, read_source
 from fanlora.errors import UserError
+from fanlora.registry import Registry
 
 Rows = list[tuple[str, dict[str, Any]]]  # (file:line, record)
 
@@ -191,25 +192,23 @@ class GenTask(Task):
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[Task]] = {}
+_REGISTRY: Registry[type[Task]] = Registry("task", "unknown task {name}: known tasks are {known}")
 
 
 def register(cls: type[Task]) -> type[Task]:
-    _REGISTRY[cls.name] = cls
-    return cls
+    """Class decorator: the task is known by ``cls.name``."""
+    return _REGISTRY.register(cls.name, cls)
 
 
 def known_tasks() -> list[str]:
     from fanlora import tasks  # noqa: F401 - importing the package registers the bundled tasks
 
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_task(name: str, data: dict[str, str] | None = None) -> Task:
-    known = known_tasks()
-    if name not in _REGISTRY:
-        raise UserError(f"unknown task {name!r}: known tasks are {', '.join(known)}")
-    return _REGISTRY[name](data)
+    known_tasks()
+    return _REGISTRY.get(name)(data)
 
 
 def halve(rows: list[Any], split: str) -> list[Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from fanlora.errors import UserError
+from fanlora.registry import Registry
 
 if TYPE_CHECKING:  # annotations only: importing these needs torch
     from fanlora.config import ScoreConfig
@@ -61,31 +61,19 @@ class Scorer:
         return "scores" if self.paper else f"scores-{self.name}"
 
 
-_REGISTRY: dict[str, Scorer] = {}
+_REGISTRY: Registry[Scorer] = Registry(
+    "scorer", "unknown scoring method {name}: choose one of {known}", lambda n, s: (not s.paper, n)
+)
 
 
 def register(scorer: Scorer, replace: bool = False) -> Scorer:
-    if scorer.name in _REGISTRY and not replace:
-        raise ValueError(f"scorer {scorer.name!r} is already registered (pass replace=True to replace it)")
-    _REGISTRY[scorer.name] = scorer
-    return scorer
+    return _REGISTRY.register(scorer.name, scorer, replace)
 
 
-def unregister(name: str) -> None:
-    _REGISTRY.pop(name, None)
-
-
-def names() -> list[str]:
-    """Every scorer, the paper's first."""
-    return sorted(_REGISTRY, key=lambda n: (not _REGISTRY[n].paper, n))
-
-
-def get(name: str) -> Scorer:
-    if name not in _REGISTRY:
-        raise UserError(f"unknown scoring method {name!r}: choose one of {', '.join(names())}")
-    return _REGISTRY[name]
+unregister, get = _REGISTRY.unregister, _REGISTRY.get
+names = _REGISTRY.names  # the paper's first
 
 
 def described() -> str:
-    """``name (summary), …`` for help texts."""
-    return "; ".join(f"{n}: {_REGISTRY[n].summary}" for n in names())
+    """``name: summary; …`` for help texts."""
+    return "; ".join(f"{n}: {get(n).summary}" for n in names())
