@@ -232,3 +232,30 @@ def test_cells_written_before_clusters_get_the_tasks_keys(tmp_path):
     assert item_clusters(exp, records) == {e.id: e.cluster for e in test}
     (c,) = paired(exp, records)
     assert c["n_clusters"] == len({e.cluster for e in test}) < 60 and c["verdict"] == "win"
+
+
+def test_every_pair_of_multi_seed_groups_gets_a_verdict(monkeypatch):
+    """Besides the reference against each group, contenders (groups with more than one seed) are compared
+    pairwise; one-seed anchors only against the reference."""
+    from types import SimpleNamespace
+
+    from fanlora.experiments import report
+
+    effect = {"ab": 0.0, "vo": 0.3, "cost": 0.1, "random": 0.5}
+    records = [
+        {"task": "sql", "variant": v, "method": "fanlora", "seed": s, "trainable_parameters": 10, "v": v}
+        for v, seeds in (("ab", 3), ("vo", 3), ("cost", 3), ("random", 1))
+        for s in range(seeds)
+    ]
+
+    def outcomes(exp, rs, key):
+        return {r["seed"]: {f"i{i}": effect[r["v"]] + 0.01 * ((i * 7 + r["seed"]) % 5) for i in range(40)} for r in rs}
+
+    monkeypatch.setattr(report, "item_outcomes", outcomes)
+    monkeypatch.setattr(report, "item_clusters", lambda exp, rs: {f"i{i}": f"c{i % 10}" for i in range(40)})
+    exp = SimpleNamespace(reference="ab", variants={"ab": {}, "vo": {}, "cost": {}, "random": {}})
+    pairs = {(c["a"], c["b"]) for c in report.paired(exp, records) if c["metric"] == "value"}
+    assert pairs == {
+        ("fanlora/ab", "fanlora/vo"), ("fanlora/ab", "fanlora/cost"), ("fanlora/ab", "fanlora/random"),
+        ("fanlora/cost", "fanlora/vo"),
+    }  # fmt: skip

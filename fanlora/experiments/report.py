@@ -112,7 +112,8 @@ def item_clusters(exp: Any, records: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def paired(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """FanLoRA on the reference variant against every other group of the same task, per item metric."""
+    """FanLoRA on the reference variant against every other group of the same task, per item metric; and
+    every pair of the other groups that ran more than one seed (the contenders), so each pair has a verdict."""
     reference = exp.reference or next(iter(exp.variants))
     groups = groups_of(records)
     out = []
@@ -120,19 +121,32 @@ def paired(exp: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ref = groups.get((task, reference, "fanlora"))
         if ref is None or (variant, method) == (reference, "fanlora"):
             continue
-        for key, higher in ITEM_METRICS:
-            a, b = item_outcomes(exp, ref, key), item_outcomes(exp, rs, key)
-            common = sorted(set(a) & set(b))  # pair on the seeds both have run (a grid may be part-way)
-            if not common:
-                continue
-            a, b = {s: a[s] for s in common}, {s: b[s] for s in common}
-            names = (f"fanlora/{reference}", f"{method}/{variant}")
-            try:
-                c = stats.compare(a, b, names, key, higher, clusters=item_clusters(exp, [*ref, *rs]))
-            except ValueError as exc:  # another item set or seeds: reported, not compared
-                out.append({"task": task, "a": names[0], "b": names[1], "metric": key, "unpaired": str(exc)})
-                continue
-            out.append({"task": task, **c.to_dict(), "b_trainable_parameters": rs[0]["trainable_parameters"]})
+        out += _pair(exp, task, ref, rs, (f"fanlora/{reference}", f"{method}/{variant}"))
+    seeded = sorted(
+        (g, rs) for g, rs in groups.items() if g[1:] != (reference, "fanlora") and len({r["seed"] for r in rs}) > 1
+    )
+    for i, ((task, variant, method), rs) in enumerate(seeded):
+        for (task_b, variant_b, method_b), rs_b in seeded[i + 1 :]:
+            if task_b == task:
+                out += _pair(exp, task, rs, rs_b, (f"{method}/{variant}", f"{method_b}/{variant_b}"))
+    return out
+
+
+def _pair(exp: Any, task: str, ra: list[dict[str, Any]], rb: list[dict[str, Any]], names: tuple[str, str]) -> list:
+    """Group A against group B on the seeds both ran, per item metric (an unpaired set is reported as such)."""
+    out = []
+    for key, higher in ITEM_METRICS:
+        a, b = item_outcomes(exp, ra, key), item_outcomes(exp, rb, key)
+        common = sorted(set(a) & set(b))  # pair on the seeds both have run (a grid may be part-way)
+        if not common:
+            continue
+        a, b = {s: a[s] for s in common}, {s: b[s] for s in common}
+        try:
+            c = stats.compare(a, b, names, key, higher, clusters=item_clusters(exp, [*ra, *rb]))
+        except ValueError as exc:  # another item set or seeds: reported, not compared
+            out.append({"task": task, "a": names[0], "b": names[1], "metric": key, "unpaired": str(exc)})
+            continue
+        out.append({"task": task, **c.to_dict(), "b_trainable_parameters": rb[0]["trainable_parameters"]})
     return out
 
 
