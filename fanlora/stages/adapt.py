@@ -151,9 +151,9 @@ def item_rows(
 
 
 def _headline(task: Any, metrics: dict[str, Any]) -> str:
-    """The task's headline metric and the others it shows, as ``key=value`` pairs."""
+    """The task's headline metric, the others it shows and the gold loss when computed, as ``key=value`` pairs."""
     parts = []
-    for key in (task.metric, *task.shown):
+    for key in (task.metric, *task.shown, "gold_nll"):
         value = metrics.get(key)
         if isinstance(value, float):
             parts.append(f"{key}={value:.4f}")
