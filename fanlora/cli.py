@@ -206,6 +206,13 @@ def _serving_parsers(sub: Any) -> None:
         "generate() call per batch, later requests wait for all of it",
     )
     p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=0.0,
+        help="continuous: MiB of prompt-prefix KV kept per adapter load and reused by later prompts that start "
+        "with the same 16-token blocks (least recently used first out; 0, the default: off)",
+    )
+    p.add_argument(
         "--prefill-chunk",
         type=int,
         default=256,

@@ -13,6 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fanlora.errors import UserError
 from fanlora.serving.scheduler import Job
 
 
@@ -23,8 +24,25 @@ class Limits(BaseModel):
     max_batch: int = 16
     scheduler: str = "continuous"  # or "batch": one generate() call per batch (the old path)
     prefill_chunk: int = 256  # continuous only: prompt tokens per prefill forward
+    prefix_cache_mb: float = 0.0  # continuous only: prompt-prefix KV kept per adapter load (0: off)
     max_lora_rank: int = 64  # adapters of a higher rank are refused (400)
     drain_seconds: float = 30.0  # on SIGTERM: how long running requests may take to finish
+
+    def check(self) -> None:
+        """Refuse limits that cannot work, naming the `fanlora serve` flag."""
+        for flag, value in (
+            ("--max-tokens", self.max_tokens),
+            ("--max-queue", self.max_queue),
+            ("--max-batch", self.max_batch),
+            ("--prefill-chunk", self.prefill_chunk),
+            ("--max-lora-rank", self.max_lora_rank),
+        ):
+            if value < 1:
+                raise UserError(f"{flag} {value} must be ≥ 1")
+        if not 0 <= self.prefix_cache_mb <= 1_000_000:
+            raise UserError(f"--prefix-cache-mb {self.prefix_cache_mb} must be between 0 (off) and 1000000")
+        if not 0 <= self.drain_seconds <= 3600:
+            raise UserError(f"--drain-seconds {self.drain_seconds} must be between 0 and 3600")
 
 
 #: OpenAI request fields fanlora does not implement, with the values that ask for nothing (what a client that

@@ -42,7 +42,9 @@ from torch.nn import functional as F
 from transformers import DynamicCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
+from fanlora.serving.batch import Batch
 from fanlora.serving.engine import Engine
+from fanlora.serving.prefix import PrefixCache
 from fanlora.serving.scheduler import Admission, Job, QueueFull, accept, flush, run_batch
 
 __all__ = ["ContinuousScheduler", "QueueFull"]
@@ -118,60 +120,26 @@ def take(job: Job, token: int | None, tokenizer: object) -> None:
     accept(job, token, tokenizer, tokenizer.eos_token_id)
 
 
-def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    extra = width - t.shape[dim]
-    if extra == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([t.new_zeros(shape), t], dim)
-
-
-class Batch:
-    """The running rows, their shared left-padded KV cache and attention mask (rows × columns)."""
-
-    def __init__(self) -> None:
-        self.rows: list[_Row] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # [rows, columns], 1 for a real token
-
-    def join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Add rows whose prompts were prefilled into ``cache`` (left-padded as ``mask``)."""
-        if not self.rows:
-            self.rows, self.cache, self.mask = rows, cache, mask
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
-            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
-        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
-        self.rows = self.rows + rows
-
-    def keep(self, keep: list[int]) -> None:
-        """Keep only rows ``keep`` (indices), then trim the columns that are padding in every kept row."""
-        if not keep:
-            self.rows, self.cache, self.mask = [], None, None
-            return
-        index = torch.tensor(keep)
-        mask = self.mask[index]
-        first = int(mask.any(0).nonzero()[0])
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
-        self.mask = mask[:, first:]
-        self.rows = [self.rows[i] for i in keep]
-
-
 class ContinuousScheduler(Admission):
     """The server's default scheduler; same surface as :class:`fanlora.serving.scheduler.Scheduler`."""
 
     def __init__(
-        self, engine: Engine, max_queue: int = 64, max_batch: int = 16, prefill_chunk: int = 256, start: bool = True
+        self,
+        engine: Engine,
+        max_queue: int = 64,
+        max_batch: int = 16,
+        prefill_chunk: int = 256,
+        start: bool = True,
+        prefix_cache_mb: float = 0.0,
     ) -> None:
-        """``start=False`` leaves the worker thread unstarted: the caller runs :meth:`iterate` itself (tests)."""
-        if max_queue < 1 or max_batch < 1 or prefill_chunk < 1:
-            raise ValueError(f"max_queue ({max_queue}), max_batch ({max_batch}), prefill_chunk must be ≥ 1")
+        """``start=False`` leaves the worker thread unstarted: the caller runs :meth:`iterate` itself (tests).
+        ``prefix_cache_mb`` > 0 keeps prompt-prefix KV per adapter load (:mod:`fanlora.serving.prefix`)."""
+        if max_queue < 1 or max_batch < 1 or prefill_chunk < 1 or prefix_cache_mb < 0:
+            raise ValueError(
+                f"max_queue ({max_queue}), max_batch ({max_batch}), prefill_chunk must be ≥ 1, prefix_cache_mb ≥ 0"
+            )
         self.engine, self.max_queue, self.max_batch, self.prefill_chunk = engine, max_queue, max_batch, prefill_chunk
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.queue: queue.Queue[Job] = queue.Queue()
         self.lock = threading.Lock()  # held for one iteration: adapter loads happen between steps
         self.waiting = 0  # admitted, not yet decoding (bounded by max_queue)
@@ -248,6 +216,8 @@ class ContinuousScheduler(Admission):
             if room > 0:
                 self._chunk()
             return
+        if self.prefix is not None and self.new and room > 0 and self._from_prefix(self.new[0]):
+            return
         group: list[Job] = []
         for job in self.new:  # FIFO; the prompts of one forward hold ≤ prefill_chunk tokens with padding
             n = len(job.prompt_ids)
@@ -258,6 +228,8 @@ class ContinuousScheduler(Admission):
                 break
             if group and (len(group) + 1) * max(n, *(len(j.prompt_ids) for j in group)) > self.prefill_chunk:
                 break
+            if group and self.prefix is not None and self._cached(job):
+                break  # it starts from the cache next iteration
             group.append(job)
         if not group:
             return
@@ -294,8 +266,35 @@ class ContinuousScheduler(Admission):
             self.partial = None
             self._start([_Row(part.job, end, generator=_generator(part.job))], logits, part.cache, mask)
 
+    def _cached(self, job: Job) -> bool:
+        children = self.prefix.roots.get(self.engine.slot_key(job.slot), {})
+        return len(job.prompt_ids) > self.prefix.block and tuple(job.prompt_ids[: self.prefix.block]) in children
+
+    def _from_prefix(self, job: Job) -> bool:
+        """Start ``job``'s prefill after the longest cached prefix of its prompt on its adapter, if any."""
+        self.prefix.drop(self.engine.live_keys())
+        n, keys, values = self.prefix.lookup(self.engine.slot_key(job.slot), job.prompt_ids)
+        if n == 0:
+            return False
+        self.new.remove(job)
+        self._dequeued(job)
+        self.starting = [job]
+        cache = DynamicCache(config=self.engine.model.config)
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            cache.update(k, v, layer)
+        self.partial = _Partial(job, cache, done=n)
+        self._chunk()
+        return True
+
     def _start(self, rows: list[_Row], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Sample each prefilled row's first token, send it, and add the rows to the running batch."""
+        """Sample each prefilled row's first token, send it, and add the rows to the running batch (their
+        prompts' whole blocks go to the prefix cache first)."""
+        if self.prefix is not None:
+            for i, row in enumerate(rows):
+                start = int(mask[i].nonzero()[0])
+                keys = [layer.keys[i : i + 1] for layer in cache.layers]
+                values = [layer.values[i : i + 1] for layer in cache.layers]
+                self.prefix.store(self.engine.slot_key(row.job.slot), row.job.prompt_ids, keys, values, start)
         tok = self.engine.tokenizer
         for row, token in zip(rows, pick(logits, rows), strict=True):
             row.token = 0 if token is None else token  # a failed row is dropped before it feeds again

@@ -132,6 +132,8 @@ class Engine:
         self.pins: dict[int, int] = {}
         self.retired: set[int] = set()
         self.freed: set[int] = set()  # free again, not yet zeroed: compact() clears them between forwards
+        self.loads = 0  # adapters written so far: a slot's load number tells one load from the next
+        self.slot_load: dict[int, int] = {}  # slot → the load number of the adapter written there
         self.book = threading.Lock()  # guards slots/pins/retired; never held during a forward pass
 
     @classmethod
@@ -204,6 +206,8 @@ class Engine:
         with self.book:
             self.retired.discard(slot)
             self.slot_rank[slot] = adapter.rank
+            self.loads += 1
+            self.slot_load[slot] = self.loads
             old = self.slots.get(name)
             self.slots[name], self.paths[name] = slot, Path(path)
             if old is not None:
@@ -289,6 +293,16 @@ class Engine:
             wrapped.B = torch.cat([wrapped.B, wrapped.B.new_zeros(wrapped.B.shape[0], pad, wrapped.B.shape[2])], 1)
             wrapped.refresh()
         self.rank = rank
+
+    def slot_key(self, slot: int) -> tuple[int, int]:
+        """(slot, load number): what KV computed on this slot belongs to (slot 0, the bare backbone: (0, 0))."""
+        return slot, self.slot_load.get(slot, 0)
+
+    def live_keys(self) -> set[tuple[int, int]]:
+        """The slot keys a request can still route to or is pinned on."""
+        with self.book:
+            held = set(self.slots.values()) | {s for s, n in self.pins.items() if n}
+            return {(0, 0)} | {self.slot_key(s) for s in held}
 
     # --- running --------------------------------------------------------------------------------------------
     def slot_of(self, name: str | None) -> int:

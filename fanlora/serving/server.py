@@ -237,7 +237,9 @@ def create_app(
     if limits.scheduler == "batch":
         scheduler = Scheduler(engine, limits.max_queue, limits.max_batch)
     else:
-        scheduler = ContinuousScheduler(engine, limits.max_queue, limits.max_batch, limits.prefill_chunk)
+        scheduler = ContinuousScheduler(
+            engine, limits.max_queue, limits.max_batch, limits.prefill_chunk, prefix_cache_mb=limits.prefix_cache_mb
+        )
     tenants = Tenants(engine, scheduler, adapter_dir)
     app = FastAPI(title="fanlora", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.engine, app.state.known = scheduler, engine, tenants.known
@@ -336,17 +338,7 @@ def check_serve_options(host: str, port: int, api_key: str | None, limits: Limit
 
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port} is not a TCP port: give 0..65535 (0: any free port)")
-    for flag, value in (
-        ("--max-tokens", limits.max_tokens),
-        ("--max-queue", limits.max_queue),
-        ("--max-batch", limits.max_batch),
-        ("--prefill-chunk", limits.prefill_chunk),
-        ("--max-lora-rank", limits.max_lora_rank),
-    ):
-        if value < 1:
-            raise UserError(f"{flag} {value} must be ≥ 1")
-    if not 0 <= limits.drain_seconds <= 3600:
-        raise UserError(f"--drain-seconds {limits.drain_seconds} must be between 0 and 3600")
+    limits.check()
     if api_key is not None and not api_key:
         raise UserError("--api-key is empty, which would turn authentication off: give a key, or drop the flag")
     if api_key is None and not _loopback(host):
