@@ -10,6 +10,10 @@ adapter: each client cycles through four random r=12 adapters), then the same th
 server has no per-request LoRA, so only the base row compares like with like; the adapter row says what the
 adapters cost fanlora. Prints requests/s, completion tokens/s and latency percentiles per run, the ratios
 fanlora ÷ transformers per pair, and a RESULT line. Time it with nothing else running.
+
+With ``--prefix-cache-mb N`` fanlora also runs with its prefix cache on, the order then being transformers,
+fanlora (off), fanlora (on), fanlora (on), fanlora (off), transformers — A-B-B-A for the cache too — and the
+RESULT line adds the cache's throughput ratio (on ÷ off, per pair) for base and for the four adapters.
 """
 
 from __future__ import annotations
@@ -106,6 +110,7 @@ def main() -> None:
     parser.add_argument("--setting", required=True)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--prefix-cache-mb", type=float, default=0.0, help="also run fanlora with its prefix cache")
     parser.add_argument("--out")
     args = parser.parse_args()
     setting = Setting.read(args.setting)
@@ -134,22 +139,26 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
 
-    def ours() -> list[tuple[str, dict]]:
+    def ours(cache_mb: float = 0.0) -> list[tuple[str, dict]]:
         port = free_port()
         cmd = [sys.executable, "-m", "fanlora", "serve", "--setting", args.setting, "--adapter-dir", str(work)]
+        cmd += ["--prefix-cache-mb", str(cache_mb)]
         proc = start([*cmd, "--port", str(port)], port)
+        tag = f" (prefix cache {cache_mb:g} MiB)" if cache_mb else ""
         try:
             url = f"http://127.0.0.1:{port}/v1"
             load(url, ["base", *ADAPTERS], 1, 8)  # warm-up, loads every adapter
             base = load(url, ["base"], args.clients, args.seconds)
             mixed = load(url, ADAPTERS, args.clients, args.seconds)
-            return [("fanlora serve, base", base), ("fanlora serve, 4 adapters", mixed)]
+            return [(f"fanlora serve, base{tag}", base), (f"fanlora serve, 4 adapters{tag}", mixed)]
         finally:
             proc.terminate()
             proc.wait(30)
 
     runs: dict[str, list[dict]] = {}
-    for fn in (peer, ours, ours, peer):  # A-B-B-A
+    cached = lambda: ours(args.prefix_cache_mb)  # noqa: E731
+    order = (peer, ours, cached, cached, ours, peer) if args.prefix_cache_mb else (peer, ours, ours, peer)
+    for fn in order:  # A-B-B-A
         for label, m in fn():
             runs.setdefault(label, []).append(m)
             say(
@@ -168,9 +177,18 @@ def main() -> None:
         m["rps"] / p["rps"] for m, p in zip(runs[label], runs[peer_label], strict=True)
     )
     errors = sum(m["errors"] for ms in runs.values() for m in ms)
+    cache = ""
+    if args.prefix_cache_mb:
+        tag = f" (prefix cache {args.prefix_cache_mb:g} MiB)"
+        for what in ("base", "4 adapters"):
+            on, off = runs[f"fanlora serve, {what}{tag}"], runs[f"fanlora serve, {what}"]
+            r = [a["rps"] / b["rps"] for a, b in zip(on, off, strict=True)]
+            say(f"fanlora serve, {what}: prefix cache on / off: throughput {statistics.median(r):.3f} "
+                f"[{min(r):.3f}, {max(r):.3f}]")  # fmt: skip
+            cache += f" {what.replace(' ', '_')}_cache_vs_off={statistics.median(r):.3f}"
     say(
         f"RESULT base_vs_peer_throughput={ratio('fanlora serve, base'):.3f} "
-        f"adapters_vs_peer_throughput={ratio('fanlora serve, 4 adapters'):.3f} errors={errors}"
+        f"adapters_vs_peer_throughput={ratio('fanlora serve, 4 adapters'):.3f}{cache} errors={errors}"
     )
     if args.out:
         Path(args.out).write_text("\n".join(report) + "\n")
