@@ -102,3 +102,20 @@ def test_the_server_flag_reaches_the_scheduler_and_is_checked(setup):
     assert plain.prefix is None  # off unless asked for
     with pytest.raises(UserError, match=r"--prefix-cache-mb -1\.0 must be between 0"):
         Limits(prefix_cache_mb=-1).check()
+
+
+def test_hits_that_arrive_together_share_one_forward_of_their_remainders(setup):
+    eng, _ = setup
+    scheduler = _cached(eng, max_batch=8)
+    warm = [job(eng, SYSTEM + QUESTIONS[0], a, None, 4) for a in ("a", "b", None)]
+    run(scheduler, {i: [j] for i, j in enumerate(warm)})
+    shapes = []
+    forward = scheduler._forward
+    scheduler._forward = lambda ids, *rest: (shapes.append(tuple(ids.shape)), forward(ids, *rest))[1]
+    specs = [(q, a) for q in QUESTIONS[1:] for a in ("a", "b", None)]  # remainders of different lengths
+    jobs = [job(eng, SYSTEM + q, a, None, 6) for q, a in specs]
+    run(scheduler, {0: jobs})
+    n_prompt = len(jobs[0].prompt_ids)
+    assert any(rows > 1 and width < n_prompt - scheduler.prefix.block for rows, width in shapes)  # batched hits
+    for (q, a), j in zip(specs, jobs, strict=True):
+        assert j.tokens == alone(eng, lambda q=q, a=a: job(eng, SYSTEM + q, a, None, 6)).tokens

@@ -44,7 +44,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 
 from fanlora.serving.batch import Batch
 from fanlora.serving.engine import Engine
-from fanlora.serving.prefix import PrefixCache
+from fanlora.serving.prefix import PrefixCache, hit_group, prefix_inputs
 from fanlora.serving.scheduler import Admission, Job, QueueFull, accept, flush, run_batch
 
 __all__ = ["ContinuousScheduler", "QueueFull"]
@@ -216,7 +216,7 @@ class ContinuousScheduler(Admission):
             if room > 0:
                 self._chunk()
             return
-        if self.prefix is not None and self.new and room > 0 and self._from_prefix(self.new[0]):
+        if self.prefix is not None and self.new and room > 0 and self._from_prefix(room):
             return
         group: list[Job] = []
         for job in self.new:  # FIFO; the prompts of one forward hold ≤ prefill_chunk tokens with padding
@@ -270,20 +270,27 @@ class ContinuousScheduler(Admission):
         children = self.prefix.roots.get(self.engine.slot_key(job.slot), {})
         return len(job.prompt_ids) > self.prefix.block and tuple(job.prompt_ids[: self.prefix.block]) in children
 
-    def _from_prefix(self, job: Job) -> bool:
-        """Start ``job``'s prefill after the longest cached prefix of its prompt on its adapter, if any."""
+    def _from_prefix(self, room: int) -> bool:
+        """Prefill the first waiting prompts that start with the same number of cached tokens on their adapters
+        (one forward for their remainders), or a long one alone in chunks; False when the first one misses."""
         self.prefix.drop(self.engine.live_keys())
-        n, keys, values = self.prefix.lookup(self.engine.slot_key(job.slot), job.prompt_ids)
-        if n == 0:
+        n, hits = hit_group(self.prefix, self.engine.slot_key, self.new, room, self.prefill_chunk)
+        if not hits:
             return False
-        self.new.remove(job)
-        self._dequeued(job)
-        self.starting = [job]
-        cache = DynamicCache(config=self.engine.model.config)
-        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-            cache.update(k, v, layer)
-        self.partial = _Partial(job, cache, done=n)
-        self._chunk()
+        for job, _, _ in hits:
+            self.new.remove(job)
+            self._dequeued(job)
+        self.starting = [h[0] for h in hits]
+        config = self.engine.model.config
+        if len(hits) == 1 and len(hits[0][0].prompt_ids) - n > self.prefill_chunk:
+            self.partial = _Partial(hits[0][0], prefix_inputs(config, n, hits)[0], done=n)
+            self._chunk()
+            return True
+        cache, ids, mask, positions = prefix_inputs(config, n, hits)
+        logits = self._forward(ids, mask, positions, cache, [job.slot for job, _, _ in hits])
+        self._start([_Row(job, len(job.prompt_ids), generator=_generator(job)) for job, _, _ in hits], logits, cache,
+                    mask)  # fmt: skip
+        self.starting = []
         return True
 
     def _start(self, rows: list[_Row], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
@@ -291,10 +298,10 @@ class ContinuousScheduler(Admission):
         prompts' whole blocks go to the prefix cache first)."""
         if self.prefix is not None:
             for i, row in enumerate(rows):
-                start = int(mask[i].nonzero()[0])
-                keys = [layer.keys[i : i + 1] for layer in cache.layers]
-                values = [layer.values[i : i + 1] for layer in cache.layers]
-                self.prefix.store(self.engine.slot_key(row.job.slot), row.job.prompt_ids, keys, values, start)
+                real = mask[i].nonzero().squeeze(1)  # the prompt's columns: left padding and gaps left out
+                keys = [layer.keys[i : i + 1].index_select(2, real) for layer in cache.layers]
+                values = [layer.values[i : i + 1].index_select(2, real) for layer in cache.layers]
+                self.prefix.store(self.engine.slot_key(row.job.slot), row.job.prompt_ids, keys, values, 0)
         tok = self.engine.tokenizer
         for row, token in zip(rows, pick(logits, rows), strict=True):
             row.token = 0 if token is None else token  # a failed row is dropped before it feeds again

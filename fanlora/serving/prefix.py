@@ -15,9 +15,12 @@ vLLM's block-hash prefix cache is the model, on dense per-request tensors instea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 
 @dataclass
@@ -47,6 +50,16 @@ class PrefixCache:
     def _chunks(self, ids: list[int], n_blocks: int) -> list[tuple[int, ...]]:
         b = self.block
         return [tuple(ids[i * b : (i + 1) * b]) for i in range(n_blocks)]
+
+    def peek(self, key: tuple[int, int], ids: list[int]) -> int:
+        """How many tokens :meth:`lookup` would reuse (nothing counted, nothing touched)."""
+        children, n = self.roots.get(key, {}), 0
+        for chunk in self._chunks(ids, (len(ids) - 1) // self.block):
+            node = children.get(chunk)
+            if node is None:
+                break
+            n, children = n + self.block, node.children
+        return n
 
     def lookup(self, key: tuple[int, int], ids: list[int]) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
         """(tokens reused, keys, values per layer) of the longest cached block chain that leaves at least one
@@ -114,6 +127,48 @@ class PrefixCache:
                 else:
                     out.append((children, chunk, node))
         return out
+
+
+def hit_group(
+    cache: PrefixCache, key_of: Callable[[int], tuple[int, int]], jobs: list[Any], room: int, chunk: int
+) -> tuple[int, list[tuple[Any, list[torch.Tensor], list[torch.Tensor]]]]:
+    """(n, [(job, keys, values)]): the first waiting jobs, in order, whose prompts reuse the same ``n`` cached
+    tokens on their own adapters, as many as fit in ``room`` rows and one prefill forward of ``chunk`` tokens
+    (a first job whose remainder is longer goes alone); (0, []) when the first job misses."""
+    first = jobs[0]
+    n = cache.peek(key_of(first.slot), first.prompt_ids)
+    if n == 0:
+        return 0, []
+    group, width = [first], len(first.prompt_ids) - n
+    for job in jobs[1:]:
+        rest = len(job.prompt_ids) - n
+        if len(group) == room or (len(group) + 1) * max(width, rest) > chunk:
+            break
+        if cache.peek(key_of(job.slot), job.prompt_ids) != n:
+            break
+        group.append(job)
+        width = max(width, rest)
+    return n, [(job, *cache.lookup(key_of(job.slot), job.prompt_ids)[1:]) for job in group]
+
+
+def prefix_inputs(
+    config: Any, n: int, hits: list[tuple[Any, list[torch.Tensor], list[torch.Tensor]]]
+) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cache (every row's ``n`` cached tokens) and the remainders' ids, mask and positions for one forward.
+    Remainders are right-aligned so each row's last column is its last prompt token; a shorter one leaves a
+    masked gap between its prefix and its remainder, which position ids skip."""
+    cache = DynamicCache(config=config)
+    for layer in range(len(hits[0][1])):
+        cache.update(torch.cat([h[1][layer] for h in hits]), torch.cat([h[2][layer] for h in hits]), layer)
+    rests = [job.prompt_ids[n:] for job, _, _ in hits]
+    width = max(len(r) for r in rests)
+    ids = torch.zeros(len(hits), width, dtype=torch.long)
+    new = torch.zeros_like(ids)
+    for i, rest in enumerate(rests):
+        ids[i, width - len(rest) :] = torch.tensor(rest)
+        new[i, width - len(rest) :] = 1
+    positions = (n + new.cumsum(-1) - 1).clamp(min=n)
+    return cache, ids, torch.cat([torch.ones(len(hits), n, dtype=torch.long), new], 1), positions
 
 
 def _walk(children: dict[tuple[int, ...], _Node]) -> list[_Node]:
