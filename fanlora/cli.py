@@ -208,9 +208,9 @@ def _serving_parsers(sub: Any) -> None:
     p.add_argument(
         "--prefix-cache-mb",
         type=float,
-        default=0.0,
+        default=64.0,
         help="continuous: MiB of prompt-prefix KV kept per adapter load and reused by later prompts that start "
-        "with the same 16-token blocks (least recently used first out; 0, the default: off)",
+        "with the same 16-token blocks (least recently used first out; default 64, 0: off)",
     )
     p.add_argument(
         "--prefill-chunk",

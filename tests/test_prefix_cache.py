@@ -97,9 +97,10 @@ def test_the_server_flag_reaches_the_scheduler_and_is_checked(setup):
     app = create_app(eng, None, None, Limits(prefix_cache_mb=8))
     assert app.state.scheduler.prefix.limit == 8 * 2**20
     app.state.scheduler.stop()
-    plain = create_app(eng, None, None, Limits()).state.scheduler
+    plain = create_app(eng, None, None, Limits(prefix_cache_mb=0)).state.scheduler
     plain.stop()
-    assert plain.prefix is None  # off unless asked for
+    assert plain.prefix is None  # 0: off
+    assert Limits().prefix_cache_mb == 64  # on by default, as measured
     with pytest.raises(UserError, match=r"--prefix-cache-mb -1\.0 must be between 0"):
         Limits(prefix_cache_mb=-1).check()
 

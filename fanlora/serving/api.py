@@ -24,7 +24,7 @@ class Limits(BaseModel):
     max_batch: int = 16
     scheduler: str = "continuous"  # or "batch": one generate() call per batch (the old path)
     prefill_chunk: int = 256  # continuous only: prompt tokens per prefill forward
-    prefix_cache_mb: float = 0.0  # continuous only: prompt-prefix KV kept per adapter load (0: off)
+    prefix_cache_mb: float = 64.0  # continuous only: prompt-prefix KV kept per adapter load (0: off)
     max_lora_rank: int = 64  # adapters of a higher rank are refused (400)
     drain_seconds: float = 30.0  # on SIGTERM: how long running requests may take to finish
 
