@@ -267,8 +267,7 @@ class ContinuousScheduler(Admission):
             self._start([_Row(part.job, end, generator=_generator(part.job))], logits, part.cache, mask)
 
     def _cached(self, job: Job) -> bool:
-        children = self.prefix.roots.get(self.engine.slot_key(job.slot), {})
-        return len(job.prompt_ids) > self.prefix.block and tuple(job.prompt_ids[: self.prefix.block]) in children
+        return self.prefix.peek(self.engine.slot_key(job.slot), job.prompt_ids) > 0
 
     def _from_prefix(self, room: int) -> bool:
         """Prefill the first waiting prompts that start with the same number of cached tokens on their adapters
