@@ -74,12 +74,15 @@ def step_runner(
     return run
 
 
-def save_random_adapter(backbone_name: str, setting: Setting, path: Path, seed: int, r: int = 12) -> Path:
-    """A PEFT LoRA adapter of rank ``r`` on the setting's modules with random factors (speed ignores values)."""
+def save_random_adapter(
+    backbone_name: str, setting: Setting, path: Path, seed: int, r: int = 12, std: float = 0.02
+) -> Path:
+    """A PEFT LoRA adapter of rank ``r`` on the setting's modules with random factors (speed ignores values;
+    equivalence tests raise ``std`` so that the adapter visibly changes the text)."""
     from peft import get_peft_model
 
     model = get_peft_model(load_backbone(backbone_name).model, setting.lora_config(r, 2 * r))
-    randomize(model, seed)
+    randomize(model, seed, std)
     model.save_pretrained(path)
     setting.write(path / "setting.json")
     return path

@@ -1,0 +1,108 @@
+"""Starting vLLM's OpenAI server from fanlora (tests, `benchmarks/vllm.py`, `fanlora profile --engine vllm`).
+
+vLLM lives in its own venv (``.venv-vllm``, built by ``scripts/setup-vllm.sh``: it pins an older transformers
+than fanlora needs), so fanlora never imports it: it runs ``python -m vllm.entrypoints.openai.api_server`` from
+that venv as a subprocess (vLLM's console script looks for a distribution named ``vllm``, which the CPU build
+is not) and waits for ``/health``. The fanlora-vllm plugin in that venv restricts LoRA to the setting when
+``FANLORA_SETTING`` names one; ``FANLORA_SETTING=off`` gives stock vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fanlora.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTUP_S = 600.0  # a cold CPU start beside other jobs takes 1-2 min; give up well after that
+
+
+def vllm_python() -> Path | None:
+    """The vLLM venv's interpreter: ``$FANLORA_VLLM_PYTHON``, else ``.venv-vllm`` in the checkout."""
+    chosen = os.environ.get("FANLORA_VLLM_PYTHON")
+    path = Path(chosen) if chosen else ROOT / ".venv-vllm" / "bin" / "python"
+    return path if path.is_file() else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class VllmServer:
+    """One vLLM server on loopback over ``model_dir`` (float32, LoRA on), with or without the plugin."""
+
+    model_dir: str
+    setting: str | None  # the plugin's FANLORA_SETTING; None: stock vLLM (the plugin stays out)
+    adapters: dict[str, str] = field(default_factory=dict)  # --lora-modules name → folder
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    report: str | None = None  # FANLORA_VLLM_REPORT: where the plugin writes the engine's LoRA module tree
+    log: str | None = None
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        python = vllm_python()
+        if python is None:
+            raise UserError("no vLLM venv: run `bash scripts/setup-vllm.sh` (or set FANLORA_VLLM_PYTHON)")
+        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir]
+        cmd += ["--served-model-name", "base", "--dtype", "float32", "--max-model-len", "2048"]
+        cmd += ["--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank)]
+        if self.adapters:
+            cmd += ["--lora-modules", *(f"{name}={path}" for name, path in self.adapters.items())]
+        return [*cmd, "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def environment(self) -> dict[str, str]:
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+        env["FANLORA_SETTING"] = self.setting or "off"
+        env.pop("FANLORA_VLLM_REPORT", None)
+        if self.report:
+            env["FANLORA_VLLM_REPORT"] = self.report
+        return env
+
+    def start(self) -> VllmServer:
+        out = open(self.log, "w") if self.log else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(  # its own process group: vLLM's engine and worker processes go with it
+            self.command(), stdout=out, stderr=subprocess.STDOUT, env=self.environment(), start_new_session=True
+        )
+        return self
+
+    def wait(self, timeout: float = STARTUP_S) -> VllmServer:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return self
+            except OSError:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"vLLM exited with {self.proc.returncode}; its log: {self.log}") from None
+                time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(f"vLLM did not answer /health within {timeout:.0f} s; its log: {self.log}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        with contextlib.suppress(ProcessLookupError):  # what outlived the API server (engine core, worker)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
