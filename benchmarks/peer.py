@@ -46,8 +46,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+def start(cmd: list[str], port: int, new_session: bool = False) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy(), start_new_session=new_session
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
