@@ -23,19 +23,11 @@ import openai
 import uvicorn
 
 from fanlora.backbone import load_backbone
+from fanlora.latency.loadgen import PROMPTS
 from fanlora.latency.timing import save_random_adapter
 from fanlora.serving.engine import Engine
 from fanlora.serving.server import Limits, create_app
 from fanlora.setting import Setting
-
-PROMPTS = [
-    "Write one sentence about the sea.",
-    "List three colours.",
-    "What is the capital of Italy?",
-    "Explain what a policy deductible is.",
-    "Translate 'good morning' into French.",
-    "Give a short tip for writing tests.",
-]
 
 
 def main() -> None:

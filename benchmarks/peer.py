@@ -25,15 +25,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-import openai
-from load_test import PROMPTS  # the load test's six prompts (benchmarks/ is on sys.path when run)
-
 from fanlora.backbone import resolve_source
+from fanlora.latency.loadgen import closed_loop as load
 from fanlora.latency.timing import save_random_adapter
 from fanlora.setting import Setting
 
@@ -61,50 +58,6 @@ def start(cmd: list[str], port: int, new_session: bool = False) -> subprocess.Po
             time.sleep(0.5)
     proc.kill()
     raise SystemExit(f"{' '.join(cmd[:2])} did not answer /health within 300 s")
-
-
-def load(url: str, models: list[str], clients: int, seconds: float) -> dict[str, float]:
-    """Closed loop: each client sends the next request as soon as its last one is answered."""
-    lat, toks, errors = [], [], []
-    lock = threading.Lock()
-    end = time.monotonic() + seconds
-
-    def client(i: int) -> None:
-        c = openai.OpenAI(base_url=url, api_key="none", timeout=120, max_retries=0)
-        k = i
-        while time.monotonic() < end:
-            t = time.monotonic()
-            try:
-                r = c.chat.completions.create(
-                    model=models[k % len(models)],
-                    max_tokens=16,
-                    temperature=0,
-                    messages=[{"role": "user", "content": PROMPTS[k % len(PROMPTS)]}],
-                )
-                with lock:
-                    lat.append(time.monotonic() - t)
-                    toks.append(r.usage.completion_tokens if r.usage else 0)
-            except Exception as exc:  # counted: the goal is zero
-                with lock:
-                    errors.append(repr(exc)[:120])
-            k += 1
-
-    t0 = time.monotonic()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.monotonic() - t0
-    q = sorted(lat) or [float("nan")]
-    return {
-        "requests": len(lat),
-        "errors": len(errors),
-        "rps": len(lat) / wall,
-        "tok_s": sum(toks) / wall,
-        "p50": q[len(q) // 2],
-        "p99": q[min(len(q) - 1, int(0.99 * len(q)))],
-    }
 
 
 def main() -> None:

@@ -29,9 +29,10 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from peer import load, start  # the peer benchmark's closed-loop client and server start (benchmarks/ on sys.path)
+from peer import start  # the peer benchmark's server start (benchmarks/ is on sys.path)
 
 from fanlora.backbone import resolve_source
+from fanlora.latency.loadgen import closed_loop as load
 from fanlora.latency.timing import save_random_adapter
 from fanlora.serving.vllm import VllmServer, free_port
 from fanlora.setting import Setting

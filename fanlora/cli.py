@@ -123,6 +123,13 @@ def _method_parsers(sub: Any) -> None:
     )
     p.add_argument("--r1", type=int, default=R1, help=f"stage-d LoRA rank a params budget is costed at (default {R1})")
     p.add_argument("--profile", help="latency profile (default: this backbone's cached `fanlora profile`)")
+    p.add_argument(
+        "--engine",
+        choices=["fanlora", "vllm"],
+        default="fanlora",
+        help="what a latency budget costs: fanlora (default; also vLLM with the fanlora-vllm plugin) per module, "
+        "or vllm: stock vLLM, per packed projection kind in every layer (`fanlora profile --engine vllm`)",
+    )
     p.add_argument("--out", help="setting path (default: setting.json next to the scores)")
     p.add_argument("--backbone", help="the backbone the setting is for; scores of another one are refused")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
@@ -237,6 +244,13 @@ def _serving_parsers(sub: Any) -> None:
     p.add_argument("--prompt-tokens", type=int, default=276, help="the decode steps' position (cache length)")
     p.add_argument("--steps", type=int, default=8, help="decode steps per timed run")
     p.add_argument("--out", help="also write the profile here (it always goes to the cache, where select finds it)")
+    p.add_argument(
+        "--engine",
+        choices=["fanlora", "vllm"],
+        default="fanlora",
+        help="fanlora (default): this engine's decode step per module kind; vllm: stock vLLM's server throughput "
+        "per packed kind (needs `bash scripts/setup-vllm.sh`; --rounds/--steps/--prompt-tokens do not apply)",
+    )
 
 
 def _grid_parsers(sub: Any) -> None:

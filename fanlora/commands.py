@@ -190,10 +190,12 @@ def select(args: argparse.Namespace) -> int:
     plots = None if args.no_plots else out.parent / "plots"
     if args.budget is None and args.profile:
         raise UserError("--profile is only used with --budget latency=P%")
+    if args.budget is None and args.engine != "fanlora":
+        raise UserError("--engine only changes how a latency budget is costed: add --budget latency=P%")
     if args.k_max is not None and args.k_max < 1:
         raise UserError(f"--k-max must be >= 1, got {args.k_max}: leave it out for no per-layer cap")
     backbone = _intended_backbone(args, scores)
-    run_select(scores, args.k_max, out, plots, backbone, args.budget, args.r1, args.profile)
+    run_select(scores, args.k_max, out, plots, backbone, args.budget, args.r1, args.profile, args.engine)
     return 0
 
 
@@ -304,6 +306,14 @@ def profile(args: argparse.Namespace) -> int:
 
     if min(args.r, args.rounds, args.prompt_tokens, args.steps) < 1:
         raise UserError("--r, --rounds, --prompt-tokens and --steps must be ≥ 1")
+    if args.engine == "vllm":
+        from fanlora.latency import vllm_profile
+        from fanlora.serving.vllm import vllm_python
+
+        if vllm_python() is None:
+            raise UserError("--engine vllm profiles through vLLM's server: run `bash scripts/setup-vllm.sh` first")
+        vllm_profile.run_vllm_profile(args.backbone, args.r, out=args.out, say=lambda line: print(line, flush=True))
+        return 0
     latency.run_profile(
         args.backbone,
         args.r,

@@ -48,6 +48,8 @@ class VllmServer:
     max_loras: int = 4
     max_lora_rank: int = 16
     report: str | None = None  # FANLORA_VLLM_REPORT: where the plugin writes the engine's LoRA module tree
+    lora: bool = True  # False: vLLM without --enable-lora (the base a LoRA cost is measured against)
+    target_modules: list[str] | None = None  # vLLM's --lora-target-modules (by kind, in every layer)
     log: str | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
@@ -62,7 +64,10 @@ class VllmServer:
             raise UserError("no vLLM venv: run `bash scripts/setup-vllm.sh` (or set FANLORA_VLLM_PYTHON)")
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir]
         cmd += ["--served-model-name", "base", "--dtype", "float32", "--max-model-len", "2048"]
-        cmd += ["--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank)]
+        if self.lora:
+            cmd += ["--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank)]
+        if self.target_modules:
+            cmd += ["--lora-target-modules", *self.target_modules]
         if self.adapters:
             cmd += ["--lora-modules", *(f"{name}={path}" for name, path in self.adapters.items())]
         return [*cmd, "--host", "127.0.0.1", "--port", str(self.port)]

@@ -212,12 +212,14 @@ def costs_for(
 
 def budget_setting(
     table: ScoreTable, text: str, k_max: int | None, r1: int = R1, profile_path: str | None = None,
-    source: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None, engine: str = "fanlora",
 ) -> Setting:  # fmt: skip
     """``fanlora select --budget``: parse, cost, solve; the setting records its budget and predicted cost."""
     budget = parse_budget(text)
     if k_max is not None and (not isinstance(k_max, int) or k_max < 1):
         raise UserError(f"k_max must be an integer >= 1 (or left out for no per-layer cap), got {k_max!r}")
+    if engine == "vllm":
+        return vllm_budget_setting(table, budget, k_max, profile_path, source)
     costs, record = costs_for(table, budget, r1, profile_path)
     setting = select_within(table, budget, costs, k_max, source)
     setting.source["budget"] = {
@@ -228,4 +230,65 @@ def budget_setting(
         "predicted_cost": setting_cost(setting, costs),
         **record,
     }
+    return setting
+
+
+def select_by_groups(
+    table: ScoreTable, budget: Budget, groups: dict[str, dict[str, Any]], k_max: int | None,
+    source: dict[str, Any] | None = None,
+) -> Setting:  # fmt: skip
+    """Stock vLLM's cost model (:mod:`fanlora.latency.vllm_profile`): a group of kinds (``qkv_proj``: Q, K, V…)
+    costs its ``slowdown`` once any layer uses one of its kinds. Every subset of groups within the budget is
+    tried (four groups: sixteen subsets); in each, the top ``k_max`` non-negative kinds per layer among the
+    subset's kinds are kept; the subset with the highest summed score wins (ties: the cheaper)."""
+    cap = k_max if k_max is not None else len(table.kinds)
+    best: tuple[float, float, dict[int, list[str]], tuple[str, ...]] | None = None
+    names = sorted(groups)
+    for n in range(1, len(names) + 1):
+        for subset in itertools.combinations(names, n):
+            cost = sum(max(0.0, groups[g]["slowdown"]) for g in subset)
+            if cost > budget.value:
+                continue
+            allowed = {k for g in subset for k in groups[g]["kinds"]}
+            kept = {
+                layer: sorted(
+                    (k for k in table.kinds if k in allowed and table.score(k, layer) >= 0),
+                    key=lambda k, layer=layer: (-table.score(k, layer), table.kinds.index(k)),
+                )[:cap]
+                for layer in range(table.num_layers)
+            }
+            value = sum(table.score(k, layer) for layer, kinds in kept.items() for k in kinds)
+            used = tuple(g for g in subset if any(k in groups[g]["kinds"] for kinds in kept.values() for k in kinds))
+            if best is None or (value, -cost) > (best[0], -best[1]):
+                best = (value, cost, kept, used)
+    if best is None or not any(best[2].values()):
+        cheapest = min(max(0.0, g["slowdown"]) for g in groups.values())
+        raise UserError(
+            f"budget {budget} is below vLLM's cheapest LoRA group ({cheapest * 100:.2f}% decode time, "
+            "`fanlora profile --engine vllm`): raise the budget, or serve with the fanlora-vllm plugin, which "
+            "charges per module (then select without --engine)"
+        )
+    value, cost, kept, used = best
+    setting = from_table(table, kept, cap, source)
+    setting.source["vllm_lora_target_modules"] = list(used)  # what to pass as vLLM's --lora-target-modules
+    setting.source["vllm_predicted_cost"] = sum(max(0.0, groups[g]["slowdown"]) for g in used)
+    return setting
+
+
+def vllm_budget_setting(
+    table: ScoreTable, budget: Budget, k_max: int | None, profile_path: str | None, source: dict[str, Any] | None
+) -> Setting:
+    """``select --budget latency=P% --engine vllm``: the best setting at what stock vLLM charges."""
+    from fanlora.latency import vllm_profile
+    from fanlora.setting import file_sha256
+
+    if budget.unit != "latency":
+        raise UserError("--engine vllm costs latency, not parameters: use --budget latency=P% (or drop --engine)")
+    where, prof = vllm_profile.read_vllm_profile(table.backbone, profile_path)
+    setting = select_by_groups(table, budget, prof["groups"], k_max, source)
+    setting.source["budget"] = {
+        "unit": budget.unit, "value": budget.value, "text": str(budget), "per_layer_cap": k_max, "engine": "vllm",
+        "predicted_cost": setting.source.pop("vllm_predicted_cost"), "profile": str(where),
+        "profile_sha256_16": file_sha256(where)[:16], "profile_r": prof["r"],
+    }  # fmt: skip
     return setting

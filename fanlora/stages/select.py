@@ -24,12 +24,14 @@ def run_select(
     budget: str | None = None,
     r1: int = R1,
     profile: str | None = None,
+    engine: str = "fanlora",
 ) -> Setting:
     """Stage c: top-k_max non-negative modules per layer → setting.json (+ figures).
 
     ``backbone`` (an identity) is the backbone the setting is meant for; scores of any other are refused.
     With ``budget`` (``params=N`` or ``latency=P%``) the modules are chosen by :mod:`fanlora.stages.budget` instead,
-    ``k_max`` then being an optional per-layer cap (None: no cap).
+    ``k_max`` then being an optional per-layer cap (None: no cap); ``engine="vllm"`` costs a latency budget as
+    stock vLLM charges it (per packed projection kind in every layer) instead of per module.
     """
     table = ScoreTable.read(scores_path)
     theirs = table.backbone.get("weights_digest")
@@ -50,10 +52,12 @@ def run_select(
     else:
         from fanlora.stages.budget import budget_setting, parse_budget
 
-        setting = budget_setting(table, budget, k_max, r1, profile, source)
+        setting = budget_setting(table, budget, k_max, r1, profile, source, engine)
         b = setting.source["budget"]
         cap = "no per-layer cap" if k_max is None else f"at most {k_max} per layer"
         how = f"budget {b['text']}, {cap}; predicted cost {parse_budget(budget).describe(b['predicted_cost'])}"
+        if engine == "vllm":
+            how += f" on stock vLLM: --lora-target-modules {' '.join(setting.source['vllm_lora_target_modules'])}"
     setting.write(setting_path)
     if plots_dir is not None:
         plots.write_all(table, setting, plots_dir)
