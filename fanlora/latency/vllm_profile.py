@@ -9,17 +9,16 @@ any of the group's kinds in any layer.
 The profile measures it through vLLM's own server (the vLLM venv, :mod:`fanlora.serving.vllm`): a server without
 LoRA, and one per group started with ``--lora-target-modules <group>`` serving four random rank-``r`` adapters on
 that group's kinds in every layer. Each is timed closed loop (``clients`` chat clients, 16 greedy tokens, the
-others SIGSTOPped), the configurations shuffled then reversed (A-B-B-A) per round; a group's cost is the median
+other SIGSTOPped), base-group-group-base per round against the one base server; a group's cost is the median
 over half-rounds of base throughput ÷ its throughput − 1. ``fanlora select --budget latency=P% --engine vllm``
 then picks the groups (:func:`fanlora.stages.budget.select_by_groups`). Summing group costs assumes they add up;
-the profile's ``all`` row (every group at once) shows how far that holds.
+the profile does not test that.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import statistics
 import tempfile
@@ -87,36 +86,37 @@ def run_vllm_profile(
     backbone_name: str, r: int, clients: int = 8, seconds: float = 15.0, rounds: int = 1,
     out: str | Path | None = None, say: Callable[[str], None] = print,
 ) -> dict[str, Any]:  # fmt: skip
-    """Profile stock vLLM's LoRA cost per group on ``backbone_name``; write it (default: the cache)."""
+    """Profile stock vLLM's LoRA cost per group on ``backbone_name``; write it (default: the cache).
+
+    A vLLM server holds ~6 GB here, so only two run at once: the base stays up, each group's server is
+    started, timed against it (base, group, group, base per round) and stopped before the next one.
+    """
     work = Path(tempfile.mkdtemp(prefix="fanlora-vllm-profile-"))
     servers, models, backbone = _servers(backbone_name, r, work)
     say(f"profiling vLLM on {backbone.identity.get('name')}: LoRA r={r} per group {', '.join(list(servers)[1:])}")
-    try:
-        for name, server in servers.items():
-            server.log = str(work / f"{name}.log")
-            server.start().wait()
-            os.killpg(server.proc.pid, signal.SIGSTOP)
-            say(f"  started vLLM for {name}")
-        rps = _measure(servers, models, clients, seconds, rounds, say)
-    finally:
-        for server in servers.values():
-            if server.proc is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(server.proc.pid, signal.SIGCONT)
-            server.stop()
     groups = groups_of(dict(backbone.layout.paths))
-    record = {
-        group: {
-            "kinds": groups[group],
-            "ratios": [b / g - 1 for b, g in zip(rps["base"], rps[group], strict=True)],
-        }
-        for group in groups
-    }
-    for row in record.values():
-        row["slowdown"] = statistics.median(row["ratios"])
+    record: dict[str, dict[str, Any]] = {}
+    base = servers.pop("base")
+    try:
+        base.log = str(work / "base.log")
+        base.start().wait()
+        for group, server in servers.items():
+            server.log = str(work / f"{group}.log")
+            try:
+                server.start().wait()
+                rps = _measure({"base": base, group: server}, models, clients, seconds, rounds, say)
+            finally:
+                _resume(server)
+                server.stop()
+            ratios = [b / g - 1 for b, g in zip(rps["base"], rps[group], strict=True)]
+            record[group] = {"kinds": groups[group], "ratios": ratios, "slowdown": statistics.median(ratios)}
+            record[group]["base_rps"], record[group]["rps"] = rps["base"], rps[group]
+    finally:
+        _resume(base)
+        base.stop()
     profile = {
         "format": VLLM_PROFILE_FORMAT, "engine": "vllm", "backbone": backbone.identity, "r": r,
-        "clients": clients, "seconds": seconds, "rounds": rounds, "base_rps": rps["base"], "groups": record,
+        "clients": clients, "seconds": seconds, "rounds": rounds, "groups": record,
     }  # fmt: skip
     path = default_path(backbone.identity)
     atomic.write_json(path, profile)
@@ -131,7 +131,15 @@ def run_vllm_profile(
     return profile
 
 
+def _resume(server) -> None:
+    if server.proc is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.proc.pid, signal.SIGCONT)
+
+
 def _measure(servers, models, clients: int, seconds: float, rounds: int, say) -> dict[str, list[float]]:
+    """A-B-B-A rounds over ``servers`` (name → server), each timed while the others are SIGSTOPped."""
+
     def only(name: str) -> None:
         for other, server in servers.items():
             os.killpg(server.proc.pid, signal.SIGCONT if other == name else signal.SIGSTOP)
@@ -140,9 +148,8 @@ def _measure(servers, models, clients: int, seconds: float, rounds: int, say) ->
         only(name)
         closed_loop(server.url + "/v1", models[name], 1, 4)
     rps: dict[str, list[float]] = {name: [] for name in servers}
-    rng = random.Random(0)
     for _ in range(rounds):
-        order = rng.sample(list(servers), len(servers))
+        order = list(servers)
         for name in order + order[::-1]:
             only(name)
             m = closed_loop(servers[name].url + "/v1", models[name], clients, seconds)
