@@ -64,3 +64,12 @@ def test_find_placement_env_first_then_the_adapters_shared_setting(adapter, tmp_
     (tmp_path / "bad.json").write_text('{"format": "something-else"}')
     with pytest.raises(PlacementError, match="not a fanlora setting"):
         find_placement({"FANLORA_SETTING": str(tmp_path / "bad.json")}, argv)
+
+
+def test_other_vllm_versions_are_refused_with_the_way_out():
+    from fanlora_vllm.patch import check_version
+
+    check_version("0.32.0")
+    check_version("0.32.3")
+    with pytest.raises(RuntimeError, match="VLLM_PLUGINS="):
+        check_version("0.33.0")
