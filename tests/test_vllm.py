@@ -148,18 +148,19 @@ def test_load_lora_adapter_serves_setting_adapters_and_refuses_others(world):
 
 
 ENGINE_SIDE = """
-import sys, types
+import types
 from vllm.lora import worker_manager
 from fanlora_vllm.patch import patch_manager
 from fanlora_vllm.placement import Placement
 manager = worker_manager.WorkerLoRAManager
-manager._load_adapter = lambda self, req: types.SimpleNamespace(loras=dict.fromkeys(sys.argv[1:]))
+manager._load_adapter = lambda self, req: types.SimpleNamespace(loras=dict.fromkeys([req.module]))
 patch_manager(Placement({"model.layers.0.self_attn.v_proj"}, "s.json"))
-try:
-    manager._load_adapter(None, types.SimpleNamespace(lora_path="/a"))
-    print("served")
-except ValueError as exc:
-    print("refused:", exc)
+for module in ("model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.q_proj"):
+    try:
+        manager._load_adapter(None, types.SimpleNamespace(lora_path="/a", module=module))
+        print("served")
+    except ValueError as exc:
+        print("refused:", exc)
 """
 
 
@@ -167,10 +168,8 @@ def test_the_engine_refuses_an_adapter_outside_the_setting_too():
     """Loads that skip the API server's check (an offline ``LLM``, a LoRA resolver) meet the worker's."""
     import subprocess
 
-    def load(module: str) -> str:
-        run = subprocess.run([str(vllm_python()), "-c", ENGINE_SIDE, module], capture_output=True, text=True)
-        assert run.returncode == 0, run.stderr[-2000:]
-        return run.stdout
-
-    assert load("model.layers.0.self_attn.v_proj").strip() == "served"
-    assert "refused: adapter /a puts LoRA on 1 module(s) outside" in load("model.layers.0.self_attn.q_proj")
+    run = subprocess.run([str(vllm_python()), "-c", ENGINE_SIDE], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    inside, outside = run.stdout.strip().splitlines()[-2:]
+    assert inside == "served"
+    assert outside.startswith("refused: adapter /a puts LoRA on 1 module(s) outside")
