@@ -259,3 +259,16 @@ def test_every_pair_of_multi_seed_groups_gets_a_verdict(monkeypatch):
         ("fanlora/ab", "fanlora/vo"), ("fanlora/ab", "fanlora/cost"), ("fanlora/ab", "fanlora/random"),
         ("fanlora/cost", "fanlora/vo"),
     }  # fmt: skip
+
+
+def test_results_table_rounds_summed_train_minutes():
+    """A median of two seeds' minutes (a float sum) printed as 49.809999999999995 before."""
+    from types import SimpleNamespace
+
+    from fanlora.experiments.report import _table
+
+    row = {"metric": "accuracy", "n_test": 4, "n_loss": 4, "variant": "ab", "method": "fanlora", "values": [0.5],
+           "median": 0.5, "min": 0.5, "max": 0.5, "gold_nll_mean": None, "trainable_parameters": 10,
+           "train_minutes_median": 49.809999999999995}  # fmt: skip
+    line = _table(SimpleNamespace(variants={"ab": {}}), "copa", [row])[4]
+    assert "| 49.81 |" in line and "49.8099" not in line

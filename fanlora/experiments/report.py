@@ -353,6 +353,6 @@ def _table(exp: Any, task: str, rows: list[dict[str, Any]]) -> list[str]:
         search = "–" if r.get("search_minutes_median") is None else f"{r['search_minutes_median']:.1f}"
         lines.append(
             f"| {r['variant']} | {r['method']} | {r['trainable_parameters']:,} | {med} | {rng} | {per_seed} | "
-            f"{nll} | {r['train_minutes_median']} | {search} |"
+            f"{nll} | {r['train_minutes_median']:.2f} | {search} |"
         )
     return [*lines, ""]
