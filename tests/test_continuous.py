@@ -8,8 +8,9 @@ from helpers import alone, job, make_adapter, run, setting_for
 
 from fanlora.backbone import load_backbone
 from fanlora.generate import Decoding
-from fanlora.serving.continuous import Batch, ContinuousScheduler, _Row
+from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine
+from fanlora.serving.paged import PagedKV
 from fanlora.serving.scheduler import QueueFull
 
 PROMPTS = [
@@ -133,30 +134,51 @@ def test_a_failing_step_answers_every_row_with_an_error_and_the_loop_goes_on(eng
             scheduler.iterate()
         except RuntimeError as exc:
             scheduler._fail(str(exc))
-    assert a.reason == b.reason == "out of memory" and not scheduler.batch.rows
+    assert a.reason == b.reason == "out of memory" and not scheduler.rows
     later = job(engine, PROMPTS[4], "beta", max_tokens=4)
     run(scheduler, {0: [later]})
     assert later.reason == "length"
 
 
-def test_batch_join_pads_on_the_left_and_keep_trims_padding_columns():
-    class Layer:
-        def __init__(self, n, t):
-            self.keys = torch.arange(n * t, dtype=torch.float).view(n, 1, t, 1)
-            self.values = self.keys.clone()
+def test_the_pool_masks_each_token_to_its_own_rows_past_and_reuses_freed_blocks():
+    kv = PagedKV(block=2, blocks=3)
+    mask = kv.plan([("a", 0, 3), ("b", 0, 1)])[0, 0]  # a: 3 prompt tokens, b: 1
+    assert mask.tolist() == [
+        [True, False, False, False],
+        [True, True, False, False],
+        [True, True, True, False],
+        [False, False, False, True],
+    ]
+    assert kv.capacity == 3 and not kv.free  # a took 2 blocks, b 1
+    mask = kv.plan([("a", 3, 1), ("b", 1, 2)])[0, 0]  # a decodes one token; b prefills two more
+    assert mask.tolist() == [
+        [True, True, True, True, False, False, False],
+        [False, False, False, False, True, True, False],
+        [False, False, False, False, True, True, True],
+    ]
+    assert kv.capacity == 6  # b needed a second block: the pool doubled
+    written = set(kv._write.tolist())
+    assert len(written) == 3 and not written & set(kv.index("a", 0, 3).tolist())  # new tokens, own positions
+    left = set(kv.tables["a"])
+    kv.release("a")
+    kv.plan([("c", 0, 4)])
+    assert set(kv.tables["c"]) == left and kv.capacity == 6  # the leaving row's blocks, reused: nothing grown
 
-    class Cache:
-        def __init__(self, n, t):
-            self.layers = [Layer(n, t)]
 
-    batch = Batch()
-    rows = [_Row(None, 3), _Row(None, 5)]
-    batch.join(rows[:1], Cache(1, 3), torch.ones(1, 3, dtype=torch.long))
-    batch.join(rows[1:], Cache(1, 5), torch.ones(1, 5, dtype=torch.long))
-    assert batch.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
-    assert batch.cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 0, 0, 1, 2]
-    batch.keep([0])
-    assert batch.mask.tolist() == [[1, 1, 1]] and batch.cache.layers[0].keys.shape[2] == 3
-    assert batch.rows == rows[:1]
-    batch.keep([])
-    assert batch.rows == [] and batch.cache is None
+def test_packed_forwards_give_each_row_the_logits_it_has_alone(tiny_llama):
+    model = load_backbone(str(tiny_llama)).model.eval()
+    prompts = [[5, 9, 2, 7, 1], [3, 3, 8], [4, 6, 10, 11, 12, 2, 9]]
+    with torch.no_grad():
+        alone = [model(torch.tensor([p])).logits[0] for p in prompts]
+        kv = PagedKV(block=2)
+        first = [("x", 0, 5), ("y", 0, 2)]  # y's prompt in two pieces, z joins at the second forward
+        mask = kv.plan(first)
+        ids, pos = [prompts[0] + prompts[1][:2]], [[0, 1, 2, 3, 4, 0, 1]]
+        out = model(input_ids=torch.tensor(ids), attention_mask=mask, position_ids=torch.tensor(pos), cache=kv)
+        assert torch.allclose(out.logits[0, :5], alone[0], atol=1e-5)
+        assert torch.allclose(out.logits[0, 5:], alone[1][:2], atol=1e-5)
+        mask = kv.plan([("y", 2, 1), ("z", 0, 7)])
+        ids, pos = [prompts[1][2:] + prompts[2]], [[2, *range(7)]]
+        out = model(input_ids=torch.tensor(ids), attention_mask=mask, position_ids=torch.tensor(pos), cache=kv)
+        assert torch.allclose(out.logits[0, 0], alone[1][2], atol=1e-5)
+        assert torch.allclose(out.logits[0, 1:], alone[2], atol=1e-5)

@@ -107,16 +107,18 @@ def test_the_server_flag_reaches_the_scheduler_and_is_checked(setup):
 
 def test_hits_that_arrive_together_share_one_forward_of_their_remainders(setup):
     eng, _ = setup
-    scheduler = _cached(eng, max_batch=8)
+    scheduler = _cached(eng, max_batch=9)
     warm = [job(eng, SYSTEM + QUESTIONS[0], a, None, 4) for a in ("a", "b", None)]
     run(scheduler, {i: [j] for i, j in enumerate(warm)})
-    shapes = []
+    widths = []
     forward = scheduler._forward
-    scheduler._forward = lambda ids, *rest: (shapes.append(tuple(ids.shape)), forward(ids, *rest))[1]
+    scheduler._forward = lambda ids, *rest: (widths.append(ids.shape[1]), forward(ids, *rest))[1]
     specs = [(q, a) for q in QUESTIONS[1:] for a in ("a", "b", None)]  # remainders of different lengths
     jobs = [job(eng, SYSTEM + q, a, None, 6) for q, a in specs]
+    before = scheduler.prefix.tokens_reused
     run(scheduler, {0: jobs})
-    n_prompt = len(jobs[0].prompt_ids)
-    assert any(rows > 1 and width < n_prompt - scheduler.prefix.block for rows, width in shapes)  # batched hits
+    reused = scheduler.prefix.tokens_reused - before
+    assert reused >= len(jobs) * scheduler.prefix.block  # every one started after a cached block
+    assert widths[0] == sum(len(j.prompt_ids) for j in jobs) - reused  # all remainders, one forward, no padding
     for (q, a), j in zip(specs, jobs, strict=True):
         assert j.tokens == alone(eng, lambda q=q, a=a: job(eng, SYSTEM + q, a, None, 6)).tokens

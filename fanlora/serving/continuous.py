@@ -1,15 +1,18 @@
 """Iteration-level ("continuous") batching: rows join and leave the running batch at every decoding step.
 
 One worker thread owns the model. Each iteration it (1) drops the rows that finished, were cancelled or hit
-their ``max_tokens``, (2) admits waiting requests up to ``max_batch`` and prefills them — short prompts
-together in one left-padded forward, a prompt longer than ``prefill_chunk`` tokens alone in chunks of that size,
-one chunk per iteration, so the rows already decoding advance between its chunks — and (3) runs one decoding
-step for every running row, each on its own adapter slot, temperature, top-p, seed and stop conditions.
+their ``max_tokens``, (2) admits waiting requests up to ``max_batch`` rows (a prompt whose first blocks are in
+the prefix cache starts after them), and (3) runs **one packed forward**: every decoding row's next token and up
+to ``prefill_chunk`` prompt tokens of the rows still prefilling (first come first; a long prompt takes several
+iterations, so the decoding rows advance between its chunks and the stall it causes stays bounded), flattened
+into one sequence without padding. Each row then samples on its own adapter slot, temperature, top-p, seed and
+stop conditions; a prompt's first token is sampled in the iteration that completes it.
 
-The batch's KV cache is ``transformers``' ``DynamicCache`` with left padding: a joining row's cache is padded
-on the left to the running length (or the running rows' to its) and concatenated along the batch; a leaving
-row is removed with ``index_select``; columns that are padding in every row are trimmed. Each row's
-``position_ids`` count only its real tokens, so a row decodes exactly as it would alone.
+The KV lives in :class:`fanlora.serving.paged.PagedKV`: blocks of one pool per layer, a 4-D mask that lets each
+token see only its own row's earlier positions, and position ids per token — so a row decodes exactly as it
+would alone, and joining or leaving rows copy no cache. Packing the prefill into the decoding step was measured
+first (``benchmarks/packed_prefill.py``: one packed forward of 8 decoding tokens and a 64-token chunk against
+the two forwards it replaces).
 
 Why not ``transformers``' ``ContinuousBatchingManager`` (``generate_batch``, paged ``sdpa_paged`` cache): it
 runs on this CPU, but (a) it runs the model in its own thread from its own batch layout, so the engine's adapter
@@ -20,11 +23,9 @@ cancellation hooks. This loop is small and keeps all three: routing is set in th
 each forward; every sampling request has its own ``torch.Generator`` seeded from its ``seed``; sampling uses
 HF's own ``TemperatureLogitsWarper`` / ``TopPLogitsWarper``.
 
-Adapter routing: at a decoding step every row holds one token, so the engine's per-row slots are per-token
-slots (its mixed path gathers each token's factors and runs two batched products, no loop over adapters; slot
-0, the bare backbone, contributes nothing). A prefill forward routes each prompt's tokens by its row. Prefill
-and decode tokens are not packed into one forward (that needs a varlen/paged attention kernel); chunking bounds
-how long a long prompt stalls the decoders instead.
+Adapter routing is per token (the engine's mixed path gathers each token's factors and runs two batched
+products, no loop over adapters; slot 0, the bare backbone, contributes nothing): a packed forward's tokens
+carry the slot of the row they belong to.
 
 Beam search keeps the batch path (:func:`fanlora.serving.scheduler.run_batch`): a beam request runs whole,
 between two iterations, and the decoding rows wait for it.
@@ -39,32 +40,26 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
-from transformers import DynamicCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from fanlora.serving.batch import Batch
 from fanlora.serving.engine import Engine
-from fanlora.serving.prefix import PrefixCache, hit_group, prefix_inputs
+from fanlora.serving.paged import PagedKV
+from fanlora.serving.prefix import PrefixCache
 from fanlora.serving.scheduler import Admission, Job, QueueFull, accept, flush, run_batch
 
 __all__ = ["ContinuousScheduler", "QueueFull"]
 
 
-@dataclass
+@dataclass(eq=False)  # a row is its own key in the KV pool
 class _Row:
     job: Job
-    length: int  # real tokens in the cache: the next token's position
+    length: int = 0  # tokens in the KV pool: the next token's position
     token: int = -1  # the last sampled token, fed at the next step
     generator: torch.Generator | None = None
 
-
-@dataclass
-class _Partial:
-    """A long prompt being prefilled chunk by chunk in its own cache (batch of one)."""
-
-    job: Job
-    cache: DynamicCache
-    done: int = 0  # prompt tokens already in the cache
+    @property
+    def prefilling(self) -> bool:
+        return self.length < len(self.job.prompt_ids)
 
 
 def _generator(job: Job) -> torch.Generator | None:
@@ -144,13 +139,13 @@ class ContinuousScheduler(Admission):
         self.lock = threading.Lock()  # held for one iteration: adapter loads happen between steps
         self.waiting = 0  # admitted, not yet decoding (bounded by max_queue)
         self._count = threading.Lock()
-        self.batch = Batch()
-        self.new: list[Job] = []  # taken from the queue, waiting for prefill
-        self.partial: _Partial | None = None
-        self.starting: list[Job] = []  # being prefilled in this iteration
+        self.kv = PagedKV()
+        self.rows: list[_Row] = []  # prefilling or decoding, in arrival order
+        self.new: list[Job] = []  # taken from the queue, waiting for a row
         self.running = True
-        self.batches = 0  # decoding steps run (a step is one batch here)
-        self.peak_rows = 0  # the most rows decoded in one step
+        self.batches = 0  # packed forwards run
+        self.peak_rows = 0  # the most rows in one forward
+        self.positions = 0  # token positions computed, summed over forwards
         self.cancelled = 0
         self.device = next(engine.model.parameters()).device
         self.thread = threading.Thread(target=self._work, name="fanlora-engine", daemon=True)
@@ -159,13 +154,12 @@ class ContinuousScheduler(Admission):
 
     @property
     def current(self) -> list[Job]:
-        return [r.job for r in self.batch.rows]
+        return [r.job for r in self.rows]
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def _work(self) -> None:
         while self.running:
-            idle = not self.batch.rows and not self.new and self.partial is None
-            if idle:  # nothing to do: wait for a request (bounded, so stop() is seen)
+            if not self.rows and not self.new:  # nothing to do: wait for a request (bounded, so stop() is seen)
                 try:
                     self.new.append(self.queue.get(timeout=0.1))
                 except queue.Empty:
@@ -178,14 +172,12 @@ class ContinuousScheduler(Admission):
                 self._fail("internal error in a decoding step (the server's log has the details): retry")
 
     def iterate(self) -> None:
-        """One iteration: drop finished rows, admit and prefill, one decoding step."""
+        """One iteration: drop finished rows, admit, one packed forward."""
         self._drop()
         self._admit()
-        self._prefill()
-        self._drop()  # rows whose first token already ended them
-        if self.batch.rows:
-            self._decode()
-            self._drop()
+        self._join()
+        self._step()
+        self._drop()
 
     def _admit(self) -> None:
         while True:
@@ -210,146 +202,95 @@ class ContinuousScheduler(Admission):
                 keep.append(job)
         self.new = keep
 
-    def _prefill(self) -> None:
-        room = self.max_batch - len(self.batch.rows)
-        if self.partial is not None:
-            if room > 0:
-                self._chunk()
-            return
-        if self.prefix is not None and self.new and room > 0 and self._from_prefix(room):
-            return
-        group: list[Job] = []
-        for job in self.new:  # FIFO; the prompts of one forward hold ≤ prefill_chunk tokens with padding
-            n = len(job.prompt_ids)
-            if len(group) == room:
-                break
-            if n > self.prefill_chunk:
-                group = group or [job]  # alone, in chunks
-                break
-            if group and (len(group) + 1) * max(n, *(len(j.prompt_ids) for j in group)) > self.prefill_chunk:
-                break
-            if group and self.prefix is not None and self._cached(job):
-                break  # it starts from the cache next iteration
-            group.append(job)
-        if not group:
-            return
-        for job in group:
-            self.new.remove(job)
+    def _join(self) -> None:
+        """Give waiting jobs rows, first come first, up to ``max_batch``; a cached prefix goes into the pool."""
+        if self.prefix is not None and self.new:
+            self.prefix.drop(self.engine.live_keys())
+        while self.new and len(self.rows) < self.max_batch:
+            job = self.new.pop(0)
             self._dequeued(job)
-        self.starting = group  # failed with the batch if their prefill raises
-        if len(group) == 1 and len(group[0].prompt_ids) > self.prefill_chunk:
-            self.partial = _Partial(group[0], DynamicCache(config=self.engine.model.config))
-            self._chunk()
+            row = _Row(job, generator=_generator(job))
+            if self.prefix is not None:
+                n, keys, values = self.prefix.lookup(self.engine.slot_key(job.slot), job.prompt_ids)
+                if n:
+                    self.kv.put(row, keys, values)
+                    row.length = n
+            self.rows.append(row)
+
+    def _segments(self) -> list[tuple[_Row, int, list[int]]]:
+        """This forward's (row, position of its first new token, new tokens): every decoding row's last token,
+        then prompt tokens of the prefilling rows in arrival order, ≤ ``prefill_chunk`` of them."""
+        out = [(r, r.length, [r.token]) for r in self.rows if not r.prefilling]
+        budget = self.prefill_chunk
+        for row in self.rows:
+            if row.prefilling and budget > 0:
+                piece = row.job.prompt_ids[row.length : row.length + budget]
+                out.append((row, row.length, piece))
+                budget -= len(piece)
+        return out
+
+    def _step(self) -> None:
+        segments = self._segments()
+        if not segments:
             return
-        width = max(len(j.prompt_ids) for j in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, job in enumerate(group):
-            ids[i, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
-            mask[i, width - len(job.prompt_ids) :] = 1
-        cache = DynamicCache(config=self.engine.model.config)
-        logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, [j.slot for j in group])
-        rows = [_Row(j, len(j.prompt_ids), generator=_generator(j)) for j in group]
-        self._start(rows, logits, cache, mask)
-        self.starting = []
-
-    def _chunk(self) -> None:
-        part = self.partial
-        prompt = part.job.prompt_ids
-        end = min(part.done + self.prefill_chunk, len(prompt))
-        ids = torch.tensor([prompt[part.done : end]])
-        mask = torch.ones(1, end, dtype=torch.long)
-        positions = torch.arange(part.done, end).unsqueeze(0)
-        logits = self._forward(ids, mask, positions, part.cache, [part.job.slot])
-        part.done = end
-        if end == len(prompt):
-            self.partial = None
-            self._start([_Row(part.job, end, generator=_generator(part.job))], logits, part.cache, mask)
-
-    def _cached(self, job: Job) -> bool:
-        return self.prefix.peek(self.engine.slot_key(job.slot), job.prompt_ids) > 0
-
-    def _from_prefix(self, room: int) -> bool:
-        """Prefill the first waiting prompts that start with the same number of cached tokens on their adapters
-        (one forward for their remainders), or a long one alone in chunks; False when the first one misses."""
-        self.prefix.drop(self.engine.live_keys())
-        n, hits = hit_group(self.prefix, self.engine.slot_key, self.new, room, self.prefill_chunk)
-        if not hits:
-            return False
-        for job, _, _ in hits:
-            self.new.remove(job)
-            self._dequeued(job)
-        self.starting = [h[0] for h in hits]
-        config = self.engine.model.config
-        if len(hits) == 1 and len(hits[0][0].prompt_ids) - n > self.prefill_chunk:
-            self.partial = _Partial(hits[0][0], prefix_inputs(config, n, hits)[0], done=n)
-            self._chunk()
-            return True
-        cache, ids, mask, positions = prefix_inputs(config, n, hits)
-        logits = self._forward(ids, mask, positions, cache, [job.slot for job, _, _ in hits])
-        self._start([_Row(job, len(job.prompt_ids), generator=_generator(job)) for job, _, _ in hits], logits, cache,
-                    mask)  # fmt: skip
-        self.starting = []
-        return True
-
-    def _start(self, rows: list[_Row], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Sample each prefilled row's first token, send it, and add the rows to the running batch (their
-        prompts' whole blocks go to the prefix cache first)."""
-        if self.prefix is not None:
-            for i, row in enumerate(rows):
-                real = mask[i].nonzero().squeeze(1)  # the prompt's columns: left padding and gaps left out
-                keys = [layer.keys[i : i + 1].index_select(2, real) for layer in cache.layers]
-                values = [layer.values[i : i + 1].index_select(2, real) for layer in cache.layers]
-                self.prefix.store(self.engine.slot_key(row.job.slot), row.job.prompt_ids, keys, values, 0)
+        mask = self.kv.plan([(row, past, len(new)) for row, past, new in segments])
+        ids = torch.tensor([[t for _, _, new in segments for t in new]])
+        positions = torch.cat([torch.arange(past, past + len(new)) for _, past, new in segments])[None]
+        slots = [row.job.slot for row, _, new in segments for _ in new]
+        ends = torch.tensor([len(new) for _, _, new in segments]).cumsum(0) - 1
+        sampled = [i for i, (row, past, new) in enumerate(segments) if past + len(new) >= len(row.job.prompt_ids)]
+        logits = self._forward(ids, mask, positions, slots, ends[sampled])
+        self.batches += 1
+        self.positions += ids.shape[1]
+        self.peak_rows = max(self.peak_rows, len(segments))
+        completed = [row for row, past, _ in (segments[i] for i in sampled) if past < len(row.job.prompt_ids)]
+        for row, past, new in segments:
+            row.length = past + len(new)
+        if self.prefix is not None:  # prompts completed in this forward: their whole blocks to the prefix cache
+            for row in completed:
+                self._store(row)
+        rows = [segments[i][0] for i in sampled]
         tok = self.engine.tokenizer
         for row, token in zip(rows, pick(logits, rows), strict=True):
             row.token = 0 if token is None else token  # a failed row is dropped before it feeds again
             take(row.job, token, tok)
-        self.batch.join(rows, cache, mask)
 
-    def _decode(self) -> None:
-        batch, tok = self.batch, self.engine.tokenizer
-        rows = batch.rows
-        self.peak_rows = max(self.peak_rows, len(rows))
-        ids = torch.tensor([[r.token] for r in rows])
-        mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], 1)
-        positions = torch.tensor([[r.length] for r in rows])
-        logits = self._forward(ids, mask, positions, batch.cache, [r.job.slot for r in rows])
-        batch.mask = mask
-        self.batches += 1
-        for row, token in zip(rows, pick(logits, rows), strict=True):
-            row.length += 1
-            row.token = 0 if token is None else token  # a failed row is dropped before it feeds again
-            take(row.job, token, tok)
+    def _store(self, row: _Row) -> None:
+        prompt, block = row.job.prompt_ids, self.prefix.block
+        whole = len(prompt) // block * block
+        key = self.engine.slot_key(row.job.slot)
+        if whole and self.prefix.peek(key, [*prompt, 0]) < whole:  # (peek leaves one token to prefill)
+            keys, values = self.kv.get(row, whole)
+            self.prefix.store(key, prompt, keys, values, 0)
 
     @torch.no_grad()
     def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, slots: list[int]
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, slots: list[int], keep: torch.Tensor
     ) -> torch.Tensor:
-        """Logits at each row's last position, every row on its slot (routing set in this thread)."""
+        """Logits [len(keep), vocab] at the packed positions ``keep``, every token on its row's slot."""
         self.engine.use_slots(slots)
         dev = self.device
         out = self.engine.model(
             input_ids=ids.to(dev),
             attention_mask=mask.to(dev),
             position_ids=positions.to(dev),
-            cache=cache,
+            cache=self.kv,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep.to(dev),
         )
-        return out.logits[:, -1].float().cpu()
+        return out.logits[0].float().cpu()
 
     def abort_all(self, reason: str = "abort") -> None:
         """End every admitted job now (a drain ran out of time): each gets what it decoded and ``reason``."""
         with self.lock:  # between two iterations: every admitted job is taken out and ended here
-            jobs = [r.job for r in self.batch.rows] + ([self.partial.job] if self.partial else [])
+            jobs = [r.job for r in self.rows]
             waiting = list(self.new)
             while True:
                 try:
                     waiting.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            self.batch, self.partial, self.new, self.starting = Batch(), None, [], []
+            self.rows, self.new, self.kv = [], [], PagedKV()
             tok = self.engine.tokenizer
             for job in waiting:
                 self._dequeued(job)
@@ -360,32 +301,31 @@ class ContinuousScheduler(Admission):
                 self._finish(job)
 
     def busy(self) -> bool:
-        return self.waiting > 0 or bool(self.batch.rows) or self.partial is not None or bool(self.new)
+        return self.waiting > 0 or bool(self.rows) or bool(self.new)
 
     # --- bookkeeping ------------------------------------------------------------------------------------------
     def _drop(self) -> None:
-        rows = self.batch.rows
-        gone = [i for i, r in enumerate(rows) if r.job.finished or r.job.cancelled]
+        gone = [r for r in self.rows if r.job.finished or r.job.cancelled]
         if not gone:
             return
         tok = self.engine.tokenizer
-        for i in gone:
-            job = rows[i].job
+        for row in gone:
+            job = row.job
             if job.cancelled and not job.finished:
                 job.emit("done", "cancelled")
             elif job.finished != ROW_FAILED:
                 flush(job, tok)
             self._finish(job)
-        self.batch.keep([i for i in range(len(rows)) if i not in set(gone)])
+            self.kv.release(row)
+        self.rows = [r for r in self.rows if r not in gone]
 
     def _dequeued(self, job: Job) -> None:
         with self._count:
             self.waiting -= 1
 
     def _fail(self, message: str) -> None:
-        jobs = [r.job for r in self.batch.rows] + ([self.partial.job] if self.partial else [])
-        jobs += [j for j in self.starting if j not in jobs]
-        self.batch, self.partial, self.starting = Batch(), None, []
+        jobs = [r.job for r in self.rows]
+        self.rows, self.kv = [], PagedKV()
         for job in jobs:
             job.emit("error", message)
             self._finish(job)

@@ -8,19 +8,19 @@ cached chain of blocks starts its prefill after them. Memory is bounded (least r
 first), and a node is reachable only under the load that made it — a reload writes a fresh slot with a new
 load number, so nothing computed under the old weights is reused.
 
+A hit's blocks are copied into the row's blocks of the scheduler's KV pool (:mod:`fanlora.serving.paged`) and
+its prefill starts after them; a prompt completed in a forward gives its whole blocks to the cache.
+
 Why our own: ``transformers``' ``DynamicCache`` has no prefix sharing, and its paged cache belongs to its
 ``ContinuousBatchingManager``, which this scheduler does not use (see :mod:`fanlora.serving.continuous`);
-vLLM's block-hash prefix cache is the model, on dense per-request tensors instead of a paged pool.
+vLLM's block-hash prefix cache is the model, on copies kept beside the pool instead of shared pool blocks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 
 @dataclass
@@ -127,48 +127,6 @@ class PrefixCache:
                 else:
                     out.append((children, chunk, node))
         return out
-
-
-def hit_group(
-    cache: PrefixCache, key_of: Callable[[int], tuple[int, int]], jobs: list[Any], room: int, chunk: int
-) -> tuple[int, list[tuple[Any, list[torch.Tensor], list[torch.Tensor]]]]:
-    """(n, [(job, keys, values)]): the first waiting jobs, in order, whose prompts reuse the same ``n`` cached
-    tokens on their own adapters, as many as fit in ``room`` rows and one prefill forward of ``chunk`` tokens
-    (a first job whose remainder is longer goes alone); (0, []) when the first job misses."""
-    first = jobs[0]
-    n = cache.peek(key_of(first.slot), first.prompt_ids)
-    if n == 0:
-        return 0, []
-    group, width = [first], len(first.prompt_ids) - n
-    for job in jobs[1:]:
-        rest = len(job.prompt_ids) - n
-        if len(group) == room or (len(group) + 1) * max(width, rest) > chunk:
-            break
-        if cache.peek(key_of(job.slot), job.prompt_ids) != n:
-            break
-        group.append(job)
-        width = max(width, rest)
-    return n, [(job, *cache.lookup(key_of(job.slot), job.prompt_ids)[1:]) for job in group]
-
-
-def prefix_inputs(
-    config: Any, n: int, hits: list[tuple[Any, list[torch.Tensor], list[torch.Tensor]]]
-) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The cache (every row's ``n`` cached tokens) and the remainders' ids, mask and positions for one forward.
-    Remainders are right-aligned so each row's last column is its last prompt token; a shorter one leaves a
-    masked gap between its prefix and its remainder, which position ids skip."""
-    cache = DynamicCache(config=config)
-    for layer in range(len(hits[0][1])):
-        cache.update(torch.cat([h[1][layer] for h in hits]), torch.cat([h[2][layer] for h in hits]), layer)
-    rests = [job.prompt_ids[n:] for job, _, _ in hits]
-    width = max(len(r) for r in rests)
-    ids = torch.zeros(len(hits), width, dtype=torch.long)
-    new = torch.zeros_like(ids)
-    for i, rest in enumerate(rests):
-        ids[i, width - len(rest) :] = torch.tensor(rest)
-        new[i, width - len(rest) :] = 1
-    positions = (n + new.cumsum(-1) - 1).clamp(min=n)
-    return cache, ids, torch.cat([torch.ones(len(hits), n, dtype=torch.long), new], 1), positions
 
 
 def _walk(children: dict[tuple[int, ...], _Node]) -> list[_Node]:
