@@ -16,11 +16,18 @@ the token positions the model computed per request (prompt, padding and rows tha
 Ratios are continuous ÷ batch for each A-B pair, reported as the median with the range over the pairs.
 RESULT: the ratios at the 1× rate (the batch scheduler's saturation), and ``cb_vs_batch_capacity`` at the
 highest rate (both overloaded: each one's throughput is its capacity). Time it with nothing else running.
+
+With ``--prefix-cache-mb N`` a third scheduler, continuous with its prefix cache on, joins each rate's runs in
+the order batch, continuous, cached, cached, continuous, batch (A-B-C-C-B-A: A-B-B-A for the cache too); each
+cached run also reports the cache's hit rate (prompts that started after cached blocks ÷ prompts) and the
+prompt tokens it did not recompute, the ratios add cached ÷ continuous, and the RESULT line adds
+``cache_vs_off_*`` at the 1× rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import statistics
 import tempfile
@@ -94,6 +101,8 @@ def play(engine: Engine, scheduler, requests) -> dict[str, float]:
         computed[0] += kwargs["input_ids"].numel() if "input_ids" in kwargs else args[0].numel()
 
     hook = engine.model.register_forward_pre_hook(count, with_kwargs=True)
+    cache = getattr(scheduler, "prefix", None)
+    before = (cache.hits, cache.lookups, cache.tokens_reused) if cache else None
     jobs, start = [], time.perf_counter()
     for offset, ids, tenant, max_tokens in requests:
         delay = start + offset - time.perf_counter()
@@ -111,7 +120,12 @@ def play(engine: Engine, scheduler, requests) -> dict[str, float]:
     tpot = [(j.last - j.first) / (len(j.tokens) - 1) for j in jobs if len(j.tokens) > 1]
     e2e = [j.end - j.arrived for j in jobs]
     q = lambda xs, p: float(np.percentile(xs, p))  # noqa: E731
-    return {
+    extra = {}
+    if cache:
+        now = (cache.hits, cache.lookups, cache.tokens_reused)
+        hits, lookups, reused = (a - b for a, b in zip(now, before, strict=True))
+        extra = {"hit_rate": hits / max(lookups, 1), "reused": reused / len(jobs)}
+    return extra | {
         "rps": len(jobs) / wall,
         "tok_s": sum(len(j.tokens) for j in jobs) / wall,
         "ttft_p50": q(ttft, 50),
@@ -128,11 +142,12 @@ def line(label: str, m: dict[str, float]) -> str:
         f"{label:<28} {m['rps']:6.2f} req/s {m['tok_s']:7.1f} tok/s  ttft p50 {m['ttft_p50']:6.2f} s "
         f"p99 {m['ttft_p99']:6.2f} s  tpot p50 {1000 * m['tpot_p50']:6.1f} ms p99 {1000 * m['tpot_p99']:6.1f} ms  "
         f"e2e p50 {m['e2e_p50']:6.2f} s  positions/request {m['positions']:5.1f}"
+        + (f"  hit rate {m['hit_rate']:.2f}, {m['reused']:.1f} tokens reused/request" if "hit_rate" in m else "")
     )
 
 
 def ratios(pairs: list[tuple[dict, dict]], key: str) -> tuple[float, float, float]:
-    """continuous ÷ batch per pair: median, min, max."""
+    """second ÷ first per pair (continuous ÷ batch, cached ÷ continuous): median, min, max."""
     r = [c[key] / b[key] for b, c in pairs]
     return statistics.median(r), min(r), max(r)
 
@@ -144,6 +159,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests per run")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prefix-cache-mb", type=float, default=0.0, help="also run continuous with its prefix cache")
     parser.add_argument("--out", help="also write the report here")
     args = parser.parse_args()
 
@@ -153,46 +169,63 @@ def main() -> None:
     engine = Engine.from_backbone(load_backbone(source), setting)
     for i, name in enumerate(TENANTS[:-1]):
         engine.load(name, save_random_adapter(source, setting, work / name, seed=i))
-    batch = Scheduler(engine, max_queue=10_000, max_batch=args.max_batch)
-    cont = ContinuousScheduler(engine, max_queue=10_000, max_batch=args.max_batch)
+    schedulers = {
+        "batch": Scheduler(engine, max_queue=10_000, max_batch=args.max_batch),
+        "continuous": ContinuousScheduler(engine, max_queue=10_000, max_batch=args.max_batch),
+    }
+    if args.prefix_cache_mb > 0:
+        schedulers["cached"] = ContinuousScheduler(
+            engine, max_queue=10_000, max_batch=args.max_batch, prefix_cache_mb=args.prefix_cache_mb
+        )
+    names = list(schedulers)
     report: list[str] = []
 
     def say(text: str) -> None:
         print(text, flush=True)
         report.append(text)
 
-    play(engine, cont, stream(engine, 4, 0, args.seed + 99))  # warm-up, untimed
-    play(engine, batch, stream(engine, 4, 0, args.seed + 99))
-    cap = play(engine, batch, stream(engine, args.requests, 0, args.seed))
+    for scheduler in schedulers.values():  # warm-up, untimed
+        play(engine, scheduler, stream(engine, 4, 0, args.seed + 99))
+    cap = play(engine, schedulers["batch"], stream(engine, args.requests, 0, args.seed))
     capacity = cap["rps"]
     say(f"batch scheduler capacity (all {args.requests} requests queued at once): {capacity:.2f} req/s")
     say(line("  batch, closed loop", cap))
+    keys = ("rps", "tok_s", "ttft_p50", "ttft_p99", "tpot_p50", "e2e_p50", "positions")
     results = {}
     for mult in [float(x) for x in args.rates.split(",")]:
         requests = stream(engine, args.requests, mult * capacity, args.seed + 1)
-        runs = {"batch": [], "continuous": []}
-        for name in ("batch", "continuous", "continuous", "batch"):  # A-B-B-A
-            runs[name].append(play(engine, batch if name == "batch" else cont, requests))
+        runs = {name: [] for name in names}
+        for name in names + names[::-1]:  # A-B-B-A (A-B-C-C-B-A)
+            runs[name].append(play(engine, schedulers[name], requests))
         say(f"rate {mult:g}x = {mult * capacity:.2f} req/s (Poisson, {args.requests} requests, seed {args.seed + 1})")
         for name, ms in runs.items():
             for i, m in enumerate(ms):
                 say(line(f"  {name} #{i + 1}", m))
-        pairs = list(zip(runs["batch"], runs["continuous"], strict=True))
-        results[mult] = {
-            k: ratios(pairs, k) for k in ("rps", "tok_s", "ttft_p50", "ttft_p99", "tpot_p50", "e2e_p50", "positions")
-        }
-        say(
-            "  continuous / batch: "
-            + ", ".join(f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in results[mult].items())
-        )
+        results[mult] = {}
+        for a, b in itertools.pairwise(names):
+            pairs = list(zip(runs[a], runs[b], strict=True))
+            got = results[mult][b] = {k: ratios(pairs, k) for k in keys}
+            say(f"  {b} / {a}: " + ", ".join(f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in got.items()))
     one, top = results.get(1.0) or results[min(results)], results[max(results)]
-    say(
-        f"RESULT cb_vs_batch_throughput={one['rps'][0]:.3f} cb_vs_batch_ttft_p50={one['ttft_p50'][0]:.3f} "
-        f"cb_vs_batch_tpot_p50={one['tpot_p50'][0]:.3f} cb_vs_batch_capacity={top['rps'][0]:.3f} "
+    cb, cb_top = one["continuous"], top["continuous"]
+    result = (
+        f"RESULT cb_vs_batch_throughput={cb['rps'][0]:.3f} cb_vs_batch_ttft_p50={cb['ttft_p50'][0]:.3f} "
+        f"cb_vs_batch_tpot_p50={cb['tpot_p50'][0]:.3f} cb_vs_batch_capacity={cb_top['rps'][0]:.3f} "
         f"batch_capacity_rps={capacity:.2f}"
     )
+    if "cached" in one:
+        c = one["cached"]
+        result += (
+            f" cache_vs_off_throughput={c['rps'][0]:.3f} cache_vs_off_ttft_p50={c['ttft_p50'][0]:.3f}"
+            f" cache_vs_off_positions={c['positions'][0]:.3f}"
+        )
+    say(result)
     if args.out:
         Path(args.out).write_text("\n".join(report) + "\n")
+    for scheduler in schedulers.values():  # idle workers end before the interpreter (none is inside a forward)
+        scheduler.stop()
+    schedulers["continuous"].thread.join(5)
+    schedulers.get("cached", schedulers["continuous"]).thread.join(5)
 
 
 if __name__ == "__main__":

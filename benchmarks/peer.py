@@ -8,8 +8,9 @@ cache, the same weights). Each measurement: ``--clients`` threads send chat comp
 untimed warm-up. Order, A-B-B-A: transformers (base), fanlora (base), fanlora (every request on a different
 adapter: each client cycles through four random r=12 adapters), then the same three in reverse. transformers'
 server has no per-request LoRA, so only the base row compares like with like; the adapter row says what the
-adapters cost fanlora. Prints requests/s, completion tokens/s and latency percentiles per run, the ratios
-fanlora ÷ transformers per pair, and a RESULT line. Time it with nothing else running.
+adapters cost fanlora (each fanlora server runs base then adapters on its first visit, adapters then base on its
+second). Prints requests/s, completion tokens/s and latency percentiles per run, the ratios fanlora ÷
+transformers and 4 adapters ÷ base (same server) per pair, and a RESULT line. Time it with nothing else running.
 
 With ``--prefix-cache-mb N`` fanlora also runs with its prefix cache on, the order then being transformers,
 fanlora (off), fanlora (on), fanlora (on), fanlora (off), transformers — A-B-B-A for the cache too — and the
@@ -60,6 +61,35 @@ def start(cmd: list[str], port: int, new_session: bool = False) -> subprocess.Po
     raise SystemExit(f"{' '.join(cmd[:2])} did not answer /health within 300 s")
 
 
+def ratios(a: list[dict], b: list[dict], key: str = "rps") -> tuple[float, float, float]:
+    """a ÷ b per pair of runs: median, min, max."""
+    r = [x[key] / y[key] for x, y in zip(a, b, strict=True)]
+    return statistics.median(r), min(r), max(r)
+
+
+def summarise(runs: dict[str, list[dict]], cache_mb: float, say) -> None:
+    """The ratios per pair — fanlora ÷ transformers, 4 adapters ÷ base in the same server, cache on ÷ off —
+    and the RESULT line."""
+    (peer,) = [k for k in runs if k.startswith("transformers")]
+    fmt = lambda r: f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"  # noqa: E731
+    for label in [k for k in runs if k.startswith("fanlora")]:
+        say(f"{label} / transformers: throughput {fmt(ratios(runs[label], runs[peer]))}, "
+            f"p50 latency {fmt(ratios(runs[label], runs[peer], 'p50'))}")  # fmt: skip
+    tags = {"": ""} | ({"cached_": f" (prefix cache {cache_mb:g} MiB)"} if cache_mb else {})
+    result = f"RESULT base_vs_peer_throughput={ratios(runs['fanlora serve, base'], runs[peer])[0]:.3f}"
+    for prefix, tag in tags.items():
+        base, mixed = runs[f"fanlora serve, base{tag}"], runs[f"fanlora serve, 4 adapters{tag}"]
+        say(f"fanlora serve{tag}: 4 adapters / base: throughput {fmt(ratios(mixed, base))}")
+        result += f" {prefix}adapters_vs_peer_throughput={ratios(mixed, runs[peer])[0]:.3f}"
+        result += f" {prefix}adapters_vs_base_throughput={ratios(mixed, base)[0]:.3f}"
+    if cache_mb:
+        for what in ("base", "4 adapters"):
+            r = ratios(runs[f"fanlora serve, {what}{tags['cached_']}"], runs[f"fanlora serve, {what}"])
+            say(f"fanlora serve, {what}: prefix cache on / off: throughput {fmt(r)}")
+            result += f" {what.replace(' ', '_')}_cache_vs_off={r[0]:.3f}"
+    say(result + f" errors={sum(m['errors'] for ms in runs.values() for m in ms)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", required=True)
@@ -94,7 +124,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
 
-    def ours(cache_mb: float = 0.0) -> list[tuple[str, dict]]:
+    def ours(cache_mb: float = 0.0, flip: bool = False) -> list[tuple[str, dict]]:
         port = free_port()
         cmd = [sys.executable, "-m", "fanlora", "serve", "--setting", args.setting, "--adapter-dir", str(work)]
         cmd += ["--prefix-cache-mb", str(cache_mb)]
@@ -103,16 +133,22 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{port}/v1"
             load(url, ["base", *ADAPTERS], 1, 8)  # warm-up, loads every adapter
-            base = load(url, ["base"], args.clients, args.seconds)
-            mixed = load(url, ADAPTERS, args.clients, args.seconds)
-            return [(f"fanlora serve, base{tag}", base), (f"fanlora serve, 4 adapters{tag}", mixed)]
+            loads = [(f"fanlora serve, base{tag}", ["base"]), (f"fanlora serve, 4 adapters{tag}", ADAPTERS)]
+            return [
+                (label, load(url, models, args.clients, args.seconds)) for label, models in loads[:: -1 if flip else 1]
+            ]
         finally:
             proc.terminate()
             proc.wait(30)
 
     runs: dict[str, list[dict]] = {}
-    cached = lambda: ours(args.prefix_cache_mb)  # noqa: E731
-    order = (peer, ours, cached, cached, ours, peer) if args.prefix_cache_mb else (peer, ours, ours, peer)
+    cached = lambda flip=False: ours(args.prefix_cache_mb, flip)  # noqa: E731
+    flipped = lambda fn: lambda: fn(flip=True)  # noqa: E731  (the second visit runs adapters before base)
+    order = (
+        (peer, ours, cached, flipped(cached), flipped(ours), peer)
+        if args.prefix_cache_mb
+        else (peer, ours, flipped(ours), peer)
+    )
     for fn in order:  # A-B-B-A
         for label, m in fn():
             runs.setdefault(label, []).append(m)
@@ -120,31 +156,7 @@ def main() -> None:
                 f"{label:<50} {m['requests']:4d} req, {m['errors']} errors, {m['rps']:5.2f} req/s, "
                 f"{m['tok_s']:6.1f} tok/s, p50 {m['p50']:.2f} s, p99 {m['p99']:.2f} s"
             )
-    (peer_label,) = [k for k in runs if k.startswith("transformers")]
-    for label in [k for k in runs if k.startswith("fanlora")]:
-        r = [m["rps"] / p["rps"] for m, p in zip(runs[label], runs[peer_label], strict=True)]
-        lat = [m["p50"] / p["p50"] for m, p in zip(runs[label], runs[peer_label], strict=True)]
-        say(
-            f"{label} / transformers: throughput {statistics.median(r):.3f} [{min(r):.3f}, {max(r):.3f}], "
-            f"p50 latency {statistics.median(lat):.3f} [{min(lat):.3f}, {max(lat):.3f}]"
-        )
-    ratio = lambda label: statistics.median(  # noqa: E731
-        m["rps"] / p["rps"] for m, p in zip(runs[label], runs[peer_label], strict=True)
-    )
-    errors = sum(m["errors"] for ms in runs.values() for m in ms)
-    cache = ""
-    if args.prefix_cache_mb:
-        tag = f" (prefix cache {args.prefix_cache_mb:g} MiB)"
-        for what in ("base", "4 adapters"):
-            on, off = runs[f"fanlora serve, {what}{tag}"], runs[f"fanlora serve, {what}"]
-            r = [a["rps"] / b["rps"] for a, b in zip(on, off, strict=True)]
-            say(f"fanlora serve, {what}: prefix cache on / off: throughput {statistics.median(r):.3f} "
-                f"[{min(r):.3f}, {max(r):.3f}]")  # fmt: skip
-            cache += f" {what.replace(' ', '_')}_cache_vs_off={statistics.median(r):.3f}"
-    say(
-        f"RESULT base_vs_peer_throughput={ratio('fanlora serve, base'):.3f} "
-        f"adapters_vs_peer_throughput={ratio('fanlora serve, 4 adapters'):.3f}{cache} errors={errors}"
-    )
+    summarise(runs, args.prefix_cache_mb, say)
     if args.out:
         Path(args.out).write_text("\n".join(report) + "\n")
 

@@ -12,6 +12,7 @@ from peft import PeftModel
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
 from fanlora.generate import Decoding
+from fanlora.serving import engine as engine_module
 from fanlora.serving.engine import Engine
 
 PROMPTS = ["The capital of France is", "One, two, three,", "Hello there, my friend", "A"]
@@ -44,7 +45,9 @@ def batch_of(tok, prompts):
     return dict(tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False))
 
 
-def test_single_and_mixed_batches_equal_peft(world):
+@pytest.mark.parametrize("run_tokens", [0, 10**9], ids=["runs", "stacked"])
+def test_single_and_mixed_batches_equal_peft(world, run_tokens, monkeypatch):
+    monkeypatch.setattr(engine_module, "MIN_RUN_TOKENS", run_tokens)  # both mixed paths: one update per run, or stacked
     engine, adapters, _, tiny_llama = world
     batch = batch_of(engine.tokenizer, PROMPTS)
     want = {n: peft_logits(tiny_llama, p, batch) for n, p in adapters.items()}
@@ -61,6 +64,19 @@ def test_single_and_mixed_batches_equal_peft(world):
         got = engine.logits(batch["input_ids"], batch["attention_mask"], mixed)
         for row, name in enumerate(mixed):
             assert (got[row] - want[name][row])[mask[row]].abs().max() < 1e-4
+
+
+def test_a_mixed_batch_is_routed_as_runs_of_one_adapter_and_as_a_mask_over_the_present_ones(world):
+    engine = world[0]
+    a, b = engine.slot_of("a"), engine.slot_of("b")
+    engine.use_slots([a, a, b, b, 0, a])
+    assert engine.rows.spans == [(a, 0, 2), (b, 2, 4), (a, 5, 6)]
+    rank = engine.rank
+    want = torch.ones(6, 2 * rank, dtype=torch.bool)  # columns: a's, then b's (c is absent: not stacked)
+    for row, col in ((0, 0), (1, 0), (2, 1), (3, 1), (5, 0)):
+        want[row, col * rank : (col + 1) * rank] = False
+    assert torch.equal(engine.rows.mask, want)
+    assert engine.rows.cols.tolist() == [(s - 1) * rank + k for s in (a, b) for k in range(rank)]
 
 
 def test_mixed_generation_equals_each_adapter_alone(world):

@@ -219,7 +219,8 @@ class ContinuousScheduler(Admission):
 
     def _segments(self) -> list[tuple[_Row, int, list[int]]]:
         """This forward's (row, position of its first new token, new tokens): every decoding row's last token,
-        then prompt tokens of the prefilling rows in arrival order, ≤ ``prefill_chunk`` of them."""
+        then prompt tokens of the prefilling rows in arrival order, ≤ ``prefill_chunk`` of them; packed grouped
+        by adapter slot (a stable sort), so each adapter's update runs once over its contiguous tokens."""
         out = [(r, r.length, [r.token]) for r in self.rows if not r.prefilling]
         budget = self.prefill_chunk
         for row in self.rows:
@@ -227,7 +228,7 @@ class ContinuousScheduler(Admission):
                 piece = row.job.prompt_ids[row.length : row.length + budget]
                 out.append((row, row.length, piece))
                 budget -= len(piece)
-        return out
+        return sorted(out, key=lambda segment: segment[0].job.slot)
 
     def _step(self) -> None:
         segments = self._segments()
