@@ -2,17 +2,18 @@
 
     python benchmarks/packed_prefill.py --out benchmarks/results/packed-prefill.txt
 
-`fanlora serve`'s continuous scheduler runs a joining prompt's prefill chunk (``--prefill-chunk`` tokens) as a
-forward of its own between decoding steps. Packing it into the decoding step (one ragged forward carrying the
-B decoding rows' next tokens and the chunk) saves one forward's fixed cost and nothing else: every position is
-still computed. This measures both sides on the embedded backbone, float32, in shuffled-then-reversed rounds:
+`fanlora serve`'s continuous scheduler used to run a joining prompt's prefill chunk (``--prefill-chunk`` tokens)
+as a forward of its own between decoding steps; it now packs it into the decoding step (one ragged forward
+carrying the B decoding rows' next tokens and the chunk, over the paged pool). That saves one forward's fixed
+cost and nothing else: every position is still computed. This measures both sides on the embedded backbone,
+float32, in shuffled-then-reversed rounds:
 
 - ``separate``: a decoding step of B rows (one token each, over a KV cache of ``--context`` positions) plus a
-  prefill forward of one C-token chunk — what the scheduler does today;
+  prefill forward of one C-token chunk — what the scheduler did before it packed;
 - ``packed (upper bound)``: one forward of B + C new positions in a single row — the cost a ragged packed
   forward could reach at best (same positions, one forward; its attention over the others' caches, which a
   real packed kernel adds, is left out, so the real saving is smaller);
-- ``packed (paged)``: that forward for real — :class:`fanlora.serving.paged.PagedKV`, the scheduler's pool: the B
+- ``packed (paged)``: that forward for real — :class:`fanlora.serving.paged.PagedKV`, the scheduler's pool today: the B
   rows' tokens and the chunk in one sequence, each token attending to its own row's pool positions (4-D mask);
 - ``padded``: one forward of B + 1 rows × C tokens — packing with HF's padded batches, which is what the
   engine's attention supports without a ragged kernel.

@@ -12,7 +12,7 @@ from peft import PeftModel
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
 from fanlora.generate import Decoding
-from fanlora.serving import engine as engine_module
+from fanlora.serving import multilora as engine_module
 from fanlora.serving.engine import Engine
 
 PROMPTS = ["The capital of France is", "One, two, three,", "Hello there, my friend", "A"]

@@ -23,7 +23,7 @@ from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
 from fanlora.generate import Decoding
 from fanlora.serving import continuous
-from fanlora.serving import engine as engine_module
+from fanlora.serving import multilora as engine_module
 from fanlora.serving.adapters import read_adapter
 from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine

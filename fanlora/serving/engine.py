@@ -8,29 +8,20 @@ the backbone's one setting, so the engine:
 - keeps, per wrapped module, the adapters' factors stacked — ``A`` as [slots, in, R] and ``s·B`` as
   [slots, R, out] (pre-transposed), slot 0 all zeros for "no adapter", ranks zero-padded to the largest R
   (exact: the padding adds zeros);
-- applies a batch in one of two ways: all rows on one adapter → two plain matmuls; mixed rows → the stacks
-  of the adapters present laid side by side (``A`` as [in, U·R], ``B`` as [U·R, out]), one product with
-  every token, a 0/1 mask that keeps each token's own adapter's R columns, one product back (the segmented
-  idea of Punica's SGMV / S-LoRA, as two dense GEMMs): no Python loop over adapters, no per-token copy of the
-  factors. Measured at decode shape (16 rows, 5 slots, r=12, one thread of this CPU) the update costs 10–30 % of
-  the base linear this way against 100–200 % for gathering each row's factors and two batched products;
+- applies a batch as :mod:`fanlora.serving.multilora` says: one adapter → two plain matmuls; mixed rows →
+  each long run of one adapter's tokens its own update, short runs one stacked product masked per token;
 - leaves decoding, the KV cache and beam search to ``transformers``' ``generate`` (rows are repeated for the
   beams the way HF expands them).
 
 Adapters are loaded and unloaded at run time. Isolation between tenants is an invariant here: an adapter is
 checked completely (:func:`fanlora.serving.adapters.read_adapter`: finite values, shapes, ranks up to
 ``max_rank``) and against the engine's setting before it touches a stack; it is written into a fresh slot that
-replaces the old one only when complete; a mixed batch whose rows come in a few runs of one adapter (the
-continuous scheduler packs its tokens grouped by slot) adds each run's own update to that run's rows alone, and
-otherwise the stacked update zeroes other tenants' columns with ``masked_fill`` (not a 0/1 multiply, which lets
-an overflow in one tenant's columns turn every row's update into NaN); and the stacks shrink back when the
-adapter with the largest rank leaves. The runs path exists for speed: the stacked update multiplies every token
-by every loaded adapter (four adapters: 4× the FLOPs of one), a run multiplies its tokens by one.
+replaces the old one only when complete; a mixed batch never lets one tenant's factors reach another's rows
+(see :mod:`fanlora.serving.multilora`); and the stacks shrink back when the adapter with the largest rank leaves.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,88 +29,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
-from fanlora.backbone import linear_shape
 from fanlora.errors import UserError
 from fanlora.generate import generate
 from fanlora.serving.adapters import DEFAULT_MAX_RANK, LoadedAdapter, read_adapter
+from fanlora.serving.multilora import MultiLoRALinear, Rows
 from fanlora.setting import Setting
-
-MIN_RUN_TOKENS = 16  # mixed batches with at least this many tokens per run of one adapter: one update per run
-
-
-def _runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(slot, first index, end index) for each run of equal consecutive slots."""
-    out, start = [], 0
-    for slot, group in itertools.groupby(slots):
-        end = start + sum(1 for _ in group)
-        out.append((slot, start, end))
-        start = end
-    return out
-
-
-class _Rows(threading.local):
-    """Which adapter slot each row of the current batch uses (set around every forward)."""
-
-    def __init__(self) -> None:
-        self.uniform: int | None = 0  # one slot for every row, or None for a mixed batch
-        self.cols: torch.Tensor | None = None  # mixed: the stacked columns of the slots present (None: all)
-        self.mask: torch.Tensor | None = None  # mixed: [rows, len(cols)·R] True where a column is not the row's
-        self.spans: list[tuple[int, int, int]] = []  # mixed: (slot, first row, end row) per run of one adapter
-        self.n = 0  # rows routed (a module's input may hold several tokens per row)
-
-
-class MultiLoRALinear(nn.Module):
-    """A frozen linear layer plus the stacked low-rank updates of every loaded adapter.
-
-    The factors are stored pre-transposed (``A`` as [slots, in, R], ``B`` as [slots, R, out], ``B`` already
-    multiplied by the adapter's scaling) so the hot path is ``y += (x·A)·B`` with the second product fused
-    into the add (``addmm_`` / ``baddbmm_`` on the base output, no temporary): measured at decode shape on
-    this CPU, the update then costs ~5 µs per module against ~15 µs for ``y + x@A.T@B.T``. The base weight
-    is applied with ``F.linear`` directly rather than through a nested module call (a GPT-2 ``Conv1D``, whose
-    weight is stored in x out, is called as it is).
-    """
-
-    def __init__(self, base: nn.Module, rows: _Rows) -> None:
-        super().__init__()
-        self.base, self.rows = base, rows
-        self.in_features, self.out_features = linear_shape(base)
-        self.plain = isinstance(base, nn.Linear)
-        dev, dt = base.weight.device, base.weight.dtype
-        self.register_buffer("A", torch.zeros(1, self.in_features, 1, device=dev, dtype=dt), persistent=False)
-        self.register_buffer("B", torch.zeros(1, 1, self.out_features, device=dev, dtype=dt), persistent=False)
-        self.refresh()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.base.weight, self.base.bias) if self.plain else self.base(x)
-        rows = self.rows
-        slot = rows.uniform
-        if slot == 0:
-            return y
-        if slot is not None:
-            y.view(-1, self.out_features).addmm_(x.reshape(-1, self.in_features) @ self.A[slot], self.B[slot])
-            return y
-        x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] >= MIN_RUN_TOKENS * len(rows.spans):  # long runs: each its own adapter's update alone
-            y2, k = y.view(-1, self.out_features), x2.shape[0] // rows.n
-            for slot, start, end in rows.spans:
-                y2[start * k : end * k].addmm_(x2[start * k : end * k] @ self.A[slot], self.B[slot])
-            return y
-        mask = rows.mask
-        if mask.shape[0] != x2.shape[0]:  # a row's tokens (and HF's beams of a row) are contiguous
-            mask = mask.repeat_interleave(x2.shape[0] // mask.shape[0], 0)
-        a, b = (self.Af, self.Bf) if rows.cols is None else (self.Af[:, rows.cols], self.Bf[rows.cols])
-        y.view(-1, self.out_features).addmm_((x2 @ a).masked_fill_(mask, 0.0), b)
-        return y
-
-    def refresh(self) -> None:
-        """Lay the adapters' stacks (slot 0, the bare backbone, is all zeros: left out) side by side for the
-        stacked mixed path; called whenever ``A`` or ``B`` change."""
-        slots, _, rank = self.A.shape
-        self.Af = self.A[1:].permute(1, 0, 2).reshape(self.in_features, (slots - 1) * rank).contiguous()
-        self.Bf = self.B[1:].reshape((slots - 1) * rank, self.out_features).contiguous()
 
 
 class Engine:
@@ -135,7 +51,7 @@ class Engine:
     ) -> None:
         self.model, self.tokenizer, self.setting, self.identity = model.eval(), tokenizer, setting, identity
         self.max_rank = max_rank
-        self.rows = _Rows()
+        self.rows = Rows()
         self.modules: dict[str, MultiLoRALinear] = {}
         for name in setting.modules:
             parent_name, _, child = name.rpartition(".")
@@ -347,24 +263,9 @@ class Engine:
         product per adapter costs more than one product over every adapter). Runs in the thread that owns
         the model, so it also compacts."""
         self.compact()
-        present = sorted(set(slots) - {0})
-        self.rows.n = len(slots)
         first = next(iter(self.modules.values()), None)
-        if len(set(slots)) == 1 or not present or first is None:
-            uniform = slots[0] if present and first is not None else 0
-            self.rows.uniform, self.rows.cols, self.rows.mask = uniform, None, None
-            return
-        device, rank = first.A.device, self.rank
-        self.rows.spans = [run for run in _runs(slots) if run[0]]
-        column_slot = torch.tensor(present, device=device).repeat_interleave(rank)
-        mask = torch.tensor(slots, device=device)[:, None] != column_slot[None, :]  # True: zeroed
-        everyone = present == list(range(1, first.A.shape[0]))
-        cols = (
-            None
-            if everyone
-            else torch.tensor([(s - 1) * rank + k for s in present for k in range(rank)], device=device)
-        )
-        self.rows.uniform, self.rows.cols, self.rows.mask = None, cols, mask
+        stacked, device = (None, None) if first is None else (first.A.shape[0], first.A.device)
+        self.rows.route(slots, self.rank, stacked, device)
 
     @torch.no_grad()
     def logits(
