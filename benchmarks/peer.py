@@ -5,7 +5,10 @@
 Both servers run as subprocesses on loopback over the embedded backbone (the de-quantised folder in fanlora's
 cache, the same weights). Each measurement: ``--clients`` threads send chat completions back to back for
 ``--seconds`` seconds (greedy, ``max_tokens`` 16, six fixed prompts) through the ``openai`` client, after an
-untimed warm-up. Order, A-B-B-A: transformers (base), fanlora (base), fanlora (every request on a different
+untimed warm-up and ``--warmup`` untimed seconds of the same load (steady state: with the cache on, each
+adapter's prompts are cached by then — six fixed prompts make every prompt a hit, more than varied chat traffic
+would give, where the chat template's system block is what repeats).
+Order, A-B-B-A: transformers (base), fanlora (base), fanlora (every request on a different
 adapter: each client cycles through four random r=12 adapters), then the same three in reverse. transformers'
 server has no per-request LoRA, so only the base row compares like with like; the adapter row says what the
 adapters cost fanlora (each fanlora server runs base then adapters on its first visit, adapters then base on its
@@ -95,6 +98,7 @@ def main() -> None:
     parser.add_argument("--setting", required=True)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--warmup", type=float, default=5, help="untimed seconds of each timed load before it")
     parser.add_argument("--prefix-cache-mb", type=float, default=0.0, help="also run fanlora with its prefix cache")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -117,12 +121,17 @@ def main() -> None:
         try:
             url = f"http://127.0.0.1:{port}/v1"
             load(url, [model_dir], 1, 8)  # warm-up
+            load(url, [model_dir], args.clients, args.warmup)  # the timed load itself, untimed: steady state
             return [
                 ("transformers serve --continuous-batching, base", load(url, [model_dir], args.clients, args.seconds))
             ]
         finally:
             proc.terminate()
             proc.wait(30)
+
+    def timed(url: str, models: list[str]) -> dict:
+        load(url, models, args.clients, args.warmup)  # untimed: the same load primes caches and pools first
+        return load(url, models, args.clients, args.seconds)
 
     def ours(cache_mb: float = 0.0, flip: bool = False) -> list[tuple[str, dict]]:
         port = free_port()
@@ -134,9 +143,7 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}/v1"
             load(url, ["base", *ADAPTERS], 1, 8)  # warm-up, loads every adapter
             loads = [(f"fanlora serve, base{tag}", ["base"]), (f"fanlora serve, 4 adapters{tag}", ADAPTERS)]
-            return [
-                (label, load(url, models, args.clients, args.seconds)) for label, models in loads[:: -1 if flip else 1]
-            ]
+            return [(label, timed(url, models)) for label, models in loads[:: -1 if flip else 1]]
         finally:
             proc.terminate()
             proc.wait(30)
