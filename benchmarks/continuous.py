@@ -22,6 +22,9 @@ the order batch, continuous, cached, cached, continuous, batch (A-B-C-C-B-A: A-B
 cached run also reports the cache's hit rate (prompts that started after cached blocks ÷ prompts) and the
 prompt tokens it did not recompute, the ratios add cached ÷ continuous, and the RESULT line adds
 ``cache_vs_off_*`` at the 1× rate.
+
+``--capacity R`` skips the capacity measurement and offers the rates as multiples of R: the way to compare two
+code versions (each run of this script under its own ``PYTHONPATH``) at the same offered load.
 """
 
 from __future__ import annotations
@@ -160,6 +163,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prefix-cache-mb", type=float, default=0.0, help="also run continuous with its prefix cache")
+    parser.add_argument(
+        "--capacity", type=float, help="take this as the batch capacity (req/s) instead of measuring it"
+    )
     parser.add_argument("--out", help="also write the report here")
     args = parser.parse_args()
 
@@ -186,10 +192,14 @@ def main() -> None:
 
     for scheduler in schedulers.values():  # warm-up, untimed
         play(engine, scheduler, stream(engine, 4, 0, args.seed + 99))
-    cap = play(engine, schedulers["batch"], stream(engine, args.requests, 0, args.seed))
-    capacity = cap["rps"]
-    say(f"batch scheduler capacity (all {args.requests} requests queued at once): {capacity:.2f} req/s")
-    say(line("  batch, closed loop", cap))
+    if args.capacity:  # the same offered rates for runs that are compared across processes (code versions)
+        capacity = args.capacity
+        say(f"batch scheduler capacity taken as {capacity:.2f} req/s (--capacity)")
+    else:
+        cap = play(engine, schedulers["batch"], stream(engine, args.requests, 0, args.seed))
+        capacity = cap["rps"]
+        say(f"batch scheduler capacity (all {args.requests} requests queued at once): {capacity:.2f} req/s")
+        say(line("  batch, closed loop", cap))
     keys = ("rps", "tok_s", "ttft_p50", "ttft_p99", "tpot_p50", "e2e_p50", "positions")
     results = {}
     for mult in [float(x) for x in args.rates.split(",")]:
