@@ -45,8 +45,8 @@ case $grid in
     mv "$out/settings/cost.tmp.json" "$out/settings/costaware.json"
     rank 12 ab-exact "budget:params=993024" > "$out/settings/costaware.rank.json"
     copy_cell sql__fanlora__ab__s0 setting-study-long; copy_cell sql__fanlora__random2__s0 setting-study-long ;;
-  decisive-gsm8k)  # the same three setting files as decisive (its costaware from the same knapsack)
-    copy_setting ab setting-study-long; copy_setting vo setting-study
+  decisive-gsm8k)  # the same setting files as decisive (its costaware from the same knapsack)
+    copy_setting ab setting-study-long; copy_setting vo setting-study; copy_setting first-order setting-study
     mv "$out/settings/cost.tmp.json" "$out/settings/costaware.json"
     rank 12 ab-exact "budget:params=993024" > "$out/settings/costaware.rank.json" ;;
   *) echo "no seeding recipe for $grid: give decisive, decisive-gsm8k or decisive-pilot" >&2; exit 2 ;;

@@ -47,6 +47,23 @@ def test_grid_runs_resumes_cell_by_cell_and_aggregates(tmp_path, recipe_file, ca
     assert "another config" in fail(capsys, ["experiment", str(changed), "--resume"])
 
 
+def test_a_config_that_only_adds_a_variant_resumes_the_grid_and_one_that_changes_a_variant_does_not(
+    tmp_path, recipe_file, capsys
+):
+    exp = grid_config(tmp_path, recipe_file, methods=["lora"], seeds=[0], variants={"a": {"r1": 4}})
+    assert main(["experiment", str(exp)]) == 0
+    done = tmp_path / "grid" / "cells" / "copa__lora__a__s0" / "cell.json"
+    stamp = done.stat().st_mtime_ns
+    grown = grid_config(tmp_path, recipe_file, methods=["lora"], seeds=[0], variants={"a": {"r1": 4}, "b": {"r1": 2}})
+    capsys.readouterr()
+    assert main(["experiment", str(grown), "--resume", "--cells", "copa__lora__b__s0"]) == 0
+    assert done.stat().st_mtime_ns == stamp and (done.parent.parent / "copa__lora__b__s0" / "cell.json").is_file()
+    marker = json.loads((tmp_path / "grid" / "experiment.json").read_text())
+    assert set(marker["experiment"]["variants"]) == {"a", "b"}
+    changed = grid_config(tmp_path, recipe_file, methods=["lora"], seeds=[0], variants={"a": {"r1": 2}, "b": {"r1": 2}})
+    assert "another config" in fail(capsys, ["experiment", str(changed), "--resume"])
+
+
 def test_kmax_variants_share_a_budget_and_plot(tmp_path, recipe_file):
     exp = grid_config(
         tmp_path,

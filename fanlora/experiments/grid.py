@@ -179,19 +179,34 @@ def run_cell(exp: Experiment, cell: Cell, progress: bool = False) -> dict[str, A
 
 
 # --- the grid ----------------------------------------------------------------------------------------------
+def _only_adds_variants(theirs: dict, mine: dict) -> bool:
+    """Whether ``mine`` is ``theirs`` plus new variants: every finished cell still means what it meant."""
+    if theirs.get("format") != mine["format"] or not isinstance(theirs.get("experiment"), dict):
+        return False
+    old, new = dict(theirs["experiment"]), dict(mine["experiment"])
+    old_variants, new_variants = old.pop("variants", None), new.pop("variants")
+    if old != new or not isinstance(old_variants, dict):
+        return False
+    return all(new_variants.get(name) == spec for name, spec in old_variants.items())
+
+
 def open_grid(exp: Experiment, resume: bool) -> Path:
-    """Create the grid directory, or reopen it with --resume when it was made by this same config."""
+    """Create the grid directory, or reopen it with --resume when it was made by this same config — or by this
+    config less some of its variants (a challenger added to a running study keeps the cells already done)."""
     out = Path(exp.out)
     marker = out / "experiment.json"
-    mine = {"format": FORMAT, "experiment": exp.to_dict()}
+    mine = json.loads(json.dumps({"format": FORMAT, "experiment": exp.to_dict()}))
     if marker.is_file():
         theirs = atomic.read_json(marker, f"delete {out} to start the grid over")
-        if theirs != json.loads(json.dumps(mine)):
+        grows = theirs != mine and _only_adds_variants(theirs, mine)
+        if theirs != mine and not grows:
             raise UserError(
                 f"{out} holds a grid made by another config: give another `out:` or delete {out} to start over"
             )
         if not resume:
             raise UserError(f"{out} already holds this grid: pass --resume to continue it")
+        if grows:
+            atomic.write_json(marker, mine)
     elif out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not an experiment grid: give another `out:` in the config")
     else:
