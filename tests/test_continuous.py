@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from helpers import alone, job, make_adapter, run, setting_for
@@ -182,3 +184,18 @@ def test_packed_forwards_give_each_row_the_logits_it_has_alone(tiny_llama):
         out = model(input_ids=torch.tensor(ids), attention_mask=mask, position_ids=torch.tensor(pos), cache=kv)
         assert torch.allclose(out.logits[0, 0], alone[1][2], atol=1e-5)
         assert torch.allclose(out.logits[0, 1:], alone[2], atol=1e-5)
+
+
+def test_a_packed_forward_carries_each_adapters_tokens_as_one_run(engine, monkeypatch):
+    routed: list[list[int]] = []
+    use_slots = engine.use_slots
+    monkeypatch.setattr(engine, "use_slots", lambda slots: (routed.append(list(slots)), use_slots(slots))[1])
+    names = ["alpha", "beta", None, "alpha", "beta", "gamma"]  # arrival order interleaves the adapters
+    jobs = [job(engine, PROMPTS[i % 3], n, max_tokens=4) for i, n in enumerate(names)]
+    run(ContinuousScheduler(engine, max_batch=6, start=False), {0: jobs[:3], 1: jobs[3:]})
+    mixed = [slots for slots in routed if len(set(slots)) > 1]
+    assert mixed and max(len(set(s)) for s in mixed) == 4  # forwards where every tenant took part
+    for slots in mixed:  # each slot's tokens contiguous: as many runs as slots present
+        assert sum(1 for a, b in itertools.pairwise(slots) if a != b) + 1 == len(set(slots))
+    for (p, n), j in zip([(PROMPTS[i % 3], n) for i, n in enumerate(names)], jobs, strict=True):
+        assert j.text == engine.generate([p], [n], Decoding(), 4)[0]
