@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import random
-import statistics
 import tempfile
 import threading
 import time
@@ -43,7 +42,7 @@ import numpy as np
 from fanlora.backbone import load_backbone
 from fanlora.data.instruct import render
 from fanlora.generate import Decoding, prompt_ids
-from fanlora.latency.timing import save_random_adapter
+from fanlora.latency.timing import save_random_adapter, spread
 from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine
 from fanlora.serving.scheduler import Job, Scheduler
@@ -151,8 +150,8 @@ def line(label: str, m: dict[str, float]) -> str:
 
 def ratios(pairs: list[tuple[dict, dict]], key: str) -> tuple[float, float, float]:
     """second ÷ first per pair (continuous ÷ batch, cached ÷ continuous): median, min, max."""
-    r = [c[key] / b[key] for b, c in pairs]
-    return statistics.median(r), min(r), max(r)
+    r = spread([c[key] / b[key] for b, c in pairs])
+    return r["median"], r["min"], r["max"]
 
 
 def main() -> None:
@@ -232,10 +231,10 @@ def main() -> None:
     say(result)
     if args.out:
         Path(args.out).write_text("\n".join(report) + "\n")
-    for scheduler in schedulers.values():  # idle workers end before the interpreter (none is inside a forward)
+    for scheduler in schedulers.values():  # workers end before the interpreter (none is inside a forward)
         scheduler.stop()
-    schedulers["continuous"].thread.join(5)
-    schedulers.get("cached", schedulers["continuous"]).thread.join(5)
+        if isinstance(scheduler, ContinuousScheduler):  # the batch worker blocks on its queue: a daemon, left
+            scheduler.thread.join(5)
 
 
 if __name__ == "__main__":

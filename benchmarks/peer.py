@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 
 from fanlora.backbone import resolve_source
 from fanlora.latency.loadgen import closed_loop as load
-from fanlora.latency.timing import save_random_adapter
+from fanlora.latency.timing import save_random_adapter, spread
 from fanlora.setting import Setting
 
 ADAPTERS = ["tenant-a", "tenant-b", "tenant-c", "tenant-d"]
@@ -66,8 +65,8 @@ def start(cmd: list[str], port: int, new_session: bool = False) -> subprocess.Po
 
 def ratios(a: list[dict], b: list[dict], key: str = "rps") -> tuple[float, float, float]:
     """a ÷ b per pair of runs: median, min, max."""
-    r = [x[key] / y[key] for x, y in zip(a, b, strict=True)]
-    return statistics.median(r), min(r), max(r)
+    r = spread([x[key] / y[key] for x, y in zip(a, b, strict=True)])
+    return r["median"], r["min"], r["max"]
 
 
 def summarise(runs: dict[str, list[dict]], cache_mb: float, say) -> None:

@@ -12,7 +12,7 @@ from peft import PeftModel
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
 from fanlora.generate import Decoding
-from fanlora.serving import multilora as engine_module
+from fanlora.serving import multilora
 from fanlora.serving.engine import Engine
 
 PROMPTS = ["The capital of France is", "One, two, three,", "Hello there, my friend", "A"]
@@ -47,7 +47,7 @@ def batch_of(tok, prompts):
 
 @pytest.mark.parametrize("run_tokens", [0, 10**9], ids=["runs", "stacked"])
 def test_single_and_mixed_batches_equal_peft(world, run_tokens, monkeypatch):
-    monkeypatch.setattr(engine_module, "MIN_RUN_TOKENS", run_tokens)  # both mixed paths: one update per run, or stacked
+    monkeypatch.setattr(multilora, "MIN_RUN_TOKENS", run_tokens)  # both mixed paths: one update per run, or stacked
     engine, adapters, _, tiny_llama = world
     batch = batch_of(engine.tokenizer, PROMPTS)
     want = {n: peft_logits(tiny_llama, p, batch) for n, p in adapters.items()}

@@ -22,8 +22,7 @@ from safetensors.torch import load_file, save_file
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
 from fanlora.generate import Decoding
-from fanlora.serving import continuous
-from fanlora.serving import multilora as engine_module
+from fanlora.serving import continuous, multilora
 from fanlora.serving.adapters import read_adapter
 from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine
@@ -187,7 +186,7 @@ def test_a_refused_reload_leaves_the_served_adapter_as_it_was(world):
 
 @pytest.mark.parametrize("run_tokens", [0, 10**9], ids=["runs", "stacked"])
 def test_a_nan_in_one_slot_never_reaches_the_other_rows(world, run_tokens, monkeypatch):
-    monkeypatch.setattr(engine_module, "MIN_RUN_TOKENS", run_tokens)
+    monkeypatch.setattr(multilora, "MIN_RUN_TOKENS", run_tokens)
     engine = world["engine"]
     engine.load("alpha", world["root"] / "adapters" / "alpha")
     engine.load("beta", world["root"] / "adapters" / "beta")

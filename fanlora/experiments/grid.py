@@ -198,14 +198,13 @@ def open_grid(exp: Experiment, resume: bool) -> Path:
     mine = json.loads(json.dumps({"format": FORMAT, "experiment": exp.to_dict()}))
     if marker.is_file():
         theirs = atomic.read_json(marker, f"delete {out} to start the grid over")
-        grows = theirs != mine and _only_adds_variants(theirs, mine)
-        if theirs != mine and not grows:
+        if theirs != mine and not _only_adds_variants(theirs, mine):
             raise UserError(
                 f"{out} holds a grid made by another config: give another `out:` or delete {out} to start over"
             )
         if not resume:
             raise UserError(f"{out} already holds this grid: pass --resume to continue it")
-        if grows:
+        if theirs != mine:  # it grew by variants: the marker says what the grid is now
             atomic.write_json(marker, mine)
     elif out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not an experiment grid: give another `out:` in the config")

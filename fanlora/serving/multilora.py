@@ -58,14 +58,12 @@ class Rows(threading.local):
         self.cols: torch.Tensor | None = None  # mixed: the stacked columns of the slots present (None: all)
         self.mask: torch.Tensor | None = None  # mixed: [rows, len(cols)·R] True where a column is not the row's
         self.spans: list[tuple[int, int, int]] = []  # mixed: (slot, first row, end row) per run of one adapter
-        self.n = 0  # rows routed (a module's input may hold several tokens per row)
 
     def route(self, slots: Sequence[int], rank: int, stacked: int | None, device: torch.device | None) -> None:
         """Route the next forward passes by slot, one entry per row: the runs of rows on one adapter and the
         stacked path's mask and columns, shared by every wrapped module. ``stacked``: slots in the modules'
         stacks (None: nothing is wrapped)."""
         present = sorted(set(slots) - {0})
-        self.n = len(slots)
         if len(set(slots)) == 1 or not present or stacked is None:
             self.uniform, self.cols, self.mask = slots[0] if present and stacked is not None else 0, None, None
             return
@@ -113,7 +111,7 @@ class MultiLoRALinear(nn.Module):
             return y
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= MIN_RUN_TOKENS * len(rows.spans):  # long runs: each its own adapter's update alone
-            y2, k = y.view(-1, self.out_features), x2.shape[0] // rows.n
+            y2, k = y.view(-1, self.out_features), x2.shape[0] // rows.mask.shape[0]  # tokens per routed row
             for slot, start, end in rows.spans:
                 y2[start * k : end * k].addmm_(x2[start * k : end * k] @ self.A[slot], self.B[slot])
             return y
