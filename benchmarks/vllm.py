@@ -12,6 +12,11 @@ their process groups), so an idle engine's polling cannot take CPU from it. Orde
 measurements shuffled, then the same in reverse (A-B-B-A); a ratio is taken within each half-round, and the
 report gives its median and range. Before timing, the greedy text of every adapter is compared between stock
 vLLM and the plugin. Time it with nothing else running.
+
+Both engines run with their prefix caches as they ship: vLLM's automatic prefix caching (on by default, keyed by
+LoRA) and `fanlora serve`'s per-adapter cache (``--prefix-cache-mb 64`` by default). ``--warmup S`` runs each
+timed load for S untimed seconds first (steady state, as ``benchmarks/peer.py``); ``--no-all-modules`` leaves
+the all-module adapters and their server out when only the FanLoRA comparison is wanted.
 """
 
 from __future__ import annotations
@@ -70,6 +75,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--warmup", type=float, default=0, help="untimed seconds of each timed load before it")
+    parser.add_argument(
+        "--no-all-modules", action="store_true", help="leave out the all-module adapters (one vLLM server fewer)"
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     setting = Setting.read(args.setting)
@@ -87,6 +96,9 @@ def main() -> None:
         "plugin": VllmServer(model_dir, args.setting, fan, log=str(work / "plugin.log")),
         "plugin-all": VllmServer(model_dir, str(all_setting), full, log=str(work / "plugin-all.log")),
     }
+    if args.no_all_modules:
+        vllm.pop("plugin-all")
+        vllm["stock"].adapters = fan
     procs = {}
     try:
         for name, server in vllm.items():  # one at a time: each start is timed by nobody, but all share 2 cores
@@ -106,6 +118,8 @@ def main() -> None:
             "fanlora serve, base": ("fanlora", ["base"]),
             "fanlora serve, 4 FanLoRA adapters": ("fanlora", list(fan)),
         }
+        if args.no_all_modules:
+            runs = {label: run for label, run in runs.items() if "all-module" not in label}
         measure(runs, urls, procs, args, say, fan)
     finally:
         for proc in procs.values():
@@ -142,6 +156,8 @@ def measure(runs, urls, procs, args, say, fan) -> None:
         for label in order + order[::-1]:
             server, models = runs[label]
             only(server)
+            if args.warmup:  # untimed: the same load first, so every server is timed in its steady state
+                load(urls[server] + "/v1", models, args.clients, args.warmup)
             m = load(urls[server] + "/v1", models, args.clients, args.seconds)
             results[label].append(m)
             say(
@@ -165,9 +181,12 @@ def summarize(results, say, same: int, n: int) -> None:
         "plugin_fanlora_vs_vllm_base": ("vLLM + plugin, 4 FanLoRA adapters", "vLLM, base"),
         "fanlora_serve_vs_plugin_fanlora": ("fanlora serve, 4 FanLoRA adapters", "vLLM + plugin, 4 FanLoRA adapters"),
         "fanlora_serve_base_vs_vllm_base": ("fanlora serve, base", "vLLM, base"),
+        "fanlora_serve_vs_stock_fanlora": ("fanlora serve, 4 FanLoRA adapters", "vLLM, 4 FanLoRA adapters"),
     }
     line = []
     for key, (num, den) in pairs.items():
+        if num not in results or den not in results:
+            continue
         r = ratio(num, den)
         say(f"{num} / {den}: throughput {statistics.median(r):.3f} [{min(r):.3f}, {max(r):.3f}]")
         line.append(f"{key}={statistics.median(r):.3f}")
