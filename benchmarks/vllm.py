@@ -58,14 +58,17 @@ def greedy(url: str, model: str) -> str:
         return json.loads(resp.read())["choices"][0]["message"]["content"]
 
 
-def adapters(setting: Setting, work: Path) -> tuple[dict[str, str], dict[str, str], Path]:
+def adapters(setting: Setting, work: Path, everywhere_too: bool) -> tuple[dict[str, str], dict[str, str], Path]:
     everywhere = dataclasses.replace(
         setting, kept={n: list(setting.kinds) for n in range(setting.num_layers)}, k_max=len(setting.kinds)
     )
     everywhere.write(work / "all-setting.json")
     source = setting.backbone.get("source", "embedded")
     fan = {n: str(save_random_adapter(source, setting, work / n, seed=i)) for i, n in enumerate(FANLORA)}
-    full = {n: str(save_random_adapter(source, everywhere, work / n, seed=10 + i)) for i, n in enumerate(EVERYWHERE)}
+    full = {
+        n: str(save_random_adapter(source, everywhere, work / n, seed=10 + i))
+        for i, n in enumerate(EVERYWHERE if everywhere_too else [])
+    }
     return fan, full, work / "all-setting.json"
 
 
@@ -84,7 +87,7 @@ def main() -> None:
     setting = Setting.read(args.setting)
     model_dir, _ = resolve_source(setting.backbone.get("source", "embedded"))
     work = Path(tempfile.mkdtemp(prefix="fanlora-vllm-bench-"))
-    fan, full, all_setting = adapters(setting, work)
+    fan, full, all_setting = adapters(setting, work, not args.no_all_modules)
     report: list[str] = []
 
     def say(text: str) -> None:
@@ -98,7 +101,6 @@ def main() -> None:
     }
     if args.no_all_modules:
         vllm.pop("plugin-all")
-        vllm["stock"].adapters = fan
     procs = {}
     try:
         for name, server in vllm.items():  # one at a time: each start is timed by nobody, but all share 2 cores
