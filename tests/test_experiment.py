@@ -289,3 +289,33 @@ def test_results_table_rounds_summed_train_minutes():
            "train_minutes_median": 49.809999999999995}  # fmt: skip
     line = _table(SimpleNamespace(variants={"ab": {}}), "copa", [row])[4]
     assert "| 49.81 |" in line and "49.8099" not in line
+
+
+def test_budget_variants_from_another_scorer_are_sized_to_the_experiments_own_budget(tmp_path, recipe_file):
+    """A variant scored another way was once sized to its own table's top setting, not to the shared budget."""
+    from fanlora import methods
+    from fanlora.backbone import from_config
+    from fanlora.config import load_config
+    from fanlora.scoring import ScoreTable
+    from fanlora.setting import Setting, select
+
+    run = tmp_path / "run"
+    assert main(["search", "--config", str(recipe_file), "--run-dir", str(run)]) == 0
+    for method in ("ab-exact", "ab-first-order"):
+        assert main(["score", "--run-dir", str(run), "--method", method]) == 0
+    scores = json.loads((run / "scores-ab-first-order.json").read_text())
+    for entry in scores["scores"]:  # the other scorer prefers the MLP's wider modules
+        entry["score"] = 1.0 if entry["kind"] in ("U", "D") else 0.0
+    (run / "scores-ab-first-order.json").write_text(json.dumps(scores))
+    variants = {"ab": {"r1": "budget"}, "fo": {"scorer": "ab-first-order", "setting": "fixed:Q", "r1": "budget"}}
+    overrides = ["finetune.train.max_steps=1", "finetune.train.eval_steps=1", "finetune.max_dev_examples=4"]
+    extra = {"methods": ["fanlora"], "seeds": [0], "variants": variants, "budget": {"k_max": 2, "r": 4}}
+    assert main(["experiment", str(grid_config(tmp_path, recipe_file, set=overrides, **extra)), "--cells", "*fo*"]) == 0
+    bb = from_config(load_config(str(recipe_file)).backbone)
+    wide = select(ScoreTable.read(run / "scores-ab-first-order.json"), 2).modules
+    budget = methods.lora_params(bb, select(ScoreTable.read(run / "scores.json"), 2).modules, 4)
+    assert methods.lora_params(bb, wide, 4) > budget  # what the variant was sized to before
+    fixed_q = Setting.read(tmp_path / "grid" / "settings" / "fo.json").modules
+    rank = json.loads((tmp_path / "grid" / "settings" / "fo.rank.json").read_text())["r"]
+    assert rank == methods.lora_rank_for_budget(bb, fixed_q, budget)
+    assert rank < methods.lora_rank_for_budget(bb, fixed_q, methods.lora_params(bb, wide, 4))

@@ -69,6 +69,27 @@ def _rank(info: Path) -> int:
     return data["r"]
 
 
+def _scored(cfg: Config, run: Path) -> ScoreTable:
+    """The score table of ``run`` under ``cfg`` (stages a and b run first if the run lacks them)."""
+    if not (run / "run.json").is_file():
+        rundir.prepare(run, cfg.to_dict(), ["backbone", "search", "score"])
+    run_search(cfg, run)
+    stage.run_score(cfg, run, progress=False)
+    return ScoreTable.read(stage.scores_path(cfg, run))
+
+
+def reference_budget(exp: Experiment, backbone: Any) -> int:
+    """The trainable parameters every ``r1: budget`` variant is sized to: LoRA of rank ``budget.r`` on the
+    top-``budget.k_max`` setting of the experiment's own search run and default scorer.
+
+    Always that one run, never the variant's: a variant with another scorer or stage a would otherwise be
+    sized to its own setting and miss the budget the others share.
+    """
+    cfg = _search_config(exp, Variant(name="budget"))
+    table = _scored(cfg, Path(exp.search_run))
+    return methods.lora_params(backbone, select(table, exp.budget["k_max"]).modules, exp.budget["r"])
+
+
 def prepare_setting(exp: Experiment, variant: Variant) -> tuple[Path, int]:
     """The variant's setting file and FanLoRA rank (stage a and b run first if their run lacks them)."""
 
@@ -81,11 +102,7 @@ def prepare_setting(exp: Experiment, variant: Variant) -> tuple[Path, int]:
             return out, _rank(info)
         cfg = _search_config(exp, variant)
         run = Path(variant.search_run or exp.search_run)
-        if not (run / "run.json").is_file():
-            rundir.prepare(run, cfg.to_dict(), ["backbone", "search", "score"])
-        run_search(cfg, run)
-        stage.run_score(cfg, run, progress=False)
-        table = ScoreTable.read(stage.scores_path(cfg, run))
+        table = _scored(cfg, run)
         k_max = variant.k_max or cfg.select.k_max
         if variant.setting == "top":
             setting = run_select(stage.scores_path(cfg, run), k_max, out)
@@ -102,9 +119,7 @@ def prepare_setting(exp: Experiment, variant: Variant) -> tuple[Path, int]:
             rank = variant.r1
         elif variant.r1 == "budget":
             backbone = from_config(cfg.backbone)
-            reference = select(table, exp.budget["k_max"])
-            budget = methods.lora_params(backbone, reference.modules, exp.budget["r"])
-            rank = methods.lora_rank_for_budget(backbone, setting.modules, budget)
+            rank = methods.lora_rank_for_budget(backbone, setting.modules, reference_budget(exp, backbone))
         atomic.write_json(
             info,
             {"r": rank, "k_max": k_max, "scorer": variant.scorer, "setting": variant.setting, "search_run": str(run)},
