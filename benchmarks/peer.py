@@ -15,6 +15,12 @@ adapters cost fanlora (each fanlora server runs base then adapters on its first 
 second). Prints requests/s, completion tokens/s and latency percentiles per run, the ratios fanlora ÷
 transformers and 4 adapters ÷ base (same server) per pair, and a RESULT line. Time it with nothing else running.
 
+Equal work per request (``--equal-work``, the default): every answer is ``max_tokens`` long — fanlora is sent
+``"ignore_eos": true`` (vLLM's extension), transformers' server a ``generation_config`` whose EOS is a token
+these prompts never reach (it has no ``ignore_eos``). Without it, answers end at EOS: the four random adapters
+answer these prompts with ~2 % more tokens than the bare backbone (measured: 14.9 against 14.6 per request),
+so requests per second would charge the adapters for longer answers. ``--no-equal-work`` gives the old load.
+
 With ``--prefix-cache-mb N`` fanlora also runs with its prefix cache on, the order then being transformers,
 fanlora (off), fanlora (on), fanlora (on), fanlora (off), transformers — A-B-B-A for the cache too — and the
 RESULT line adds the cache's throughput ratio (on ÷ off, per pair) for base and for the four adapters.
@@ -23,6 +29,7 @@ RESULT line adds the cache's throughput ratio (on ÷ off, per pair) for base and
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -38,6 +45,7 @@ from fanlora.latency.timing import save_random_adapter, spread
 from fanlora.setting import Setting
 
 ADAPTERS = ["tenant-a", "tenant-b", "tenant-c", "tenant-d"]
+NEVER = 49151  # the embedded backbone's last vocabulary id: transformers' stand-in EOS under --equal-work
 
 
 def free_port() -> int:
@@ -99,8 +107,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--warmup", type=float, default=5, help="untimed seconds of each timed load before it")
     parser.add_argument("--prefix-cache-mb", type=float, default=0.0, help="also run fanlora with its prefix cache")
+    parser.add_argument(
+        "--equal-work", action=argparse.BooleanOptionalAction, default=True, help="every answer max_tokens long"
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
+    fan_body = {"ignore_eos": True} if args.equal_work else None
+    gen = {"eos_token_id": NEVER, "max_new_tokens": 16, "do_sample": False}
+    peer_body = {"generation_config": json.dumps(gen)} if args.equal_work else None
     setting = Setting.read(args.setting)
     source = setting.backbone.get("source", "embedded")
     model_dir, _ = resolve_source(source)
@@ -119,18 +133,17 @@ def main() -> None:
         proc = start([*cmd, "--host", "127.0.0.1", "--port", str(port)], port)
         try:
             url = f"http://127.0.0.1:{port}/v1"
-            load(url, [model_dir], 1, 8)  # warm-up
-            load(url, [model_dir], args.clients, args.warmup)  # the timed load itself, untimed: steady state
-            return [
-                ("transformers serve --continuous-batching, base", load(url, [model_dir], args.clients, args.seconds))
-            ]
+            load(url, [model_dir], 1, 8, peer_body)  # warm-up
+            load(url, [model_dir], args.clients, args.warmup, peer_body)  # the timed load, untimed: steady state
+            label = "transformers serve --continuous-batching, base"
+            return [(label, load(url, [model_dir], args.clients, args.seconds, peer_body))]
         finally:
             proc.terminate()
             proc.wait(30)
 
     def timed(url: str, models: list[str]) -> dict:
-        load(url, models, args.clients, args.warmup)  # untimed: the same load primes caches and pools first
-        return load(url, models, args.clients, args.seconds)
+        load(url, models, args.clients, args.warmup, fan_body)  # untimed: the same load primes caches and pools
+        return load(url, models, args.clients, args.seconds, fan_body)
 
     def ours(cache_mb: float = 0.0, flip: bool = False) -> list[tuple[str, dict]]:
         port = free_port()
@@ -140,7 +153,7 @@ def main() -> None:
         tag = f" (prefix cache {cache_mb:g} MiB)" if cache_mb else ""
         try:
             url = f"http://127.0.0.1:{port}/v1"
-            load(url, ["base", *ADAPTERS], 1, 8)  # warm-up, loads every adapter
+            load(url, ["base", *ADAPTERS], 1, 8, fan_body)  # warm-up, loads every adapter
             loads = [(f"fanlora serve, base{tag}", ["base"]), (f"fanlora serve, 4 adapters{tag}", ADAPTERS)]
             return [(label, timed(url, models)) for label, models in loads[:: -1 if flip else 1]]
         finally:

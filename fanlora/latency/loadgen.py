@@ -23,8 +23,11 @@ PROMPTS = [
 ]
 
 
-def closed_loop(url: str, models: list[str], clients: int, seconds: float) -> dict[str, float]:
-    """Closed loop: each client sends the next request as soon as its last one is answered."""
+def closed_loop(
+    url: str, models: list[str], clients: int, seconds: float, extra_body: dict | None = None
+) -> dict[str, float]:
+    """Closed loop: each client sends the next request as soon as its last one is answered. ``extra_body``:
+    server-specific request fields (e.g. ``{"ignore_eos": True}``: every answer ``max_tokens`` long)."""
     lat, toks, errors = [], [], []
     lock = threading.Lock()
     end = time.monotonic() + seconds
@@ -40,6 +43,7 @@ def closed_loop(url: str, models: list[str], clients: int, seconds: float) -> di
                     max_tokens=16,
                     temperature=0,
                     messages=[{"role": "user", "content": PROMPTS[k % len(PROMPTS)]}],
+                    extra_body=extra_body,
                 )
                 with lock:
                     lat.append(time.monotonic() - t)

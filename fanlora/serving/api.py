@@ -80,6 +80,7 @@ class SamplingRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int = Field(1, ge=1, le=1)
     num_beams: int = Field(1, ge=1, le=8)  # extension (vLLM had use_beam_search): beam search, answered whole
+    ignore_eos: bool = False  # extension (vLLM's): decode max_tokens tokens, EOS or not (equal work in benchmarks)
 
     @model_validator(mode="after")
     def _known_fields(self) -> SamplingRequest:

@@ -54,10 +54,18 @@ class Job:
     cancelled: bool = False  # the client went away
     started: float = field(default_factory=time.monotonic)
     slot: int = 0  # the engine slot pinned for this job at admission (0: the bare backbone)
+    ignore_eos: bool = False  # EOS does not end the job: it decodes max_tokens tokens (or up to a stop string)
 
     def key(self) -> tuple:
         d = self.decoding
-        return (d.strategy, d.temperature, d.top_p, d.num_beams, d.seed if d.strategy == "sampling" else 0)
+        return (
+            d.strategy,
+            d.temperature,
+            d.top_p,
+            d.num_beams,
+            d.seed if d.strategy == "sampling" else 0,
+            self.ignore_eos,  # one generate() call stops rows at EOS for all its rows or for none
+        )
 
     def emit(self, kind: str, value: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -70,7 +78,7 @@ def accept(job: Job, token: int, tokenizer: Any, eos: int | None) -> None:
     """
     if job.finished or job.cancelled:
         return
-    if token == eos:
+    if token == eos and not job.ignore_eos:
         job.finished = "stop"
         return
     job.tokens.append(token)
@@ -264,7 +272,7 @@ def run_batch(engine: Engine, jobs: list[Job]) -> None:
             attention_mask=mask.to(device),
             max_new_tokens=max(j.max_tokens for j in jobs),
             pad_token_id=pad,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=None if jobs[0].ignore_eos else tok.eos_token_id,  # a batch shares it (Job.key)
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([_RowsDone(jobs)]),
             **kwargs,

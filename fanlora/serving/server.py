@@ -196,6 +196,8 @@ def _install_completion_routes(app: FastAPI, tenants: Tenants, limits: Limits) -
             )
         if req.num_beams > 1 and req.stream:
             raise ApiError(400, "beam search cannot stream: drop stream or num_beams")
+        if req.num_beams > 1 and req.ignore_eos:
+            raise ApiError(400, "ignore_eos is not supported with beam search: drop ignore_eos or num_beams")
 
     async def run(req: SamplingRequest, ids: list[int], chat: bool, request: Request):
         if scheduler.closed:
@@ -203,7 +205,8 @@ def _install_completion_routes(app: FastAPI, tenants: Tenants, limits: Limits) -
         check(req, ids)
         adapter, slot = await asyncio.to_thread(tenants.admit, req.model)
         stop = list(req.stop or [])  # validated: a list of non-empty strings
-        job = Job(ids, adapter, _decoding(req), req.max_tokens, stop, asyncio.get_running_loop(), slot=slot)
+        loop = asyncio.get_running_loop()
+        job = Job(ids, adapter, _decoding(req), req.max_tokens, stop, loop, slot=slot, ignore_eos=req.ignore_eos)
         try:
             scheduler.submit(job)
         except Closing:
