@@ -18,7 +18,8 @@ transformers and 4 adapters ÷ base (same server) per pair, and a RESULT line. T
 Equal work per request (``--equal-work``, the default): every answer is ``max_tokens`` long — fanlora is sent
 ``"ignore_eos": true`` (vLLM's extension), transformers' server a ``generation_config`` whose EOS is a token
 these prompts never reach (it has no ``ignore_eos``). Without it, answers end at EOS: the four random adapters
-answer these prompts with ~2 % more tokens than the bare backbone (measured: 14.9 against 14.6 per request),
+answer these prompts with ~2 % more tokens than the bare backbone (14.9 against 14.6 per request in
+results/peer-prefix-cache.txt),
 so requests per second would charge the adapters for longer answers. ``--no-equal-work`` gives the old load.
 
 With ``--prefix-cache-mb N`` fanlora also runs with its prefix cache on, the order then being transformers,
