@@ -1,35 +1,42 @@
 """`fanlora serve` against `transformers serve --continuous-batching` on the same backbone, closed loop, one run.
 
-    python benchmarks/peer.py --setting runs/demo/setting.json --out benchmarks/results/peer.txt
+    python benchmarks/peer.py --setting runs/demo/setting.json --prefix-cache-mb 64 --out benchmarks/results/peer.txt
 
-Both servers run as subprocesses on loopback over the embedded backbone (the de-quantised folder in fanlora's
-cache, the same weights). Each measurement: ``--clients`` threads send chat completions back to back for
-``--seconds`` seconds (greedy, ``max_tokens`` 16, six fixed prompts) through the ``openai`` client, after an
-untimed warm-up and ``--warmup`` untimed seconds of the same load (steady state: with the cache on, each
-adapter's prompts are cached by then — six fixed prompts make every prompt a hit, more than varied chat traffic
-would give, where the chat template's system block is what repeats).
-Order, A-B-B-A: transformers (base), fanlora (base), fanlora (every request on a different
-adapter: each client cycles through four random r=12 adapters), then the same three in reverse. transformers'
-server has no per-request LoRA, so only the base row compares like with like; the adapter row says what the
-adapters cost fanlora (each fanlora server runs base then adapters on its first visit, adapters then base on its
-second). Prints requests/s, completion tokens/s and latency percentiles per run, the ratios fanlora ÷
-transformers and 4 adapters ÷ base (same server) per pair, and a RESULT line. Time it with nothing else running.
+Every server runs as a subprocess on loopback over the embedded backbone (the de-quantised folder in fanlora's
+cache, the same weights), and all of them stay up for the whole run: transformers' server, fanlora's without
+its prefix cache and, with ``--prefix-cache-mb N``, fanlora's with it (an idle server takes no CPU; each holds
+its own copy of the weights). The loads ("arms"): transformers (base); for each fanlora server, base and every
+request on a different adapter (each client cycles through four random r=12 adapters). One visit of an arm:
+``--clients`` threads send chat completions back to back (greedy, ``max_tokens`` 16, six fixed prompts) through
+the ``openai`` client for ``--warmup`` untimed seconds, then ``--seconds`` timed ones. ``--rounds`` rounds, each
+visiting every arm twice — a shuffled order, then its reverse (:func:`fanlora.latency.timing.balanced_rounds`,
+ABBA generalised) — so a drift of the machine's speed weighs on every arm alike; ratios are taken within a
+round (the mean of its two visits per arm) and summarised over rounds: per-round median and range, and the
+geometric mean with a 95 % t-interval over rounds (:func:`fanlora.latency.timing.ratio_interval`; the rounds
+are the independent units). Six fixed prompts make every prompt a prefix-cache hit once warm — more than varied
+chat traffic would give, where the chat template's system block is what repeats.
+
+transformers' server has no per-request LoRA, so only the base arm compares like with like; the adapter arms
+say what the adapters cost fanlora. Prints requests/s, completion tokens/s and latency percentiles per visit,
+the ratios fanlora ÷ transformers, 4 adapters ÷ base (same server) and cache on ÷ off, and a RESULT line.
+Time it with nothing else running.
 
 Equal work per request (``--equal-work``, the default): every answer is ``max_tokens`` long — fanlora is sent
 ``"ignore_eos": true`` (vLLM's extension), transformers' server a ``generation_config`` whose EOS is a token
 these prompts never reach (it has no ``ignore_eos``). Without it, answers end at EOS: the four random adapters
 answer these prompts with ~2 % more tokens than the bare backbone (14.9 against 14.6 per request in
-results/peer-prefix-cache.txt),
-so requests per second would charge the adapters for longer answers. ``--no-equal-work`` gives the old load.
+results/peer-prefix-cache.txt), so requests per second would charge the adapters for longer answers.
+``--no-equal-work`` gives that load.
 
-With ``--prefix-cache-mb N`` fanlora also runs with its prefix cache on, the order then being transformers,
-fanlora (off), fanlora (on), fanlora (on), fanlora (off), transformers — A-B-B-A for the cache too — and the
-RESULT line adds the cache's throughput ratio (on ÷ off, per pair) for base and for the four adapters.
+Until 2026-12-04 this benchmark restarted a server for each visit and made six 30-second visits in all (one
+A-B-B-A): two ratios per comparison, which on this machine's drifting speed disagreed by up to 0.09
+(results/peer-equal-work.txt). Keeping the servers up makes short visits, and so many rounds, affordable.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -38,11 +45,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fanlora.backbone import resolve_source
 from fanlora.latency.loadgen import closed_loop as load
-from fanlora.latency.timing import save_random_adapter, spread
+from fanlora.latency.timing import balanced_rounds, per_round_ratios, ratio_interval, save_random_adapter, spread
 from fanlora.setting import Setting
 
 ADAPTERS = ["tenant-a", "tenant-b", "tenant-c", "tenant-d"]
@@ -72,41 +80,56 @@ def start(cmd: list[str], port: int, new_session: bool = False) -> subprocess.Po
     raise SystemExit(f"{' '.join(cmd[:2])} did not answer /health within 300 s")
 
 
-def ratios(a: list[dict], b: list[dict], key: str = "rps") -> tuple[float, float, float]:
-    """a ÷ b per pair of runs: median, min, max."""
-    r = spread([x[key] / y[key] for x, y in zip(a, b, strict=True)])
-    return r["median"], r["min"], r["max"]
+@contextlib.contextmanager
+def serving(cmd: list[str]) -> Iterator[str]:
+    """Start a server on a free loopback port; yield its OpenAI base URL; stop it."""
+    port = free_port()
+    proc = start([*cmd, "--host", "127.0.0.1", "--port", str(port)], port)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
-def summarise(runs: dict[str, list[dict]], cache_mb: float, say) -> None:
-    """The ratios per pair — fanlora ÷ transformers, 4 adapters ÷ base in the same server, cache on ÷ off —
-    and the RESULT line."""
-    (peer,) = [k for k in runs if k.startswith("transformers")]
-    fmt = lambda r: f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]"  # noqa: E731
-    for label in [k for k in runs if k.startswith("fanlora")]:
-        say(f"{label} / transformers: throughput {fmt(ratios(runs[label], runs[peer]))}, "
-            f"p50 latency {fmt(ratios(runs[label], runs[peer], 'p50'))}")  # fmt: skip
-    tags = {"": ""} | ({"cached_": f" (prefix cache {cache_mb:g} MiB)"} if cache_mb else {})
-    result = f"RESULT base_vs_peer_throughput={ratios(runs['fanlora serve, base'], runs[peer])[0]:.3f}"
+def summarise(times: dict[str, list[float]], peer: str, cache_tag: str, say) -> str:
+    """Throughput ratios within each round (seconds per request of the denominator ÷ of the numerator) —
+    fanlora ÷ transformers, 4 adapters ÷ base in the same server, cache on ÷ off — and the RESULT line."""
+
+    def ratio(num: str, den: str) -> dict[str, float]:
+        r = [1 / x for x in per_round_ratios(times, num, den)]
+        return spread(r) | ratio_interval(r)
+
+    def fmt(r: dict[str, float]) -> str:
+        return (f"{r['median']:.3f} per round [{r['min']:.3f}, {r['max']:.3f}]; geometric mean {r['mean']:.3f}, "
+                f"95 % CI [{r['low']:.3f}, {r['high']:.3f}]")  # fmt: skip
+
+    result = {}
+    tags = {"": ""} | ({"cached_": cache_tag} if cache_tag else {})
     for prefix, tag in tags.items():
-        base, mixed = runs[f"fanlora serve, base{tag}"], runs[f"fanlora serve, 4 adapters{tag}"]
-        say(f"fanlora serve{tag}: 4 adapters / base: throughput {fmt(ratios(mixed, base))}")
-        result += f" {prefix}adapters_vs_peer_throughput={ratios(mixed, runs[peer])[0]:.3f}"
-        result += f" {prefix}adapters_vs_base_throughput={ratios(mixed, base)[0]:.3f}"
-    if cache_mb:
+        base, mixed = f"fanlora serve, base{tag}", f"fanlora serve, 4 adapters{tag}"
+        for label, key in ((base, "base_vs_peer"), (mixed, "adapters_vs_peer")):
+            r = ratio(label, peer)
+            say(f"{label} / transformers: throughput {fmt(r)}")
+            result[f"{prefix}{key}_throughput"] = r
+        r = ratio(mixed, base)
+        say(f"fanlora serve{tag}: 4 adapters / base: throughput {fmt(r)}")
+        result[f"{prefix}adapters_vs_base_throughput"] = r
+    if cache_tag:
         for what in ("base", "4 adapters"):
-            r = ratios(runs[f"fanlora serve, {what}{tags['cached_']}"], runs[f"fanlora serve, {what}"])
+            r = ratio(f"fanlora serve, {what}{cache_tag}", f"fanlora serve, {what}")
             say(f"fanlora serve, {what}: prefix cache on / off: throughput {fmt(r)}")
-            result += f" {what.replace(' ', '_')}_cache_vs_off={r[0]:.3f}"
-    say(result + f" errors={sum(m['errors'] for ms in runs.values() for m in ms)}")
+            result[f"{what.replace(' ', '_')}_cache_vs_off"] = r
+    return "RESULT " + " ".join(f"{k}={v['mean']:.3f}" for k, v in result.items())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", required=True)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=30)
-    parser.add_argument("--warmup", type=float, default=5, help="untimed seconds of each timed load before it")
+    parser.add_argument("--seconds", type=float, default=10, help="timed seconds per visit")
+    parser.add_argument("--warmup", type=float, default=2, help="untimed seconds of the same load before each visit")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds; each visits every arm twice (ABBA)")
     parser.add_argument("--prefix-cache-mb", type=float, default=0.0, help="also run fanlora with its prefix cache")
     parser.add_argument(
         "--equal-work", action=argparse.BooleanOptionalAction, default=True, help="every answer max_tokens long"
@@ -128,55 +151,33 @@ def main() -> None:
         print(text, flush=True)
         report.append(text)
 
-    def peer() -> list[tuple[str, dict]]:
-        port = free_port()
-        cmd = ["transformers", "serve", model_dir, "--continuous-batching", "--device", "cpu"]
-        proc = start([*cmd, "--host", "127.0.0.1", "--port", str(port)], port)
-        try:
-            url = f"http://127.0.0.1:{port}/v1"
-            load(url, [model_dir], 1, 8, peer_body)  # warm-up
-            load(url, [model_dir], args.clients, args.warmup, peer_body)  # the timed load, untimed: steady state
-            label = "transformers serve --continuous-batching, base"
-            return [(label, load(url, [model_dir], args.clients, args.seconds, peer_body))]
-        finally:
-            proc.terminate()
-            proc.wait(30)
+    def arm(label: str, url: str, models: list[str], body: dict | None) -> Callable[[], float]:
+        def visit() -> float:
+            load(url, models, args.clients, args.warmup, body)  # untimed: the same load, steady state
+            m = load(url, models, args.clients, args.seconds, body)
+            errors.append(m["errors"])
+            say(f"{label:<50} {m['requests']:4d} req, {m['errors']} errors, {m['rps']:5.2f} req/s, "
+                f"{m['tok_s']:6.1f} tok/s, p50 {m['p50']:.2f} s, p99 {m['p99']:.2f} s")  # fmt: skip
+            return 1 / m["rps"] if m["rps"] else float("inf")
 
-    def timed(url: str, models: list[str]) -> dict:
-        load(url, models, args.clients, args.warmup, fan_body)  # untimed: the same load primes caches and pools
-        return load(url, models, args.clients, args.seconds, fan_body)
+        return visit
 
-    def ours(cache_mb: float = 0.0, flip: bool = False) -> list[tuple[str, dict]]:
-        port = free_port()
-        cmd = [sys.executable, "-m", "fanlora", "serve", "--setting", args.setting, "--adapter-dir", str(work)]
-        cmd += ["--prefix-cache-mb", str(cache_mb)]
-        proc = start([*cmd, "--port", str(port)], port)
-        tag = f" (prefix cache {cache_mb:g} MiB)" if cache_mb else ""
-        try:
-            url = f"http://127.0.0.1:{port}/v1"
+    peer = "transformers serve --continuous-batching, base"
+    fan = [sys.executable, "-m", "fanlora", "serve", "--setting", args.setting, "--adapter-dir", str(work)]
+    cache_tag = f" (prefix cache {args.prefix_cache_mb:g} MiB)" if args.prefix_cache_mb else ""
+    errors: list[int] = []
+    with contextlib.ExitStack() as stack:
+        peer_cmd = ["transformers", "serve", model_dir, "--continuous-batching", "--device", "cpu"]
+        url = stack.enter_context(serving(peer_cmd))
+        load(url, [model_dir], 1, 8, peer_body)  # warm-up
+        arms = {peer: arm(peer, url, [model_dir], peer_body)}
+        for tag, mb in [("", 0.0)] + ([(cache_tag, args.prefix_cache_mb)] if cache_tag else []):
+            url = stack.enter_context(serving([*fan, "--prefix-cache-mb", str(mb)]))
             load(url, ["base", *ADAPTERS], 1, 8, fan_body)  # warm-up, loads every adapter
-            loads = [(f"fanlora serve, base{tag}", ["base"]), (f"fanlora serve, 4 adapters{tag}", ADAPTERS)]
-            return [(label, timed(url, models)) for label, models in loads[:: -1 if flip else 1]]
-        finally:
-            proc.terminate()
-            proc.wait(30)
-
-    runs: dict[str, list[dict]] = {}
-    cached = lambda flip=False: ours(args.prefix_cache_mb, flip)  # noqa: E731
-    flipped = lambda fn: lambda: fn(flip=True)  # noqa: E731  (the second visit runs adapters before base)
-    order = (
-        (peer, ours, cached, flipped(cached), flipped(ours), peer)
-        if args.prefix_cache_mb
-        else (peer, ours, flipped(ours), peer)
-    )
-    for fn in order:  # A-B-B-A
-        for label, m in fn():
-            runs.setdefault(label, []).append(m)
-            say(
-                f"{label:<50} {m['requests']:4d} req, {m['errors']} errors, {m['rps']:5.2f} req/s, "
-                f"{m['tok_s']:6.1f} tok/s, p50 {m['p50']:.2f} s, p99 {m['p99']:.2f} s"
-            )
-    summarise(runs, args.prefix_cache_mb, say)
+            arms[f"fanlora serve, base{tag}"] = arm(f"fanlora serve, base{tag}", url, ["base"], fan_body)
+            arms[f"fanlora serve, 4 adapters{tag}"] = arm(f"fanlora serve, 4 adapters{tag}", url, ADAPTERS, fan_body)
+        times = balanced_rounds(arms, args.rounds, on_round=lambda r: say(f"round {r + 1}/{args.rounds} done"))
+    say(summarise(times, peer, cache_tag, say) + f" errors={sum(errors)} rounds={args.rounds}")
     if args.out:
         Path(args.out).write_text("\n".join(report) + "\n")
 

@@ -9,6 +9,7 @@ while a decode is timed.
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import time
@@ -16,7 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from scipy import stats
 
 from fanlora.backbone import load_backbone
 from fanlora.methods import randomize
@@ -110,6 +113,18 @@ def balanced_rounds(
 def per_round_ratios(times: dict[str, list[float]], num: str, den: str) -> list[float]:
     """Time ratio num/den within each round (> 1: ``num`` is slower)."""
     return [a / b for a, b in zip(times[num], times[den], strict=True)]
+
+
+def ratio_interval(ratios: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """Geometric mean of per-round ratios and its t-interval over rounds (on the log scale, where a ratio's
+    noise is symmetric). Rounds are the independent units; with few of them a t quantile, not a bootstrap:
+    scipy's bootstrap of four values has only a handful of distinct resamples."""
+    logs = np.log(np.asarray(ratios, dtype=float))
+    mean = float(logs.mean())
+    if len(logs) < 2:
+        return {"mean": math.exp(mean), "low": float("nan"), "high": float("nan")}
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(logs) - 1) * logs.std(ddof=1) / math.sqrt(len(logs)))
+    return {"mean": math.exp(mean), "low": math.exp(mean - half), "high": math.exp(mean + half)}
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:

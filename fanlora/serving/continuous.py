@@ -135,7 +135,8 @@ class ContinuousScheduler(Admission):
             )
         self.engine, self.max_queue, self.max_batch, self.prefill_chunk = engine, max_queue, max_batch, prefill_chunk
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
-        self.queue: queue.Queue[Job] = queue.Queue()
+        self.queue: queue.Queue[Job | None] = queue.Queue()  # None: a wake-up for a call
+        self.calls: queue.Queue = queue.Queue()  # (fn, future): work for the engine thread (on_engine)
         self.lock = threading.Lock()  # held for one iteration: adapter loads happen between steps
         self.waiting = 0  # admitted, not yet decoding (bounded by max_queue)
         self._count = threading.Lock()
@@ -161,11 +162,14 @@ class ContinuousScheduler(Admission):
         while self.running:
             if not self.rows and not self.new:  # nothing to do: wait for a request (bounded, so stop() is seen)
                 try:
-                    self.new.append(self.queue.get(timeout=0.1))
+                    job = self.queue.get(timeout=0.1)
                 except queue.Empty:
                     continue
+                if job is not None:
+                    self.new.append(job)
             try:
                 with self.lock:
+                    self._run_calls()
                     self.iterate()
             except Exception:  # the worker survives; every row and waiting prompt gets the error
                 traceback.print_exc()  # the operator's log has the details; clients get no internals
@@ -182,9 +186,11 @@ class ContinuousScheduler(Admission):
     def _admit(self) -> None:
         while True:
             try:
-                self.new.append(self.queue.get_nowait())
+                job = self.queue.get_nowait()
             except queue.Empty:
                 break
+            if job is not None:
+                self.new.append(job)
         keep = []
         for job in self.new:
             if job.cancelled:  # its client left while it waited: never decoded
@@ -291,6 +297,7 @@ class ContinuousScheduler(Admission):
                     waiting.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
+            waiting = [job for job in waiting if job is not None]
             self.rows, self.new, self.kv = [], [], PagedKV()
             tok = self.engine.tokenizer
             for job in waiting:

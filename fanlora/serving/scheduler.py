@@ -16,12 +16,14 @@ fails another tenant's row in the same batch, nor its own already-admitted reque
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
@@ -132,10 +134,16 @@ class _RowsDone(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-class Admission:
-    """What both schedulers share: the bounded admission of pinned jobs, and their release once done.
+T = TypeVar("T")
 
-    Subclasses set ``engine``, ``queue``, ``max_queue``, ``waiting``, ``_count``, ``running`` and ``cancelled``.
+
+class Admission:
+    """What both schedulers share: the bounded admission of pinned jobs, their release once done, and the
+    engine thread's calls.
+
+    Subclasses set ``engine``, ``queue``, ``max_queue``, ``waiting``, ``_count``, ``running``, ``cancelled``,
+    ``lock``, ``thread`` and ``calls``; their worker runs :meth:`_run_calls` under ``lock`` between two steps and
+    skips the ``None`` that :meth:`on_engine` puts in ``queue`` to wake it.
     """
 
     closed = False  # set by close(): nothing more is admitted
@@ -155,6 +163,38 @@ class Admission:
 
     def stop(self) -> None:
         self.running = False
+
+    def on_engine(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (an adapter load or unload) on the engine's thread between two steps; its result or its
+        exception come back here. Without a running worker (tests drive ``iterate`` themselves) it runs here,
+        under ``lock``.
+
+        Why not under ``lock`` in the caller's thread, as before: every thread that runs a multi-threaded torch
+        op keeps an OpenMP team of its own, and once libgomp manages more threads than there are CPUs it stops
+        spinning between parallel regions, so each of a forward's hundreds of small ones waits for a futex
+        wake-up. Measured (2 cores, 8 clients, four adapters on the AB setting; docs/measured.md): with adapter
+        loads on a worker thread, a decoding forward took 134 ms on base and 8 % more with the adapters; with all
+        torch work on the engine thread, 91 ms and 1 % more."""
+        if not self.thread.is_alive() or threading.current_thread() is self.thread:
+            if threading.current_thread() is self.thread:
+                return fn()  # already between two steps, holding the lock
+            with self.lock:
+                return fn()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self.calls.put((fn, done))
+        self.queue.put_nowait(None)  # wakes a worker waiting for a job
+        return done.result()
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, done = self.calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.set_result(fn())
+            except BaseException as exc:  # the caller gets it; the engine thread goes on
+                done.set_exception(exc)
 
     def close(self) -> None:
         """Admit nothing more (a drain for shutdown has begun); admitted jobs go on."""
@@ -177,7 +217,8 @@ class Scheduler(Admission):
         if max_queue < 1 or max_batch < 1:
             raise ValueError(f"max_queue ({max_queue}) and max_batch ({max_batch}) must be ≥ 1")
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
-        self.queue: queue.Queue[Job] = queue.Queue()
+        self.queue: queue.Queue[Job | None] = queue.Queue()  # None: a wake-up for a call
+        self.calls: queue.Queue = queue.Queue()  # (fn, future): work for the engine thread (on_engine)
         self.lock = threading.Lock()  # adapter loads and batches never overlap
         self.held: list[Job] = []  # taken from the queue but not yet batchable with the current key
         self.waiting = 0  # admitted, not yet decoding: in the queue or held (bounded by max_queue)
@@ -192,6 +233,8 @@ class Scheduler(Admission):
 
     def _take(self) -> list[Job]:
         first = self.held.pop(0) if self.held else self.queue.get()
+        if first is None:  # a wake-up: the loop runs the engine calls
+            return []
         batch = [first]
         beam = first.decoding.strategy == "beam"
         pool, self.held = self.held, []
@@ -200,6 +243,7 @@ class Scheduler(Admission):
                 pool.append(self.queue.get_nowait())
             except queue.Empty:
                 break
+        pool = [job for job in pool if job is not None]
         for job in pool:
             fits = not beam and len(batch) < self.max_batch and job.key() == first.key()
             (batch if fits else self.held).append(job)
@@ -225,6 +269,8 @@ class Scheduler(Admission):
         while self.running:
             jobs: list[Job] = []
             try:
+                with self.lock:
+                    self._run_calls()
                 jobs = self._take()
                 if jobs:
                     with self.lock:

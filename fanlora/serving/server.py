@@ -20,6 +20,7 @@ disconnects, streaming or not, has its row cancelled at the next decoding step.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import re
 import threading
 import time
@@ -90,15 +91,13 @@ class Tenants:
 
     def load(self, name: str, path: Path) -> None:
         try:
-            with self.scheduler.lock:  # waits for the running batch: the stacks may grow
-                self.engine.load(name, path)
+            self.scheduler.on_engine(lambda: self.engine.load(name, path))  # between steps: the stacks may grow
         except UserError as exc:
             raise ApiError(400, f"adapter {name!r} refused: {exc}") from None
 
     def unload(self, name: str) -> None:
         try:
-            with self.scheduler.lock:
-                self.engine.unload(name)
+            self.scheduler.on_engine(lambda: self.engine.unload(name))
         except UserError:
             raise ApiError(404, f"adapter {name!r} is not loaded", "not_found_error") from None
 
@@ -376,7 +375,10 @@ def serve(
         raise UserError(
             f"adapter directory {adapter_dir} does not exist: give the folder holding one folder per adapter"
         )
-    engine = load_engine(s, backbone, limits.max_lora_rank)
+    # Loaded on a thread that then exits, so that its OpenMP team goes with it: after this, torch runs on the
+    # engine's thread only (why: Admission.on_engine).
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fanlora-load") as pool:
+        engine = pool.submit(load_engine, s, backbone, limits.max_lora_rank).result()
     app = create_app(engine, adapter_dir, api_key, limits)
     import socket
 
