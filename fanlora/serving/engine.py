@@ -119,7 +119,8 @@ class Engine:
         The adapter is read and checked whole first; it is then written into a free slot (never the slot the
         name serves now), and only when every module is written does the name move to it — a refused or
         failed reload leaves the adapter being served as it was. Not concurrent with a forward pass (growing
-        the stacks swaps tensors): the server calls it under the scheduler's lock, from a worker thread.
+        the stacks swaps tensors): the server runs it on the engine's thread between two steps
+        (``Admission.on_engine``).
         """
         adapter = read_adapter(path, self.max_rank)
         self.check(adapter)
@@ -183,7 +184,7 @@ class Engine:
     def _reclaim(self, slot: int) -> None:
         """Free a retired slot once no request holds it. Its stacks are cleared (and shrunk) by
         :meth:`compact`, not here: a release may come from any thread, while only the thread that owns the
-        model (between forwards) or a load/unload under the scheduler's lock may swap the tensors."""
+        model (between forwards, loads and unloads included) may swap the tensors."""
         if slot in self.retired and not self.pins.get(slot):
             self.retired.discard(slot)
             self.pins.pop(slot, None)

@@ -12,8 +12,9 @@ safetensors. Errors use OpenAI's JSON shape: 400 bad request, 401 missing/wrong 
 Requests go to the continuous scheduler (:mod:`fanlora.serving.continuous`: rows join and leave the batch at
 every decoding step) unless ``Limits.scheduler`` is ``"batch"`` (:mod:`fanlora.serving.scheduler`).
 
-Nothing that blocks runs on the event loop: tokenising, loading and unloading adapters (which wait for the
-running batch) go to worker threads, so /health and every other client stay responsive. A client that
+Nothing that blocks runs on the event loop: tokenising goes to worker threads, and adapter loads and unloads
+are handed to the engine's thread (run between two steps; a worker thread waits for them), so /health and
+every other client stay responsive. A client that
 disconnects, streaming or not, has its row cancelled at the next decoding step.
 """
 
