@@ -55,3 +55,24 @@ def test_on_engine_without_a_worker_runs_in_place_and_raises_what_fn_raises(tiny
     with pytest.raises(ZeroDivisionError):
         scheduler.on_engine(lambda: 1 / 0)
     assert not scheduler.lock.locked()
+
+
+def test_on_engine_runs_a_call_in_place_when_the_worker_stopped_before_taking_it(tiny_llama):
+    backbone = load_backbone(str(tiny_llama))
+    scheduler = ContinuousScheduler(Engine.from_backbone(backbone, setting_for(backbone)))
+    scheduler.stop()
+    scheduler.thread.join(timeout=10)
+
+    class StopsAfterTheCheck:  # alive when on_engine looks, gone before it would take the call
+        looks = 0
+
+        def is_alive(self) -> bool:
+            self.looks += 1
+            return self.looks == 1
+
+    scheduler.thread = StopsAfterTheCheck()
+    seen: list[str] = []
+    caller = threading.Thread(target=lambda: seen.append(scheduler.on_engine(lambda: "ran")), daemon=True)
+    caller.start()
+    caller.join(timeout=10)
+    assert not caller.is_alive() and seen == ["ran"]  # no caller left waiting forever

@@ -184,7 +184,13 @@ class Admission:
         done: concurrent.futures.Future = concurrent.futures.Future()
         self.calls.put((fn, done))
         self.queue.put_nowait(None)  # wakes a worker waiting for a job
-        return done.result()
+        while True:
+            try:
+                return done.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                if not self.thread.is_alive() and done.cancel():  # the worker stopped before taking it
+                    with self.lock:
+                        return fn()
 
     def _run_calls(self) -> None:
         while True:
@@ -192,6 +198,8 @@ class Admission:
                 fn, done = self.calls.get_nowait()
             except queue.Empty:
                 return
+            if not done.set_running_or_notify_cancel():  # its caller ran it itself (the worker had stopped)
+                continue
             try:
                 done.set_result(fn())
             except BaseException as exc:  # the caller gets it; the engine thread goes on
