@@ -170,12 +170,12 @@ class Admission:
         under ``lock``.
 
         Why not under ``lock`` in the caller's thread, as before: every thread that runs a multi-threaded torch
-        op keeps an OpenMP team of its own, and once libgomp manages more threads than there are CPUs it stops
-        spinning between parallel regions, so each of a forward's hundreds of small ones waits for a futex
-        wake-up. Measured (2 cores, 8 clients, four adapters on the AB setting; docs/measured.md, "One thread for
-        torch"): with the backbone set up on the main thread and adapter loads on a worker thread, a decoding
-        forward took 134 ms on base and 8 % more with the adapters; with no torch team but the engine thread's,
-        91 ms and 1 % more."""
+        op keeps an OpenMP team of its own; with more of them than CPUs a forward's hundreds of small parallel
+        regions get slower (likely libgomp's throttled spinning: it stops spinning once it manages more threads
+        than CPUs, so each region waits for a wake-up). Measured (2 cores, 8 clients, four adapters on the AB
+        setting; docs/measured.md, "One thread for torch"): with the backbone set up on the main thread and
+        adapter loads on a worker thread, a decoding forward took 134 ms on base and 8 % more with the adapters;
+        with no torch team but the engine thread's, 91 ms and 1 % more."""
         if not self.thread.is_alive() or threading.current_thread() is self.thread:
             if threading.current_thread() is self.thread:
                 return fn()  # already between two steps, holding the lock
