@@ -1,6 +1,6 @@
 """`fanlora serve` against `transformers serve --continuous-batching` on the same backbone, closed loop, one run.
 
-    python benchmarks/peer.py --setting runs/demo/setting.json --prefix-cache-mb 64 --out benchmarks/results/peer.txt
+    python benchmarks/peer.py --setting runs/demo/setting.json --prefix-cache-mb 64 --out peer-rounds.txt
 
 Every server runs as a subprocess on loopback over the embedded backbone (the de-quantised folder in fanlora's
 cache, the same weights), and all of them stay up for the whole run: transformers' server, fanlora's without

@@ -3,8 +3,11 @@ in a thread. One definition each (tests import them from here, never from anothe
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -15,6 +18,7 @@ from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.scheduler import Job
 
 WAIT = 30  # seconds: an upper bound on any wait, never a sleep
+KEY = "secret-key"  # the API key the server tests start their servers with
 
 
 def table_for(backbone, scores: dict[tuple[str, int], float]):
@@ -51,6 +55,20 @@ def make_adapter(path, tiny_llama, setting, r, alpha, seed, **extra):
     model.save_pretrained(path)
     setting.write(path / "setting.json")
     return path
+
+
+def call(url: str, path: str, body: dict | bytes | None = None, key: str | None = KEY) -> tuple[int, dict]:
+    """(status, JSON body) of one request to a test server; an HTTP error is returned, not raised."""
+    data = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET")
+    req.add_header("Content-Type", "application/json")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 def serve_in_thread(app, server_class=uvicorn.Server, **config):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from helpers import make_adapter, serve_in_thread, setting_for
-from test_server import KEY, call
+from helpers import KEY, call, make_adapter, serve_in_thread, setting_for
 
 from fanlora.backbone import load_backbone
 from fanlora.serving.continuous import ContinuousScheduler

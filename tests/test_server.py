@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import openai
 import pytest
-from helpers import make_adapter, serve_in_thread, setting_for
+from helpers import KEY, call, make_adapter, serve_in_thread, setting_for
 
 from fanlora.backbone import load_backbone
 from fanlora.generate import Decoding
 from fanlora.serving.engine import Engine
 from fanlora.serving.scheduler import Job, Scheduler
 from fanlora.serving.server import Limits, create_app
-
-KEY = "secret-key"
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +32,6 @@ def server(tmp_path_factory, tiny_llama):
     yield f"http://127.0.0.1:{port}", app
     srv.should_exit = True
     thread.join(timeout=10)
-
-
-def call(url: str, path: str, body: dict | bytes | None = None, key: str | None = KEY) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET")
-    req.add_header("Content-Type", "application/json")
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def client(url: str) -> openai.OpenAI:

@@ -176,9 +176,9 @@ class Admission:
         setting; docs/measured.md, "One thread for torch"): with the backbone set up on the main thread and
         adapter loads on a worker thread, a decoding forward took 134 ms on base and 8 % more with the adapters;
         with no torch team but the engine thread's, 91 ms and 1 % more."""
-        if not self.thread.is_alive() or threading.current_thread() is self.thread:
-            if threading.current_thread() is self.thread:
-                return fn()  # already between two steps, holding the lock
+        if threading.current_thread() is self.thread:
+            return fn()  # already between two steps, holding the lock
+        if not self.thread.is_alive():
             with self.lock:
                 return fn()
         done: concurrent.futures.Future = concurrent.futures.Future()
