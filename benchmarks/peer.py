@@ -136,6 +136,8 @@ def main() -> None:
     )
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.rounds < 1 or args.clients < 1 or args.seconds <= 0 or args.warmup < 0:
+        parser.error("--rounds and --clients must be ≥ 1, --seconds > 0 and --warmup ≥ 0")
     fan_body = {"ignore_eos": True} if args.equal_work else None
     gen = {"eos_token_id": NEVER, "max_new_tokens": 16, "do_sample": False}
     peer_body = {"generation_config": json.dumps(gen)} if args.equal_work else None
