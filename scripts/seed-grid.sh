@@ -5,7 +5,7 @@
 #   bash scripts/seed-grid.sh decisive-pilot     bash scripts/seed-grid.sh decisive
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grid=${1:?usage: bash scripts/seed-grid.sh decisive|decisive-gsm8k|decisive-pilot}
+grid=${1:?usage: bash scripts/seed-grid.sh decisive|decisive-gsm8k|decisive-pilot|placement}
 out=runs/experiments/$grid
 . .venv/bin/activate
 mkdir -p "$out/settings" "$out/cells"
@@ -49,6 +49,16 @@ case $grid in
     copy_setting ab setting-study-long; copy_setting vo setting-study; copy_setting first-order setting-study
     mv "$out/settings/cost.tmp.json" "$out/settings/costaware.json"
     rank 12 ab-exact "budget:params=993024" > "$out/settings/costaware.rank.json" ;;
-  *) echo "no seeding recipe for $grid: give decisive, decisive-gsm8k or decisive-pilot" >&2; exit 2 ;;
+  placement)  # the decisive grid's ab, vo and first-order settings and cells; the rest is made by the grid
+    rm "$out/settings/cost.tmp.json"
+    for v in ab vo first-order; do
+      copy_setting "$v" decisive
+      for s in 0 1 2; do copy_cell "sql__fanlora__${v}__s$s" decisive; done
+    done
+    # `r1: budget` sizes every variant to the demo's AB setting at rank 12 (993,024 parameters): give the
+    # grid the demo's exact AB-scores behind the study's settings rather than re-scoring a re-run stage a
+    # (15 min, and a re-run may keep a module differently). The new scorers read this checkout's stage a.
+    mkdir -p runs/demo && [ -f runs/demo/scores.json ] || cp "$scores" runs/demo/scores.json ;;
+  *) echo "no seeding recipe for $grid: give decisive, decisive-gsm8k, decisive-pilot or placement" >&2; exit 2 ;;
 esac
 echo "seeded $out: $(ls "$out/settings" | grep -vc rank) settings, $(ls "$out/cells" | wc -l) cells"

@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from fanlora.backbone import load_backbone
+from fanlora.data.instruct import Example
+from fanlora.gates import GatedLoRA
 from fanlora.generate import Decoding
+from fanlora.scoring.journal import Journal
+from fanlora.scoring.study import Study, assemble, compute
+from fanlora.scoring.table import ScoreTable
 from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.scheduler import Job
 
@@ -217,3 +223,47 @@ def retrains_from_the_backbone_and_round_trips(method, model, before, params, tm
     ):
         with torch.no_grad():
             assert torch.allclose(loaded(input_ids=IDS).logits, tuned, atol=1e-5)
+
+
+# --- scoring on tiny models -----------------------------------------------------------------------------
+BIG = 2**40  # memory limit that never chunks
+
+
+def gated_model(path: Path, scale: float = 0.3) -> tuple[GatedLoRA, int]:
+    b = load_backbone(str(path))
+    gated = GatedLoRA.create(b.model, b.layout, r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(0)
+    for name, p in gated.model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, scale)
+    return gated, b.tokenizer.pad_token_id
+
+
+def val_set(lengths=(9, 14, 6, 11, 8)) -> list[Example]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, 40000, (n,), generator=g).tolist()
+        out.append(Example(ids, [-100] * 3 + ids[3:]))
+    return out
+
+
+def study_for(gated: GatedLoRA, batches, method: str = "ab-exact", **kw) -> Study:
+    layout = gated.layout
+    return Study(
+        method=method,
+        kinds=layout.kinds,
+        num_layers=layout.num_layers,
+        module_names={f"{k}.{n}": layout.module_name(k, n) for k, n in layout.all_modules()},
+        n_batches=len(batches),
+        n_tokens=sum(b.n_scored for b in batches),
+        **kw,
+    )
+
+
+def run_study(study: Study, gated, batches, tmp_path: Path, limit: int = BIG, world: int = 1) -> ScoreTable:
+    progress = Journal(tmp_path, study.stem, {"t": 1})
+    for rank in range(world):
+        compute(study, gated, batches, progress, study.units(rank, world), limit)
+    progress.close()
+    return assemble(study, progress.done)

@@ -3,70 +3,25 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import BIG, gated_model, run_study, study_for, val_set
 from tiny import make_tiny
 
-from fanlora.backbone import load_backbone
 from fanlora.data.collate import pad_batch
-from fanlora.data.instruct import Example
 from fanlora.errors import UserError
-from fanlora.gates import GatedLoRA
 from fanlora.scoring import ScoreTable, exact, make_batches, performance, shapley
 from fanlora.scoring.journal import Journal
 from fanlora.scoring.naive import naive_ab
 from fanlora.scoring.rowgates import RowGates
-from fanlora.scoring.study import Study, assemble, compute
-
-BIG = 2**40  # memory limit that never chunks
-
-
-def gated_model(path: Path, scale: float = 0.3) -> tuple[GatedLoRA, int]:
-    b = load_backbone(str(path))
-    gated = GatedLoRA.create(b.model, b.layout, r=4, alpha=8, dropout=0.0)
-    torch.manual_seed(0)
-    for name, p in gated.model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, scale)
-    return gated, b.tokenizer.pad_token_id
-
-
-def val_set(lengths=(9, 14, 6, 11, 8)) -> list[Example]:
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for n in lengths:
-        ids = torch.randint(3, 40000, (n,), generator=g).tolist()
-        out.append(Example(ids, [-100] * 3 + ids[3:]))
-    return out
+from fanlora.scoring.study import assemble, compute
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_llama_3layers):
     gated, pad = gated_model(tiny_llama_3layers)
     return gated, make_batches(val_set(), pad, 2), pad
-
-
-def study_for(gated: GatedLoRA, batches, method: str = "ab-exact", **kw) -> Study:
-    layout = gated.layout
-    return Study(
-        method=method,
-        kinds=layout.kinds,
-        num_layers=layout.num_layers,
-        module_names={f"{k}.{n}": layout.module_name(k, n) for k, n in layout.all_modules()},
-        n_batches=len(batches),
-        n_tokens=sum(b.n_scored for b in batches),
-        **kw,
-    )
-
-
-def run_study(study: Study, gated, batches, tmp_path: Path, limit: int = BIG, world: int = 1) -> ScoreTable:
-    progress = Journal(tmp_path, study.stem, {"t": 1})
-    for rank in range(world):
-        compute(study, gated, batches, progress, study.units(rank, world), limit)
-    progress.close()
-    return assemble(study, progress.done)
 
 
 def test_performance_matches_hf_loss(setup):

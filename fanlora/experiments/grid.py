@@ -36,7 +36,7 @@ from fanlora.errors import UserError
 from fanlora.experiments import plots
 from fanlora.experiments import report as report_
 from fanlora.experiments.config import FORMAT, Cell, Experiment, Variant, cell_config, cells
-from fanlora.scoring import ScoreTable, stage
+from fanlora.scoring import ScoreTable, scorers, stage
 from fanlora.setting import Setting, select, select_by_rule
 from fanlora.stages import rundir
 from fanlora.stages.adapt import run_evaluate, task_training_data
@@ -73,7 +73,8 @@ def _scored(cfg: Config, run: Path) -> ScoreTable:
     """The score table of ``run`` under ``cfg`` (stages a and b run first if the run lacks them)."""
     if not (run / "run.json").is_file():
         rundir.prepare(run, cfg.to_dict(), ["backbone", "search", "score"])
-    run_search(cfg, run)
+    if scorers.get(cfg.score.method).needs_stage_a:  # a scorer of the bare backbone needs no stage a
+        run_search(cfg, run)
     stage.run_score(cfg, run, progress=False)
     return ScoreTable.read(stage.scores_path(cfg, run))
 

@@ -24,7 +24,7 @@ from fanlora.errors import UserError
 from fanlora.gates import GatedLoRA
 from fanlora.scoring import ScoreTable, make_batches, memory, scorers
 from fanlora.scoring.journal import Journal
-from fanlora.scoring.study import SHARD_FORMAT, Study, assemble, compute
+from fanlora.scoring.study import SHARD_FORMAT, BareModel, Study, assemble, compute
 from fanlora.setting import file_sha256
 
 
@@ -38,7 +38,7 @@ class _Scoring:
     """Everything stage b needs once prepared: the study, the gated model, the batches and the journal."""
 
     study: Study
-    gated: GatedLoRA
+    gated: GatedLoRA | BareModel
     batches: list[Any]
     record: Journal
     units: list[Any]
@@ -61,7 +61,8 @@ def _score_options(cfg: Config) -> dict[str, Any]:
 def _prepare_scoring(cfg: Config, run_dir: Path, options: dict[str, Any], rank: int, world: int) -> _Scoring:
     sc = cfg.score
     adapter = run_dir / "search" / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
+    needs_stage_a = scorers.get(sc.method).needs_stage_a
+    if needs_stage_a and not (adapter / "adapter_config.json").is_file():
         raise UserError(f"no stage-a adapter in {adapter}: run `fanlora search --run-dir {run_dir}` first")
     backbone = from_config(cfg.backbone)
     if backbone.model.dtype != torch.float32:
@@ -78,9 +79,9 @@ def _prepare_scoring(cfg: Config, run_dir: Path, options: dict[str, Any], rank: 
     n_tokens = sum(b.n_scored for b in batches)
     if n_tokens == 0:
         raise UserError("the validation set has no response tokens: check the data's output/response fields")
-    gated = GatedLoRA.load(backbone.model, backbone.layout, adapter)
-    gated.model.to(device)
     layout = backbone.layout
+    gated = GatedLoRA.load(backbone.model, layout, adapter) if needs_stage_a else BareModel(backbone.model, layout)
+    gated.model.to(device)
     study = Study(
         method=sc.method,
         kinds=layout.kinds,
@@ -90,13 +91,13 @@ def _prepare_scoring(cfg: Config, run_dir: Path, options: dict[str, Any], rank: 
         n_tokens=n_tokens,
         options=options,
     )
-    adapter_sha = file_sha256(adapter / "adapter_model.safetensors")[:16]
+    adapter_sha = file_sha256(adapter / "adapter_model.safetensors")[:16] if needs_stage_a else None
     val_fp = InstructionData(train=[], val=val, sources=data.sources).fingerprint()
     header = {"backbone": backbone.identity["weights_digest"], "adapter": adapter_sha, "val": val_fp}
     header.update({"batch_size": sc.batch_size, "method": sc.method, **options})
     gb = sc.memory_limit_gb
     meta = {
-        "adapter": str(adapter),
+        "adapter": str(adapter) if needs_stage_a else None,
         "adapter_sha256_16": adapter_sha,
         "options": options,
         "val": {
@@ -171,13 +172,18 @@ def run_score(cfg: Config, run_dir: str | Path, progress: bool = True) -> ScoreT
         return table
     rank, world = dist.group()
     job = _prepare_scoring(cfg, run_dir, options, rank, world)
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     entries = _gather(_compute_scores(job, progress), rank, world)
     if entries is None:
         return None
     table = assemble(job.study, entries)
     table.backbone = job.backbone.identity
-    table.meta = {**job.meta, "minutes": (time.time() - start) / 60, "processes": world}
+    cost = {
+        "cpu_seconds": time.process_time() - cpu,
+        "passes": job.study.cost(),
+        "needs_stage_a": scorers.get(job.study.method).needs_stage_a,
+    }  # this process's CPU time (a resumed run counts only its last part)
+    table.meta = {**job.meta, "minutes": (time.time() - start) / 60, "processes": world, "cost": cost}
     table.write(json_path, json_path.with_suffix(".csv"))
     job.record.remove_all()
     if world > 1:

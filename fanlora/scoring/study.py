@@ -14,6 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
+from fanlora.backbone import ModuleLayout
 from fanlora.gates import GatedLoRA
 from fanlora.scoring import scorers
 from fanlora.scoring.journal import Journal
@@ -21,6 +24,14 @@ from fanlora.scoring.replay import Batch
 from fanlora.scoring.table import ScoreTable
 
 SHARD_FORMAT = "fanlora-scores-shard/2"  # /2: the scorer's options in one mapping
+
+
+@dataclass
+class BareModel:
+    """What a scorer that needs no stage a (``needs_stage_a = False``) is handed in place of a gated model."""
+
+    model: nn.Module
+    layout: ModuleLayout
 
 
 @dataclass
@@ -67,7 +78,7 @@ class Study:
 
 def compute(
     study: Study,
-    gated: GatedLoRA,
+    gated: GatedLoRA | BareModel,
     batches: Sequence[Batch],
     progress: Journal,
     units: Sequence[int],

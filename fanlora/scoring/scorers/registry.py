@@ -34,6 +34,9 @@ class Scorer:
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for `fanlora score --help`
     paper: ClassVar[bool] = False  # the paper's scorer writes scores.json; the others scores-<name>.json
+    #: False for a scorer of the bare backbone: it is handed a :class:`~fanlora.scoring.study.BareModel` in place
+    #: of the gated stage-a model, and `fanlora score` runs without a stage a.
+    needs_stage_a: ClassVar[bool] = True
 
     def options(self, sc: ScoreConfig) -> dict[str, Any]:
         """The ``score.*`` values this scorer reads beyond the common ones, checked (recorded in the scores)."""
