@@ -220,10 +220,13 @@ def _serving_parsers(sub: Any) -> None:
         "with the same 16-token blocks (least recently used first out; default 64, 0: off)",
     )
     p.add_argument(
+        "--max-batched-tokens",
         "--prefill-chunk",
+        dest="max_batched_tokens",
         type=int,
         default=256,
-        help="continuous: prompt tokens per prefill forward (longer prompts go in chunks)",
+        help="continuous: tokens per forward (vLLM's name; --prefill-chunk is the old one): each decoding row's "
+        "next token, then prompt tokens shared fairly across tenants (adapters) and their prompts",
     )
 
     p = sub.add_parser("bench", help="Table 3 on this machine: decode speed and memory of FanLoRA vs baselines")

@@ -78,10 +78,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(engine):
     def long():
         return job(engine, PROMPTS[3] * 2, "gamma", max_tokens=8)
 
-    whole = alone(engine, long, prefill_chunk=512)
+    whole = alone(engine, long, max_batched_tokens=512)
     chunked = long()
     short = job(engine, PROMPTS[0], "alpha", max_tokens=12)
-    scheduler = ContinuousScheduler(engine, prefill_chunk=8, start=False)
+    scheduler = ContinuousScheduler(engine, max_batch=2, max_batched_tokens=9, start=False)
     run(scheduler, {0: [short], 1: [chunked]})
     assert len(chunked.prompt_ids) > 3 * 8
     assert chunked.tokens == whole.tokens
@@ -199,3 +199,45 @@ def test_a_packed_forward_carries_each_adapters_tokens_as_one_run(engine, monkey
         assert sum(1 for a, b in itertools.pairwise(slots) if a != b) + 1 == len(set(slots))
     for (p, n), j in zip([(PROMPTS[i % 3], n) for i, n in enumerate(names)], jobs, strict=True):
         assert j.text == engine.generate([p], [n], Decoding(), 4)[0]
+
+
+def first_token_step(scheduler, arrivals, watched, limit=400) -> int:
+    """Iterations until ``watched`` has its first token (after its arrival step), then run everything out."""
+    jobs = [j for js in arrivals.values() for j in js]
+    first = None
+    for step in range(limit):
+        for j in arrivals.get(step, []):
+            scheduler.submit(j)
+        with scheduler.lock:
+            scheduler.iterate()
+        if first is None and watched.tokens:
+            first = step
+        if step >= max(arrivals) and all(j.reason is not None for j in jobs):
+            return first
+    raise AssertionError("jobs did not finish")
+
+
+def test_one_tenants_long_prompts_do_not_hold_another_tenants_first_token(engine):
+    long_prompt = "A very long prompt " * 20
+    burst = [job(engine, long_prompt, "alpha", max_tokens=4) for _ in range(4)]
+    short = job(engine, PROMPTS[4], "beta", max_tokens=4)
+    scheduler = ContinuousScheduler(engine, max_batch=8, max_batched_tokens=12, start=False)
+    step = first_token_step(scheduler, {0: burst, 1: [short]}, short)
+    assert len(burst[0].prompt_ids) * 4 > 5 * 12  # first come, first served: ≥ 5 iterations of alpha's prompts
+    assert step == 1  # fair: beta's prompt is prefilled (and its first token sampled) in the iteration it joins
+    assert short.tokens == alone(engine, lambda: job(engine, PROMPTS[4], "beta", max_tokens=4)).tokens
+    solo = alone(engine, lambda: job(engine, long_prompt, "alpha", max_tokens=4))
+    assert all(j.tokens == solo.tokens for j in burst)
+
+
+def test_a_tenant_holding_no_row_preempts_a_prompt_of_one_holding_all(engine):
+    long_prompt = "A very long prompt " * 20
+    burst = [job(engine, long_prompt, "alpha", max_tokens=4) for _ in range(3)]
+    short = job(engine, PROMPTS[4], "beta", max_tokens=4)
+    scheduler = ContinuousScheduler(engine, max_batch=2, max_batched_tokens=8, start=False)
+    step = first_token_step(scheduler, {0: burst, 1: [short]}, short)
+    assert scheduler.preempted == 1 and step == 1
+    solo = alone(engine, lambda: job(engine, long_prompt, "alpha", max_tokens=4))
+    assert all(j.tokens == solo.tokens and j.reason == solo.reason for j in burst)  # the preempted one too
+    assert short.tokens == alone(engine, lambda: job(engine, PROMPTS[4], "beta", max_tokens=4)).tokens
+    assert scheduler.waiting == 0 and not any(engine.pins.values())

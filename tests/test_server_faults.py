@@ -266,7 +266,9 @@ def test_serve_refuses_an_empty_key_and_warns_when_open_beyond_loopback(tmp_path
     assert "empty" in fail(capsys, ["serve", "--setting", str(setting), "--api-key", ""])
     assert "--port 70000" in fail(capsys, ["serve", "--setting", str(setting), "--port", "70000"])
     assert "--max-queue 0" in fail(capsys, ["serve", "--setting", str(setting), "--max-queue", "0"])
-    assert "--prefill-chunk 0" in fail(capsys, ["serve", "--setting", str(setting), "--prefill-chunk", "0"])
+    assert "--max-batched-tokens 0 must exceed --max-batch" in fail(
+        capsys, ["serve", "--setting", str(setting), "--prefill-chunk", "0"]
+    )
     assert "invalid choice" in fail(capsys, ["serve", "--setting", str(setting), "--scheduler", "fifo"])
 
 

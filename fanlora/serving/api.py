@@ -23,7 +23,7 @@ class Limits(BaseModel):
     max_queue: int = 64
     max_batch: int = 16
     scheduler: str = "continuous"  # or "batch": one generate() call per batch (the old path)
-    prefill_chunk: int = 256  # continuous only: prompt tokens per prefill forward
+    max_batched_tokens: int = 256  # continuous only: tokens per forward (decoding rows first, then fair prefill)
     prefix_cache_mb: float = 64.0  # continuous only: prompt-prefix KV kept per adapter load (0: off)
     max_lora_rank: int = 64  # adapters of a higher rank are refused (400)
     drain_seconds: float = 30.0  # on SIGTERM: how long running requests may take to finish
@@ -34,11 +34,15 @@ class Limits(BaseModel):
             ("--max-tokens", self.max_tokens),
             ("--max-queue", self.max_queue),
             ("--max-batch", self.max_batch),
-            ("--prefill-chunk", self.prefill_chunk),
             ("--max-lora-rank", self.max_lora_rank),
         ):
             if value < 1:
                 raise UserError(f"{flag} {value} must be ≥ 1")
+        if self.max_batched_tokens <= self.max_batch:
+            raise UserError(
+                f"--max-batched-tokens {self.max_batched_tokens} must exceed --max-batch {self.max_batch}: every "
+                "decoding row takes one token of each forward's budget and prompts need the rest"
+            )
         if not 0 <= self.prefix_cache_mb <= 1_000_000:
             raise UserError(f"--prefix-cache-mb {self.prefix_cache_mb} must be between 0 (off) and 1000000")
         if not 0 <= self.drain_seconds <= 3600:

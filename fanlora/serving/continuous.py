@@ -2,9 +2,10 @@
 
 One worker thread owns the model. Each iteration it (1) drops the rows that finished, were cancelled or hit
 their ``max_tokens``, (2) admits waiting requests up to ``max_batch`` rows (a prompt whose first blocks are in
-the prefix cache starts after them), and (3) runs **one packed forward**: every decoding row's next token and up
-to ``prefill_chunk`` prompt tokens of the rows still prefilling (first come first; a long prompt takes several
-iterations, so the decoding rows advance between its chunks and the stall it causes stays bounded), flattened
+the prefix cache starts after them), and (3) runs **one packed forward** of at most ``max_batched_tokens``
+tokens: every decoding row's next token, then prompt tokens of the rows still prefilling, shared max-min fairly
+across tenants and then prompts (:mod:`fanlora.serving.fairness`: a long prompt takes several iterations, the
+decoding rows advance between its chunks, and one tenant's burst never holds another's first token), flattened
 into one sequence without padding. Each row then samples on its own adapter slot, temperature, top-p, seed and
 stop conditions; a prompt's first token is sampled in the iteration that completes it.
 
@@ -42,6 +43,7 @@ import torch
 from torch.nn import functional as F
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
+from fanlora.serving import fairness
 from fanlora.serving.engine import Engine
 from fanlora.serving.paged import PagedKV
 from fanlora.serving.prefix import PrefixCache
@@ -123,17 +125,19 @@ class ContinuousScheduler(Admission):
         engine: Engine,
         max_queue: int = 64,
         max_batch: int = 16,
-        prefill_chunk: int = 256,
+        max_batched_tokens: int = 256,
         start: bool = True,
         prefix_cache_mb: float = 0.0,
     ) -> None:
         """``start=False`` leaves the worker thread unstarted: the caller runs :meth:`iterate` itself (tests).
         ``prefix_cache_mb`` > 0 keeps prompt-prefix KV per adapter load (:mod:`fanlora.serving.prefix`)."""
-        if max_queue < 1 or max_batch < 1 or prefill_chunk < 1 or prefix_cache_mb < 0:
+        if max_queue < 1 or max_batch < 1 or max_batched_tokens <= max_batch or prefix_cache_mb < 0:
             raise ValueError(
-                f"max_queue ({max_queue}), max_batch ({max_batch}), prefill_chunk must be ≥ 1, prefix_cache_mb ≥ 0"
+                f"max_queue ({max_queue}), max_batch ({max_batch}) must be ≥ 1, max_batched_tokens "
+                f"({max_batched_tokens}) > max_batch, prefix_cache_mb ≥ 0"
             )
-        self.engine, self.max_queue, self.max_batch, self.prefill_chunk = engine, max_queue, max_batch, prefill_chunk
+        self.engine, self.max_queue, self.max_batch = engine, max_queue, max_batch
+        self.max_batched_tokens = max_batched_tokens
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.queue: queue.Queue[Job | None] = queue.Queue()  # None: a wake-up for a call
         self.calls: queue.Queue = queue.Queue()  # (fn, future): work for the engine thread (on_engine)
@@ -148,6 +152,7 @@ class ContinuousScheduler(Admission):
         self.peak_rows = 0  # the most rows in one forward
         self.positions = 0  # token positions computed, summed over forwards
         self.cancelled = 0
+        self.preempted = 0  # prefilling rows given back to the queue so that a tenant holding no row gets one
         self.device = next(engine.model.parameters()).device
         self.thread = threading.Thread(target=self._work, name="fanlora-engine", daemon=True)
         if start:
@@ -209,11 +214,25 @@ class ContinuousScheduler(Admission):
         self.new = keep
 
     def _join(self) -> None:
-        """Give waiting jobs rows, first come first, up to ``max_batch``; a cached prefix goes into the pool."""
+        """Give waiting jobs rows up to ``max_batch``, the tenant holding fewest rows first; when all are taken,
+        a tenant holding none may preempt another's prompt (:mod:`~fanlora.serving.fairness`). A cached prefix
+        goes into the pool."""
         if self.prefix is not None and self.new:
             self.prefix.drop(self.engine.live_keys())
-        while self.new and len(self.rows) < self.max_batch:
-            job = self.new.pop(0)
+        while self.new:
+            held: dict[int, int] = {}
+            for r in self.rows:
+                held[r.job.slot] = held.get(r.job.slot, 0) + 1
+            i = fairness.next_to_join([j.slot for j in self.new], held)
+            job = self.new[i]
+            if len(self.rows) >= self.max_batch:
+                prefilling = [r for r in self.rows if r.prefilling]
+                gone = fairness.victim(prefilling, {r: r.job.slot for r in prefilling}, held, job.slot)
+                if gone is None:
+                    break
+                self._preempt(gone)  # its job goes back to the front of the waiting list
+                i += 1
+            del self.new[i]
             self._dequeued(job)
             row = _Row(job, generator=_generator(job))
             if self.prefix is not None:
@@ -225,15 +244,16 @@ class ContinuousScheduler(Admission):
 
     def _segments(self) -> list[tuple[_Row, int, list[int]]]:
         """This forward's (row, position of its first new token, new tokens): every decoding row's last token,
-        then prompt tokens of the prefilling rows in arrival order, ≤ ``prefill_chunk`` of them; packed grouped
-        by adapter slot (a stable sort), so each adapter's update runs once over its contiguous tokens."""
+        then the rest of ``max_batched_tokens`` as prompt tokens, water-filled across tenants and their prompts;
+        packed grouped by adapter slot (a stable sort), so each adapter's update runs once over its tokens."""
         out = [(r, r.length, [r.token]) for r in self.rows if not r.prefilling]
-        budget = self.prefill_chunk
-        for row in self.rows:
-            if row.prefilling and budget > 0:
-                piece = row.job.prompt_ids[row.length : row.length + budget]
-                out.append((row, row.length, piece))
-                budget -= len(piece)
+        prefilling = [r for r in self.rows if r.prefilling]
+        need = {r: len(r.job.prompt_ids) - r.length for r in prefilling}
+        tenant = {r: r.job.slot for r in prefilling}
+        shares = fairness.fair_shares(prefilling, tenant, need, self.max_batched_tokens - len(out))
+        for row in prefilling:
+            if shares[row]:
+                out.append((row, row.length, row.job.prompt_ids[row.length : row.length + shares[row]]))
         return sorted(out, key=lambda segment: segment[0].job.slot)
 
     def _step(self) -> None:
@@ -326,6 +346,16 @@ class ContinuousScheduler(Admission):
             self._finish(job)
             self.kv.release(row)
         self.rows = [r for r in self.rows if r not in gone]
+
+    def _preempt(self, row: _Row) -> None:
+        """Give a prefilling row's job back to the front of the waiting list; its KV is recomputed on re-join
+        (it has sampled nothing yet, so its answer is unchanged)."""
+        self.kv.release(row)
+        self.rows.remove(row)
+        self.new.insert(0, row.job)
+        with self._count:
+            self.waiting += 1
+        self.preempted += 1
 
     def _dequeued(self, job: Job) -> None:
         with self._count:

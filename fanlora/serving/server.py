@@ -241,7 +241,11 @@ def create_app(
         scheduler = Scheduler(engine, limits.max_queue, limits.max_batch)
     else:
         scheduler = ContinuousScheduler(
-            engine, limits.max_queue, limits.max_batch, limits.prefill_chunk, prefix_cache_mb=limits.prefix_cache_mb
+            engine,
+            limits.max_queue,
+            limits.max_batch,
+            limits.max_batched_tokens,
+            prefix_cache_mb=limits.prefix_cache_mb,
         )
     tenants = Tenants(engine, scheduler, adapter_dir)
     app = FastAPI(title="fanlora", docs_url=None, redoc_url=None, openapi_url=None)
