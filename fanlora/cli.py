@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fanlora import __version__, commands, dist
+from fanlora import __version__, commands, dist, threads
 from fanlora.config import R1, cli_flags
 from fanlora.errors import UserError
 
@@ -193,6 +193,12 @@ def _serving_parsers(sub: Any) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 503")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: $FANLORA_THREADS, $OMP_NUM_THREADS, else serve's measured default); "
+        "docs/serving.md, Threads",
+    )
+    p.add_argument(
         "--max-lora-rank",
         type=int,
         default=64,
@@ -330,8 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed as one line
         return exc.code if isinstance(exc.code, int) else 2
+    if args.command == "serve":  # before torch (and so libgomp) starts: see fanlora.threads
+        threads.prefer_passive_waiting()
     _quiet_libraries()
     try:
+        if args.command != "serve":  # serve sizes its team itself, after checking its flags
+            threads.configure()
         return run(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

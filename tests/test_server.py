@@ -200,3 +200,43 @@ def test_fanlora_serve_binds_loopback_and_answers(tmp_path, tiny_llama):
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def scrape(url: str, key: str | None = KEY) -> dict[str, float]:
+    """``/metrics`` parsed by prometheus_client's own text parser: sample name{labels} → value."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {key}"} if key else {})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[s.name + "".join(f"[{k}={v}]" for k, v in sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_metrics_are_scraped_in_prometheus_format_and_count_requests_per_tenant(server):
+    url, _ = server
+    before = scrape(url)
+    c = client(url)
+    for model in ("alpha", "alpha", "base"):
+        c.completions.create(
+            model=model, prompt="Count: one", max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
+        )
+    after = scrape(url)
+    key = "fanlora_requests_total[finish=length][model=alpha]"
+    assert after[key] - before.get(key, 0) == 2
+    ttft = "fanlora_time_to_first_token_seconds_count[model=alpha]"
+    assert after[ttft] - before.get(ttft, 0) == 2
+    assert after["fanlora_request_seconds_count[model=base]"] >= 1
+    assert after["fanlora_batched_tokens_count"] > before.get("fanlora_batched_tokens_count", 0)
+    assert after["fanlora_requests_waiting"] == 0 and after["fanlora_requests_running"] == 0
+    assert after["fanlora_kv_blocks[state=free]"] + after["fanlora_kv_blocks[state=used]"] > 0
+    assert after["fanlora_adapters_resident"] >= 1 and after["fanlora_adapter_loads_total"] >= 1
+    assert "fanlora_preemptions_total" in after
+    with pytest.raises(Exception, match="401"):
+        scrape(url, key=None)  # behind the API key, like every route but /health

@@ -27,6 +27,7 @@ class Limits(BaseModel):
     prefix_cache_mb: float = 64.0  # continuous only: prompt-prefix KV kept per adapter load (0: off)
     max_lora_rank: int = 64  # adapters of a higher rank are refused (400)
     drain_seconds: float = 30.0  # on SIGTERM: how long running requests may take to finish
+    threads: int | None = None  # torch's team; None: FANLORA_THREADS, OMP_NUM_THREADS or serve's default
 
     def check(self) -> None:
         """Refuse limits that cannot work, naming the `fanlora serve` flag."""

@@ -269,6 +269,8 @@ class ContinuousScheduler(Admission):
         logits = self._forward(ids, mask, positions, slots, ends[sampled])
         self.batches += 1
         self.positions += ids.shape[1]
+        if self.metrics is not None:
+            self.metrics.forward(ids.shape[1])
         self.peak_rows = max(self.peak_rows, len(segments))
         completed = [row for row, past, _ in (segments[i] for i in sampled) if past < len(row.job.prompt_ids)]
         for row, past, new in segments:

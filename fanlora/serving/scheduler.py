@@ -57,6 +57,7 @@ class Job:
     started: float = field(default_factory=time.monotonic)
     slot: int = 0  # the engine slot pinned for this job at admission (0: the bare backbone)
     ignore_eos: bool = False  # EOS does not end the job: it decodes max_tokens tokens (or up to a stop string)
+    first_token: float | None = None  # monotonic time of its first token (time to first token, /metrics)
 
     def key(self) -> tuple:
         d = self.decoding
@@ -84,6 +85,8 @@ def accept(job: Job, token: int, tokenizer: Any, eos: int | None) -> None:
         job.finished = "stop"
         return
     job.tokens.append(token)
+    if job.first_token is None:
+        job.first_token = time.monotonic()
     text = tokenizer.decode(job.tokens, skip_special_tokens=True)
     if job.stop and any(s in text for s in job.stop):
         text, job.finished = cut(text, job.stop), "stop"
@@ -147,6 +150,7 @@ class Admission:
     """
 
     closed = False  # set by close(): nothing more is admitted
+    metrics: Any = None  # a fanlora.serving.metrics.ServerMetrics, told of every finished job and forward
     abort_reason: str | None = None  # set by abort_all(): every job still admitted ends with this reason
 
     def submit(self, job: Job) -> None:
@@ -219,6 +223,8 @@ class Admission:
         if job.cancelled:
             self.cancelled += 1
         self.engine.release(job.slot)
+        if self.metrics is not None:
+            self.metrics.finished(job, time.monotonic())
 
 
 class Scheduler(Admission):

@@ -33,10 +33,11 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from fanlora import threads
 from fanlora.backbone import load_backbone
 from fanlora.data.instruct import render
 from fanlora.errors import UserError
@@ -57,6 +58,8 @@ from fanlora.serving.api import (
 )
 from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine
+from fanlora.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from fanlora.serving.metrics import ServerMetrics
 from fanlora.serving.scheduler import Closing, Job, QueueFull, Scheduler
 from fanlora.setting import Setting
 
@@ -95,6 +98,8 @@ class Tenants:
             self.scheduler.on_engine(lambda: self.engine.load(name, path))  # between steps: the stacks may grow
         except UserError as exc:
             raise ApiError(400, f"adapter {name!r} refused: {exc}") from None
+        if self.scheduler.metrics is not None:
+            self.scheduler.metrics.loads.inc()
 
     def unload(self, name: str) -> None:
         try:
@@ -248,8 +253,15 @@ def create_app(
             prefix_cache_mb=limits.prefix_cache_mb,
         )
     tenants = Tenants(engine, scheduler, adapter_dir)
+    scheduler.metrics = metrics = ServerMetrics(scheduler, engine)
     app = FastAPI(title="fanlora", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.engine, app.state.known = scheduler, engine, tenants.known
+    app.state.metrics = metrics
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:  # reads attributes only: never waits for the engine
+        return Response(metrics.text(), media_type=METRICS_CONTENT_TYPE)
+
     _install_guards(app, api_key, limits)
     _install_adapter_routes(app, tenants)
     _install_completion_routes(app, tenants, limits)
@@ -375,6 +387,7 @@ def serve(
 ) -> None:
     """Load the backbone, wrap the setting's modules, and serve until interrupted (adapters load on first use)."""
     check_serve_options(host, port, api_key, limits)
+    team = threads.configure(limits.threads, serve=True)  # before any torch work: the engine thread inherits it
     s = Setting.read(setting)
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise UserError(
@@ -395,6 +408,10 @@ def serve(
         raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port or --host") from None
     sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
     bound = sock.getsockname()[1]
-    print(f"serving on http://{host}:{bound}/v1 (models: {', '.join(app.state.known())})", flush=True)
+    print(
+        f"serving on http://{host}:{bound}/v1 (models: {', '.join(app.state.known())}; torch threads {team} of "
+        f"{threads.available_cpus()} CPUs available)",
+        flush=True,
+    )
     config = uvicorn.Config(app, log_level="warning", http=TimedH11, timeout_graceful_shutdown=10)
     DrainingServer(config, app.state.scheduler, limits.drain_seconds).run(sockets=[sock])

@@ -1,0 +1,114 @@
+"""How many threads torch's intra-op (OpenMP) team gets: the CPUs this process may use, not the host's.
+
+torch sizes its team by the host's cores. A container with a CPU quota (Kubernetes' ``limits.cpu``, Docker's
+``--cpus``) or a process pinned to fewer CPUs (``taskset``) then runs more busy-waiting OpenMP threads than it
+has CPUs, and every parallel region waits for descheduled threads: beside one CPU-bound neighbour on 2 cores a
+served token took 2–4.5× longer with the default team than with one thread (docs/serving.md, "Threads").
+Neither torch nor transformers reads the quota, so this module does: the team is the smallest of the affinity
+mask (``os.sched_getaffinity``) and the cgroup quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` /
+``cpu.cfs_period_us``), rounded down, at least 1.
+
+Who decides, first match wins: ``--threads N`` (`fanlora serve`), the ``FANLORA_THREADS`` environment variable
+(every command), ``OMP_NUM_THREADS`` (as torch itself honours it), then the CPUs found here.
+
+`fanlora serve` also makes the team *wait passively* (``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set,
+even to an empty value): OpenMP threads then sleep between parallel regions instead of spinning on a CPU a
+neighbour needs. It must be in the environment before libgomp starts, i.e. before torch is imported, which
+:func:`prefer_passive_waiting` does from the CLI. Chosen by measurement (``benchmarks/neighbour.py``,
+docs/serving.md "Threads"): with it two threads keep their clean-machine throughput and lose little beside a
+busy neighbour, where spinning threads made every token several times slower.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from fanlora.errors import UserError
+
+#: `fanlora serve`'s team when neither --threads nor an environment variable says otherwise (None: all CPUs).
+SERVE_DEFAULT: int | None = None
+
+
+def prefer_passive_waiting() -> bool:
+    """Ask libgomp to let idle team threads sleep (unless OMP_WAIT_POLICY is set); True if it can still apply."""
+    import sys
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return "torch" not in sys.modules
+
+
+def _cgroup_dir(root: Path, controller: str | None) -> Path:
+    """This process's own cgroup folder under ``root`` (v2 when ``controller`` is None), else ``root``."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return root
+    for line in lines:
+        _, names, path = line.split(":", 2)
+        if (controller is None and names == "") or (controller and controller in names.split(",")):
+            here = root / path.lstrip("/")
+            return here if here.is_dir() else root
+    return root
+
+
+def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs the cgroup quota allows (e.g. 1.5), or None when there is no quota."""
+    v2 = _cgroup_dir(root, None) / "cpu.max"
+    try:
+        if v2.is_file():
+            quota, *rest = v2.read_text().split()  # "max 100000", or "150000 100000" for 1.5 CPUs
+            return None if quota == "max" else int(quota) / int(rest[0] if rest else 100000)
+        v1 = _cgroup_dir(root / "cpu", "cpu")
+        quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+        period_us = int((v1 / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus(root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may run on: affinity mask and cgroup quota, whichever is smaller (≥ 1)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    quota = cgroup_quota(root)
+    if quota is not None:
+        n = min(n, max(1, math.floor(quota)))
+    return max(1, n)
+
+
+def _from_env(name: str) -> int | None:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"{name}={text!r} is not a number of threads ≥ 1: unset it or give e.g. {name}=1")
+    return int(text)
+
+
+def choose(flag: int | None = None, serve: bool = False) -> int:
+    """The team size: ``flag``, FANLORA_THREADS, OMP_NUM_THREADS, serve's default, or the CPUs available."""
+    if flag is not None:
+        if flag < 1:
+            raise UserError(f"--threads {flag} must be ≥ 1 (the CPUs this process may use: {available_cpus()})")
+        return flag
+    for name in ("FANLORA_THREADS", "OMP_NUM_THREADS"):
+        value = _from_env(name)
+        if value is not None:
+            return value
+    if serve and SERVE_DEFAULT is not None:
+        return SERVE_DEFAULT
+    return available_cpus()
+
+
+def configure(flag: int | None = None, serve: bool = False) -> int:
+    """Set torch's intra-op team (threads that start torch work later inherit it) and return its size."""
+    import torch
+
+    n = choose(flag, serve)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

@@ -1,0 +1,52 @@
+"""torch's team is sized from the CPUs the process may use: affinity and cgroup quota, flags and variables first."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import fail
+
+from fanlora import threads
+from fanlora.errors import UserError
+
+
+def test_a_cgroup_v2_quota_caps_the_team(tmp_path, monkeypatch):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs
+    assert threads.cgroup_quota(tmp_path) == 1.5
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert threads.available_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert threads.cgroup_quota(tmp_path) is None and threads.available_cpus(tmp_path) == 4
+
+
+def test_a_cgroup_v1_quota_and_the_affinity_mask(tmp_path, monkeypatch):
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert threads.cgroup_quota(tmp_path) == 3.0 and threads.available_cpus(tmp_path) == 2  # the mask is smaller
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # no quota
+    assert threads.cgroup_quota(tmp_path) is None
+
+
+def test_flag_then_variables_then_the_machine(monkeypatch):
+    monkeypatch.delenv("FANLORA_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.choose() == 3 and threads.choose(5) == 5
+    monkeypatch.setenv("FANLORA_THREADS", "2")
+    assert threads.choose() == 2
+    monkeypatch.setenv("FANLORA_THREADS", "two")
+    with pytest.raises(UserError, match="FANLORA_THREADS='two'"):
+        threads.choose()
+    with pytest.raises(UserError, match="--threads 0"):
+        threads.choose(0)
+    monkeypatch.delenv("FANLORA_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(threads, "SERVE_DEFAULT", 1)
+    assert threads.choose(serve=True) == 1 and threads.choose() == threads.available_cpus()
+
+
+def test_serve_refuses_a_bad_thread_count_with_one_line(tmp_path, capsys):
+    err = fail(capsys, ["serve", "--setting", str(tmp_path / "none.json"), "--threads", "0"])
+    assert "--threads 0 must be ≥ 1" in err
