@@ -3,9 +3,9 @@
     python benchmarks/neighbour.py --setting results/decisive/settings/ab.json --out benchmarks/results/neighbour.txt
 
 Three servers stay up for the whole run, on the same embedded backbone and four random r=12 adapters:
-``--threads 1`` (t1) and ``--threads 2`` (t2), both with libgomp's default waiting (spin, then sleep: serve's
-behaviour before 2026-12-07), and ``--threads 2`` with ``OMP_WAIT_POLICY=PASSIVE`` (t2p: OpenMP threads sleep
-between parallel regions instead of spinning; serve's default since). Arms, per server:
+``--threads 1`` (t1: serve's default since 2026-12-07) and ``--threads 2`` (t2: the default before, the host's
+two cores), both with libgomp's default waiting (spin, then sleep), and ``--threads 2`` with
+``OMP_WAIT_POLICY=PASSIVE`` (t2p: OpenMP threads sleep between parallel regions instead of spinning). Arms, per server:
 
 * **stream** — one client, greedy chat completions of 16 tokens (``ignore_eos``) on one adapter, back to back:
   seconds per generated token (wall time ÷ tokens, the short prompt's prefill included) — what one user feels;
@@ -54,8 +54,8 @@ NEIGHBOURS = {  # name → (set-up, one step of the busy loop)
 }
 
 
-#: (tag, --threads, OMP_WAIT_POLICY: "" is libgomp's default — spin, then sleep — which serve keeps when the
-#: variable is set, even empty; "PASSIVE" is serve's own default since 2026-12-07)
+#: (tag, --threads, OMP_WAIT_POLICY: "" is libgomp's default — spin, then sleep; libgomp warns about the empty
+#: value and keeps its default — and "PASSIVE" makes idle team threads sleep)
 SERVERS = [("t1", 1, ""), ("t2", 2, ""), ("t2p", 2, "PASSIVE")]
 
 

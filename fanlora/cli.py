@@ -226,6 +226,13 @@ def _serving_parsers(sub: Any) -> None:
         "with the same 16-token blocks (least recently used first out; default 64, 0: off)",
     )
     p.add_argument(
+        "--kv-cache-mb",
+        type=float,
+        help="continuous: MiB of the paged KV pool (default: an eighth of the machine's memory, said at start); "
+        "it grows to this and no further, rows are preempted and recomputed when it is full, and a request "
+        "that could never fit gets a 400",
+    )
+    p.add_argument(
         "--max-batched-tokens",
         "--prefill-chunk",
         dest="max_batched_tokens",
@@ -336,8 +343,6 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed as one line
         return exc.code if isinstance(exc.code, int) else 2
-    if args.command == "serve":  # before torch (and so libgomp) starts: see fanlora.threads
-        threads.prefer_passive_waiting()
     _quiet_libraries()
     try:
         if args.command != "serve":  # serve sizes its team itself, after checking its flags

@@ -9,14 +9,16 @@ mask (``os.sched_getaffinity``) and the cgroup quota (v2 ``cpu.max``, v1 ``cpu.c
 ``cpu.cfs_period_us``), rounded down, at least 1.
 
 Who decides, first match wins: ``--threads N`` (`fanlora serve`), the ``FANLORA_THREADS`` environment variable
-(every command), ``OMP_NUM_THREADS`` (as torch itself honours it), then the CPUs found here.
+(every command), ``OMP_NUM_THREADS`` (as torch itself honours it), then serve's default (below) or, for every
+other command, the CPUs found here.
 
-`fanlora serve` also makes the team *wait passively* (``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set,
-even to an empty value): OpenMP threads then sleep between parallel regions instead of spinning on a CPU a
-neighbour needs. It must be in the environment before libgomp starts, i.e. before torch is imported, which
-:func:`prefer_passive_waiting` does from the CLI. Chosen by measurement (``benchmarks/neighbour.py``,
-docs/serving.md "Threads"): with it two threads keep their clean-machine throughput and lose little beside a
-busy neighbour, where spinning threads made every token several times slower.
+`fanlora serve` defaults to **one** thread, chosen by measurement (``benchmarks/neighbour.py``, 2 cores,
+``benchmarks/results/neighbour.txt``): one thread decodes a stream as fast as two on an idle machine (0.99×) and
+keeps beside a busy neighbour what two threads lose (a token beside a pure-Python loop 1.04× its idle time,
+beside a one-thread training loop 1.18×, beside a two-thread torch loop 1.43×; with two threads 2.6×, 2.5×,
+3.4×), for ~13 % of clean-machine batched throughput (0.87× [0.75, 1.01] with 8 clients). Two threads that wait
+passively (``OMP_WAIT_POLICY=PASSIVE``) were measured too and lost on both counts to one thread (0.83× its
+batched throughput). ``--threads 2`` gives the clean-room throughput back on a machine with nothing beside it.
 """
 
 from __future__ import annotations
@@ -28,15 +30,7 @@ from pathlib import Path
 from fanlora.errors import UserError
 
 #: `fanlora serve`'s team when neither --threads nor an environment variable says otherwise (None: all CPUs).
-SERVE_DEFAULT: int | None = None
-
-
-def prefer_passive_waiting() -> bool:
-    """Ask libgomp to let idle team threads sleep (unless OMP_WAIT_POLICY is set); True if it can still apply."""
-    import sys
-
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return "torch" not in sys.modules
+SERVE_DEFAULT: int | None = 1
 
 
 def _cgroup_dir(root: Path, controller: str | None) -> Path:

@@ -241,3 +241,41 @@ def test_a_tenant_holding_no_row_preempts_a_prompt_of_one_holding_all(engine):
     assert all(j.tokens == solo.tokens and j.reason == solo.reason for j in burst)  # the preempted one too
     assert short.tokens == alone(engine, lambda: job(engine, PROMPTS[4], "beta", max_tokens=4)).tokens
     assert scheduler.waiting == 0 and not any(engine.pins.values())
+
+
+def test_a_bounded_kv_pool_preempts_and_recomputes_and_no_answer_changes(engine):
+    sampling = Decoding("sampling", temperature=1.1, top_p=0.95, seed=5)
+    specs = [
+        (PROMPTS[3], "alpha", None),
+        (PROMPTS[2], "beta", sampling),
+        (PROMPTS[1], None, None),
+        (PROMPTS[0], "gamma", None),
+    ]
+    make = [lambda p=p, a=a, d=d: job(engine, p, a, d, max_tokens=40, ignore_eos=True) for p, a, d in specs]
+    jobs = [m() for m in make]
+    scheduler = ContinuousScheduler(engine, kv_blocks=6, start=False)  # 96 positions: each fits alone, not all
+    assert all(len(j.prompt_ids) + 40 <= scheduler.max_positions for j in jobs)
+    assert sum(len(j.prompt_ids) + 40 for j in jobs) > scheduler.max_positions
+    run(scheduler, {0: jobs[:2], 3: jobs[2:]})
+    assert scheduler.preempted > 0 and scheduler.kv.capacity <= 6  # never grown past the bound
+    for m, j in zip(make, jobs, strict=True):
+        solo = alone(engine, m)  # unbounded pool
+        assert j.tokens == solo.tokens and j.reason == solo.reason and len(j.tokens) == 40
+    assert scheduler.waiting == 0 and not scheduler.paused and not any(engine.pins.values())
+
+
+def test_an_idle_scheduler_gives_its_grown_kv_pool_back(engine):
+    jobs = [job(engine, PROMPTS[3] * 12, "alpha", max_tokens=30, ignore_eos=True) for _ in range(6)]
+    scheduler = ContinuousScheduler(engine, start=False)
+    grown = []
+    for step in range(400):
+        if step == 0:
+            for j in jobs:
+                scheduler.submit(j)
+        with scheduler.lock:
+            scheduler.iterate()
+        grown.append(scheduler.kv.capacity)
+        if all(j.reason for j in jobs):
+            break
+    assert max(grown) > 64  # the burst doubled the pool
+    assert scheduler.kv.capacity == 64 and not scheduler.kv.keys  # idle: a fresh pool, no tensors held

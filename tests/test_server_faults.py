@@ -14,7 +14,7 @@ import time
 
 import pytest
 from conftest import fail
-from helpers import WAIT, Gate, in_thread, make_adapter, serve_in_thread, setting_for
+from helpers import WAIT, Gate, call, in_thread, make_adapter, serve_in_thread, setting_for
 
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
@@ -278,3 +278,22 @@ def test_the_scheduler_is_continuous_by_default_and_batch_on_request(world):
     engine = world["engine"]
     assert isinstance(create_app(engine, None).state.scheduler, ContinuousScheduler)
     assert type(create_app(engine, None, limits=Limits(scheduler="batch")).state.scheduler) is Scheduler
+
+
+def test_a_request_that_could_never_fit_the_kv_cache_is_a_400_naming_the_flag(world, tmp_path, capsys):
+    engine = world["engine"]
+    app = create_app(engine, None, None, Limits(max_tokens=64, kv_cache_mb=0.01))  # a few blocks of the tiny model
+    positions = app.state.scheduler.max_positions
+    assert positions is not None and positions < 64
+    srv, thread, port = serve_in_thread(app)
+    try:
+        body = {"model": "base", "prompt": "Hello there", "max_tokens": positions, "temperature": 0}
+        status, out = call(f"http://127.0.0.1:{port}", "/v1/completions", body, key=None)
+        assert status == 400 and "--kv-cache-mb" in out["error"]["message"]
+        body["max_tokens"] = 2
+        assert call(f"http://127.0.0.1:{port}", "/v1/completions", body, key=None)[0] == 200
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        app.state.scheduler.stop()  # its engine thread: the module's other server shares the engine
+    assert "--kv-cache-mb -1" in fail(capsys, ["serve", "--setting", str(tmp_path / "s.json"), "--kv-cache-mb", "-1"])

@@ -27,6 +27,7 @@ class Limits(BaseModel):
     prefix_cache_mb: float = 64.0  # continuous only: prompt-prefix KV kept per adapter load (0: off)
     max_lora_rank: int = 64  # adapters of a higher rank are refused (400)
     drain_seconds: float = 30.0  # on SIGTERM: how long running requests may take to finish
+    kv_cache_mb: float | None = None  # continuous only: the paged KV pool's bound; None: an eighth of the RAM
     threads: int | None = None  # torch's team; None: FANLORA_THREADS, OMP_NUM_THREADS or serve's default
 
     def check(self) -> None:
@@ -46,6 +47,8 @@ class Limits(BaseModel):
             )
         if not 0 <= self.prefix_cache_mb <= 1_000_000:
             raise UserError(f"--prefix-cache-mb {self.prefix_cache_mb} must be between 0 (off) and 1000000")
+        if self.kv_cache_mb is not None and not 0 < self.kv_cache_mb <= 10_000_000:
+            raise UserError(f"--kv-cache-mb {self.kv_cache_mb} must be a positive number of MiB")
         if not 0 <= self.drain_seconds <= 3600:
             raise UserError(f"--drain-seconds {self.drain_seconds} must be between 0 and 3600")
 

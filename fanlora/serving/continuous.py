@@ -58,10 +58,16 @@ class _Row:
     length: int = 0  # tokens in the KV pool: the next token's position
     token: int = -1  # the last sampled token, fed at the next step
     generator: torch.Generator | None = None
+    replay: list[int] | None = None  # after a preemption: prompt + tokens fed so far, recomputed before decoding
+
+    @property
+    def context(self) -> list[int]:
+        """The tokens that must be in the KV pool before this row (re)starts decoding."""
+        return self.job.prompt_ids if self.replay is None else self.replay
 
     @property
     def prefilling(self) -> bool:
-        return self.length < len(self.job.prompt_ids)
+        return self.length < len(self.context)
 
 
 def _generator(job: Job) -> torch.Generator | None:
@@ -128,9 +134,11 @@ class ContinuousScheduler(Admission):
         max_batched_tokens: int = 256,
         start: bool = True,
         prefix_cache_mb: float = 0.0,
+        kv_blocks: int | None = None,
     ) -> None:
         """``start=False`` leaves the worker thread unstarted: the caller runs :meth:`iterate` itself (tests).
-        ``prefix_cache_mb`` > 0 keeps prompt-prefix KV per adapter load (:mod:`fanlora.serving.prefix`)."""
+        ``prefix_cache_mb`` > 0 keeps prompt-prefix KV per adapter load (:mod:`fanlora.serving.prefix`).
+        ``kv_blocks`` bounds the paged pool (None: unbounded); see :meth:`_make_room`."""
         if max_queue < 1 or max_batch < 1 or max_batched_tokens <= max_batch or prefix_cache_mb < 0:
             raise ValueError(
                 f"max_queue ({max_queue}), max_batch ({max_batch}) must be ≥ 1, max_batched_tokens "
@@ -144,7 +152,11 @@ class ContinuousScheduler(Admission):
         self.lock = threading.Lock()  # held for one iteration: adapter loads happen between steps
         self.waiting = 0  # admitted, not yet decoding (bounded by max_queue)
         self._count = threading.Lock()
-        self.kv = PagedKV()
+        self.kv_blocks = kv_blocks
+        self.kv = self._pool()
+        #: the most positions one request may hold (prompt + max_tokens): more could never fit (400)
+        self.max_positions = kv_blocks * self.kv.block if kv_blocks else None
+        self.paused: list[_Row] = []  # decoding rows preempted for KV space: they rejoin first, recomputed
         self.rows: list[_Row] = []  # prefilling or decoding, in arrival order
         self.new: list[Job] = []  # taken from the queue, waiting for a row
         self.running = True
@@ -214,12 +226,16 @@ class ContinuousScheduler(Admission):
         self.new = keep
 
     def _join(self) -> None:
-        """Give waiting jobs rows up to ``max_batch``, the tenant holding fewest rows first; when all are taken,
-        a tenant holding none may preempt another's prompt (:mod:`~fanlora.serving.fairness`). A cached prefix
-        goes into the pool."""
+        """Give waiting jobs rows up to ``max_batch`` — preempted rows first, then the tenant holding fewest rows;
+        when all are taken, a tenant holding none may preempt another's prompt (:mod:`~fanlora.serving.fairness`);
+        nothing joins whose prompt's KV blocks do not fit beside what the prefilling rows still need. A cached
+        prefix goes into the pool."""
         if self.prefix is not None and self.new:
             self.prefix.drop(self.engine.live_keys())
-        while self.new:
+        while self.paused and len(self.rows) < self.max_batch and self._fits(self.paused[0].context):
+            self.rows.append(self.paused.pop(0))
+            self._dequeued(self.rows[-1].job)
+        while self.new and not self.paused:
             held: dict[int, int] = {}
             for r in self.rows:
                 held[r.job.slot] = held.get(r.job.slot, 0) + 1
@@ -232,6 +248,8 @@ class ContinuousScheduler(Admission):
                     break
                 self._preempt(gone)  # its job goes back to the front of the waiting list
                 i += 1
+            if not self._fits(job.prompt_ids):
+                break
             del self.new[i]
             self._dequeued(job)
             row = _Row(job, generator=_generator(job))
@@ -248,16 +266,42 @@ class ContinuousScheduler(Admission):
         packed grouped by adapter slot (a stable sort), so each adapter's update runs once over its tokens."""
         out = [(r, r.length, [r.token]) for r in self.rows if not r.prefilling]
         prefilling = [r for r in self.rows if r.prefilling]
-        need = {r: len(r.job.prompt_ids) - r.length for r in prefilling}
+        need = {r: len(r.context) - r.length for r in prefilling}
         tenant = {r: r.job.slot for r in prefilling}
         shares = fairness.fair_shares(prefilling, tenant, need, self.max_batched_tokens - len(out))
         for row in prefilling:
             if shares[row]:
-                out.append((row, row.length, row.job.prompt_ids[row.length : row.length + shares[row]]))
+                out.append((row, row.length, row.context[row.length : row.length + shares[row]]))
         return sorted(out, key=lambda segment: segment[0].job.slot)
 
-    def _step(self) -> None:
+    def _fits(self, context: list[int]) -> bool:
+        """Whether a row holding ``context`` (+ one token) fits beside the blocks the prefilling rows still need."""
+        if self.kv_blocks is None:
+            return True
+        owed = sum(self.kv.missing(r, len(r.context) + 1) for r in self.rows if r.prefilling)
+        return -(-(len(context) + 1) // self.kv.block) <= self.kv.available() - owed
+
+    def _make_room(self) -> list[tuple[_Row, int, list[int]]]:
+        """This forward's segments, after preempting the newest rows until their KV blocks fit the bound (a
+        request that could never fit alone was refused at admission, so the oldest row always fits)."""
         segments = self._segments()
+        while len(self.rows) > 1 and sum(self.kv.missing(r, p + len(n)) for r, p, n in segments) > self.kv.available():
+            row = self.rows[-1]
+            if row.prefilling and row.replay is None:
+                self._preempt(row)  # nothing sampled yet: its job simply waits again
+            else:  # recompute later: what it fed so far is prefilled again, then it decodes on
+                self.kv.release(row)
+                self.rows.remove(row)
+                row.replay, row.length = (row.job.prompt_ids + row.job.tokens)[: row.length], 0
+                self.paused.insert(0, row)
+                with self._count:
+                    self.waiting += 1
+                self.preempted += 1
+            segments = self._segments()
+        return segments
+
+    def _step(self) -> None:
+        segments = self._make_room()
         if not segments:
             return
         mask = self.kv.plan([(row, past, len(new)) for row, past, new in segments])
@@ -265,7 +309,9 @@ class ContinuousScheduler(Admission):
         positions = torch.cat([torch.arange(past, past + len(new)) for _, past, new in segments])[None]
         slots = [row.job.slot for row, _, new in segments for _ in new]
         ends = torch.tensor([len(new) for _, _, new in segments]).cumsum(0) - 1
-        sampled = [i for i, (row, past, new) in enumerate(segments) if past + len(new) >= len(row.job.prompt_ids)]
+        done = [i for i, (row, past, new) in enumerate(segments) if past + len(new) >= len(row.context)]
+        replayed = [segments[i][0] for i in done if segments[i][0].replay is not None]
+        sampled = [i for i in done if segments[i][0].replay is None]  # a replayed row has its next token
         logits = self._forward(ids, mask, positions, slots, ends[sampled])
         self.batches += 1
         self.positions += ids.shape[1]
@@ -275,6 +321,8 @@ class ContinuousScheduler(Admission):
         completed = [row for row, past, _ in (segments[i] for i in sampled) if past < len(row.job.prompt_ids)]
         for row, past, new in segments:
             row.length = past + len(new)
+        for row in replayed:
+            row.replay = None
         if self.prefix is not None:  # prompts completed in this forward: their whole blocks to the prefix cache
             for row in completed:
                 self._store(row)
@@ -320,7 +368,9 @@ class ContinuousScheduler(Admission):
                 except queue.Empty:
                     break
             waiting = [job for job in waiting if job is not None]
-            self.rows, self.new, self.kv = [], [], PagedKV()
+            self.rows, self.new, self.kv = [], [], self._pool()
+            waiting += [r.job for r in self.paused]
+            self.paused = []
             tok = self.engine.tokenizer
             for job in waiting:
                 self._dequeued(job)
@@ -348,6 +398,11 @@ class ContinuousScheduler(Admission):
             self._finish(job)
             self.kv.release(row)
         self.rows = [r for r in self.rows if r not in gone]
+        if not self.rows and not self.paused and self.kv.capacity > PagedKV().capacity:  # idle: memory goes back
+            self.kv = self._pool()
+
+    def _pool(self) -> PagedKV:
+        return PagedKV(max_blocks=self.kv_blocks)
 
     def _preempt(self, row: _Row) -> None:
         """Give a prefilling row's job back to the front of the waiting list; its KV is recomputed on re-join
@@ -365,7 +420,8 @@ class ContinuousScheduler(Admission):
 
     def _fail(self, message: str) -> None:
         jobs = [r.job for r in self.rows]
-        self.rows, self.kv = [], PagedKV()
+        jobs += [r.job for r in self.paused]
+        self.rows, self.paused, self.kv = [], [], self._pool()
         for job in jobs:
             job.emit("error", message)
             self._finish(job)

@@ -26,16 +26,39 @@ from typing import Any
 import torch
 
 
+def block_bytes(config: Any, dtype: torch.dtype, block: int = 16) -> int:
+    """Bytes of one block of every layer's keys and values for a model of ``config`` in ``dtype``."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * heads * head_dim * block * torch.finfo(dtype).bits // 8
+
+
+def default_cache_mb() -> float:
+    """`fanlora serve`'s --kv-cache-mb when not given: an eighth of the machine's memory."""
+    import psutil
+
+    return psutil.virtual_memory().total / 8 / 2**20
+
+
+class KVFull(RuntimeError):
+    """The pool is at ``max_blocks`` and has no free block left: the scheduler preempts a row and retries."""
+
+
 class PagedKV:
-    """Per-layer block pools, per-row block lists, and the plan of the next forward."""
+    """Per-layer block pools, per-row block lists, and the plan of the next forward.
+
+    ``max_blocks`` bounds the pool (`fanlora serve --kv-cache-mb`): it grows by doubling up to that many blocks
+    and no further; a reservation past it raises :class:`KVFull` before anything is changed."""
 
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, block: int = 16, blocks: int = 64) -> None:
-        if block < 1 or blocks < 1:
-            raise ValueError(f"paged KV: block ({block}) and blocks ({blocks}) must be ≥ 1")
-        self.block, self.capacity = block, blocks
+    def __init__(self, block: int = 16, blocks: int = 64, max_blocks: int | None = None) -> None:
+        if block < 1 or blocks < 1 or (max_blocks is not None and max_blocks < 1):
+            raise ValueError(f"paged KV: block ({block}), blocks ({blocks}) and max_blocks must be ≥ 1")
+        blocks = min(blocks, max_blocks) if max_blocks is not None else blocks
+        self.block, self.capacity, self.max_blocks = block, blocks, max_blocks
         self.free = list(range(blocks))
         self.tables: dict[Hashable, list[int]] = {}
         self.keys: list[torch.Tensor] = []  # per layer [kv_heads, capacity·block, head_dim], made at first write
@@ -43,11 +66,23 @@ class PagedKV:
         self._write = self._read = None
 
     # --- blocks -----------------------------------------------------------------------------------------------
+    def available(self) -> int:
+        """Blocks that can still be handed out: free ones and the pool's room to grow."""
+        room = float("inf") if self.max_blocks is None else self.max_blocks - self.capacity
+        return len(self.free) + room
+
+    def missing(self, row: Hashable, length: int) -> int:
+        """Blocks ``row`` still needs to hold ``length`` positions."""
+        return max(0, -(-length // self.block) - len(self.tables.get(row, [])))
+
     def _reserve(self, row: Hashable, length: int) -> list[int]:
+        need = self.missing(row, length)
+        if need > self.available():
+            raise KVFull(f"{need} more KV blocks needed, {len(self.free)} free of at most {self.max_blocks}")
         table = self.tables.setdefault(row, [])
-        need = -(-length // self.block) - len(table)
         if need > len(self.free):
-            self._grow(max(self.capacity, need - len(self.free)))
+            grow = max(self.capacity, need - len(self.free))
+            self._grow(grow if self.max_blocks is None else min(grow, self.max_blocks - self.capacity))
         for _ in range(need):
             table.append(self.free.pop())
         return table

@@ -60,6 +60,7 @@ from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine
 from fanlora.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fanlora.serving.metrics import ServerMetrics
+from fanlora.serving.paged import block_bytes, default_cache_mb
 from fanlora.serving.scheduler import Closing, Job, QueueFull, Scheduler
 from fanlora.setting import Setting
 
@@ -199,6 +200,13 @@ def _install_completion_routes(app: FastAPI, tenants: Tenants, limits: Limits) -
                 f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context "
                 f"limit of {context} tokens",
             )
+        kv = getattr(scheduler, "max_positions", None)
+        if kv is not None and len(ids) + req.max_tokens > kv:
+            raise ApiError(
+                400,
+                f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) would need more KV cache than this "
+                f"server's --kv-cache-mb holds ({kv} positions): send a shorter prompt or fewer max_tokens",
+            )
         if req.num_beams > 1 and req.stream:
             raise ApiError(400, "beam search cannot stream: drop stream or num_beams")
         if req.num_beams > 1 and req.ignore_eos:
@@ -245,12 +253,15 @@ def create_app(
     if limits.scheduler == "batch":
         scheduler = Scheduler(engine, limits.max_queue, limits.max_batch)
     else:
+        mb = limits.kv_cache_mb if limits.kv_cache_mb is not None else default_cache_mb()
+        per_block = block_bytes(engine.model.config, next(engine.model.parameters()).dtype)
         scheduler = ContinuousScheduler(
             engine,
             limits.max_queue,
             limits.max_batch,
             limits.max_batched_tokens,
             prefix_cache_mb=limits.prefix_cache_mb,
+            kv_blocks=max(1, int(mb * 2**20 // per_block)),
         )
     tenants = Tenants(engine, scheduler, adapter_dir)
     scheduler.metrics = metrics = ServerMetrics(scheduler, engine)
@@ -369,6 +380,18 @@ def check_serve_options(host: str, port: int, api_key: str | None, limits: Limit
         )
 
 
+def _kv_said(scheduler: Scheduler | ContinuousScheduler) -> str:
+    positions = getattr(scheduler, "max_positions", None)
+    if positions is None:
+        return "unbounded (batch scheduler)"
+    mb = (
+        scheduler.kv_blocks
+        * block_bytes(scheduler.engine.model.config, next(scheduler.engine.model.parameters()).dtype)
+        / 2**20
+    )
+    return f"{mb:.0f} MiB = {positions} token positions (--kv-cache-mb)"
+
+
 def load_engine(s: Setting, backbone: str | None, max_rank: int) -> Engine:
     """The backbone the setting was made for (or ``backbone``), loaded with the setting's own module map — so a
     backbone that needs a map (GPT-2's packed Conv1D, OPT) serves without one on the command line."""
@@ -410,7 +433,7 @@ def serve(
     bound = sock.getsockname()[1]
     print(
         f"serving on http://{host}:{bound}/v1 (models: {', '.join(app.state.known())}; torch threads {team} of "
-        f"{threads.available_cpus()} CPUs available)",
+        f"{threads.available_cpus()} CPUs available; KV cache {_kv_said(app.state.scheduler)})",
         flush=True,
     )
     config = uvicorn.Config(app, log_level="warning", http=TimedH11, timeout_graceful_shutdown=10)
