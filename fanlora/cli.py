@@ -206,6 +206,20 @@ def _serving_parsers(sub: Any) -> None:
         "largest loaded rank, so one huge-rank adapter would slow every tenant",
     )
     p.add_argument(
+        "--max-loras",
+        type=int,
+        default=16,
+        help="adapters resident in the engine's slots at once (as vLLM's); a request for another waits for the "
+        "least recently used idle one to be evicted (default 16)",
+    )
+    p.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=32,
+        help="parsed adapters kept in host memory, least recently used out, so an evicted adapter comes back "
+        "without reading its folder again (as vLLM's; default 32, 0: none)",
+    )
+    p.add_argument(
         "--drain-seconds",
         type=float,
         default=30.0,

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError
 from fanlora.generate import Decoding
-from fanlora.serving import continuous, multilora
+from fanlora.serving import multilora
+from fanlora.serving import sampling as sampling_module
 from fanlora.serving.adapters import read_adapter
 from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine
@@ -93,14 +94,14 @@ def test_a_row_whose_sampling_fails_ends_alone(world, monkeypatch):
     expected = [alone(engine, lambda j=j: job(engine, "The capital of France is" if j.adapter == "alpha" else "Hi",
                                                j.adapter, sampling)).text for j in mine]  # fmt: skip
     bad = job(engine, "Count with me: one, two,", "alpha", sampling)
-    real = continuous.sample
+    real = sampling_module.sample
 
     def failing(logits, row):
         if row.job is bad:
             raise RuntimeError("invalid multinomial distribution (sum of probabilities <= 0)")
         return real(logits, row)
 
-    monkeypatch.setattr(continuous, "sample", failing)
+    monkeypatch.setattr(sampling_module, "sample", failing)
     run(ContinuousScheduler(engine, start=False), {0: [mine[0], bad, mine[1]]})
     assert bad.reason == "sampling failed for this request (its next-token scores were not finite)"
     assert [j.text for j in mine] == expected and all(j.reason in ("stop", "length") for j in mine)

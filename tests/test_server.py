@@ -237,6 +237,7 @@ def test_metrics_are_scraped_in_prometheus_format_and_count_requests_per_tenant(
     assert after["fanlora_requests_waiting"] == 0 and after["fanlora_requests_running"] == 0
     assert after["fanlora_kv_blocks[state=free]"] + after["fanlora_kv_blocks[state=used]"] > 0
     assert after["fanlora_adapters_resident"] >= 1 and after["fanlora_adapter_loads_total"] >= 1
-    assert "fanlora_preemptions_total" in after
+    assert "fanlora_preemptions_total" in after and "fanlora_adapter_evictions_total" in after
+    assert after["fanlora_adapters_host"] >= 1  # the parsed adapters kept for a reload
     with pytest.raises(Exception, match="401"):
         scrape(url, key=None)  # behind the API key, like every route but /health

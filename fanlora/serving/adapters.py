@@ -146,3 +146,34 @@ def _pattern(pattern: dict[str, float], module: str, default: float) -> float:
         if module == key or module.endswith("." + key):
             return value
     return default
+
+
+class HostCache:
+    """Parsed adapters kept in host memory (`fanlora serve --max-cpu-loras`, as vLLM's), least recently used
+    out, so an adapter evicted from the engine's slots comes back without reading and checking its folder again.
+    An entry is valid for the weights file it was read from (path, size, modification time): a folder rewritten
+    on disk is read again. Used only from the engine's thread."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(0, size)
+        self.items: dict[str, tuple[tuple, LoadedAdapter]] = {}
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple:
+        st = (Path(path) / "adapter_model.safetensors").stat()
+        return str(path), st.st_size, st.st_mtime_ns
+
+    def take(self, name: str, path: Path) -> LoadedAdapter | None:
+        entry = self.items.pop(name, None)
+        try:
+            return entry[1] if entry is not None and entry[0] == self._stamp(path) else None
+        except OSError:
+            return None
+
+    def keep(self, name: str, path: Path, adapter: LoadedAdapter) -> None:
+        if not self.size:
+            return
+        self.items.pop(name, None)
+        self.items[name] = (self._stamp(path), adapter)
+        while len(self.items) > self.size:
+            self.items.pop(next(iter(self.items)))

@@ -26,6 +26,8 @@ class Limits(BaseModel):
     max_batched_tokens: int = 256  # continuous only: tokens per forward (decoding rows first, then fair prefill)
     prefix_cache_mb: float = 64.0  # continuous only: prompt-prefix KV kept per adapter load (0: off)
     max_lora_rank: int = 64  # adapters of a higher rank are refused (400)
+    max_loras: int = 16  # adapters resident in the engine's slots; the least recently used idle one is evicted
+    max_cpu_loras: int = 32  # parsed adapters kept in host memory (0: none), least recently used out
     drain_seconds: float = 30.0  # on SIGTERM: how long running requests may take to finish
     kv_cache_mb: float | None = None  # continuous only: the paged KV pool's bound; None: an eighth of the RAM
     threads: int | None = None  # torch's team; None: FANLORA_THREADS, OMP_NUM_THREADS or serve's default
@@ -37,6 +39,7 @@ class Limits(BaseModel):
             ("--max-queue", self.max_queue),
             ("--max-batch", self.max_batch),
             ("--max-lora-rank", self.max_lora_rank),
+            ("--max-loras", self.max_loras),
         ):
             if value < 1:
                 raise UserError(f"{flag} {value} must be ≥ 1")
@@ -47,6 +50,8 @@ class Limits(BaseModel):
             )
         if not 0 <= self.prefix_cache_mb <= 1_000_000:
             raise UserError(f"--prefix-cache-mb {self.prefix_cache_mb} must be between 0 (off) and 1000000")
+        if self.max_cpu_loras < 0:
+            raise UserError(f"--max-cpu-loras {self.max_cpu_loras} must be ≥ 0 (0: keep no parsed adapter)")
         if self.kv_cache_mb is not None and not 0 < self.kv_cache_mb <= 10_000_000:
             raise UserError(f"--kv-cache-mb {self.kv_cache_mb} must be a positive number of MiB")
         if not 0 <= self.drain_seconds <= 3600:

@@ -40,14 +40,13 @@ import traceback
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from fanlora.serving import fairness
 from fanlora.serving.engine import Engine
 from fanlora.serving.paged import PagedKV
 from fanlora.serving.prefix import PrefixCache
-from fanlora.serving.scheduler import Admission, Job, QueueFull, accept, flush, run_batch
+from fanlora.serving.sampling import ROW_FAILED, generator_for, pick, take
+from fanlora.serving.scheduler import Admission, Job, QueueFull, flush, run_batch
 
 __all__ = ["ContinuousScheduler", "QueueFull"]
 
@@ -68,59 +67,6 @@ class _Row:
     @property
     def prefilling(self) -> bool:
         return self.length < len(self.context)
-
-
-def _generator(job: Job) -> torch.Generator | None:
-    if job.decoding.strategy != "sampling":
-        return None
-    g = torch.Generator()
-    g.manual_seed(job.decoding.seed)
-    return g
-
-
-def sample(logits: torch.Tensor, row: _Row) -> int:
-    """One seeded sample from one row's logits [1, vocab]; ValueError when they give no distribution."""
-    d = row.job.decoding
-    scores = TemperatureLogitsWarper(d.temperature)(None, logits.float())
-    if d.top_p < 1.0:
-        scores = TopPLogitsWarper(d.top_p)(None, scores)
-    probs = F.softmax(scores, dim=-1)
-    if not torch.isfinite(probs).all() or not probs.sum() > 0:
-        raise ValueError("the next-token distribution is not finite")
-    return int(torch.multinomial(probs, 1, generator=row.generator))
-
-
-def pick(logits: torch.Tensor, rows: list[_Row]) -> list[int | None]:
-    """The next token of each row from its last-position logits [rows, vocab]: argmax, or a seeded sample.
-
-    A row whose logits or sampling fail gets None and is ended alone by the caller: one request's numbers
-    never fail its neighbours in the batch."""
-    greedy = logits.argmax(-1).tolist()
-    out: list[int | None] = []
-    for i, row in enumerate(rows):
-        if not torch.isfinite(logits[i]).all():
-            out.append(None)
-        elif row.generator is None:
-            out.append(greedy[i])
-        else:
-            try:
-                out.append(sample(logits[i : i + 1], row))
-            except (ValueError, RuntimeError):
-                out.append(None)
-    return out
-
-
-ROW_FAILED = "error"  # a job's ``finished`` when its own row failed: it already got its error event
-
-
-def take(job: Job, token: int | None, tokenizer: object) -> None:
-    """Hand ``token`` to ``job``, or end the job alone when its row failed."""
-    if token is None:
-        if not job.finished and not job.cancelled:
-            job.emit("error", "sampling failed for this request (its next-token scores were not finite)")
-            job.finished = ROW_FAILED
-        return
-    accept(job, token, tokenizer, tokenizer.eos_token_id)
 
 
 class ContinuousScheduler(Admission):
@@ -252,7 +198,7 @@ class ContinuousScheduler(Admission):
                 break
             del self.new[i]
             self._dequeued(job)
-            row = _Row(job, generator=_generator(job))
+            row = _Row(job, generator=generator_for(job))
             if self.prefix is not None:
                 n, keys, values = self.prefix.lookup(self.engine.slot_key(job.slot), job.prompt_ids)
                 if n:

@@ -23,6 +23,7 @@ replaces the old one only when complete; a mixed batch never lets one tenant's f
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,10 @@ from fanlora.serving.multilora import MultiLoRALinear, Rows
 from fanlora.setting import Setting
 
 
+class SlotsBusy(RuntimeError):
+    """Every one of ``max_loras`` slots holds an adapter a running request uses: wait for a release, retry."""
+
+
 class Engine:
     """The backbone model with the setting's modules wrapped; adapters by name."""
 
@@ -48,9 +53,10 @@ class Engine:
         setting: Setting,
         identity: dict[str, Any],
         max_rank: int = DEFAULT_MAX_RANK,
+        max_loras: int | None = None,
     ) -> None:
         self.model, self.tokenizer, self.setting, self.identity = model.eval(), tokenizer, setting, identity
-        self.max_rank = max_rank
+        self.max_rank, self.max_loras = max_rank, max_loras
         self.rows = Rows()
         self.modules: dict[str, MultiLoRALinear] = {}
         for name in setting.modules:
@@ -75,11 +81,21 @@ class Engine:
         self.loads = 0  # adapters written so far: a slot's load number tells one load from the next
         self.slot_load: dict[int, int] = {}  # slot → the load number of the adapter written there
         self.book = threading.Lock()  # guards slots/pins/retired; never held during a forward pass
+        self.released = threading.Condition()  # notified when a pin is released (a slot may be evictable now)
+        self.used: dict[str, float] = {}  # adapter name → when a request last pinned it (LRU eviction)
+        self.evictions = 0
+        if max_loras is not None and self.modules:  # every slot made once: a load writes one slot in place
+            for wrapped in self.modules.values():
+                wrapped.A = wrapped.A.new_zeros(max_loras + 2, wrapped.A.shape[1], wrapped.A.shape[2])
+                wrapped.B = wrapped.B.new_zeros(max_loras + 2, wrapped.B.shape[1], wrapped.B.shape[2])
+                wrapped.refresh()  # max_loras resident + the bare backbone's slot 0 + one for a reload
 
     @classmethod
-    def from_backbone(cls, backbone: Any, setting: Setting, max_rank: int = DEFAULT_MAX_RANK) -> Engine:
+    def from_backbone(
+        cls, backbone: Any, setting: Setting, max_rank: int = DEFAULT_MAX_RANK, max_loras: int | None = None
+    ) -> Engine:
         setting.validate(backbone)
-        return cls(backbone.model, backbone.tokenizer, setting, backbone.identity, max_rank)
+        return cls(backbone.model, backbone.tokenizer, setting, backbone.identity, max_rank, max_loras)
 
     # --- adapters -------------------------------------------------------------------------------------------
     @property
@@ -122,8 +138,14 @@ class Engine:
         the stacks swaps tensors): the server runs it on the engine's thread between two steps
         (``Admission.on_engine``).
         """
-        adapter = read_adapter(path, self.max_rank)
+        self.install(name, read_adapter(path, self.max_rank))
+
+    def install(self, name: str, adapter: LoadedAdapter) -> None:
+        """:meth:`load` of an adapter already read (the server's host cache keeps parsed adapters). With
+        ``max_loras`` adapters resident, the least recently used one that no request holds is evicted first;
+        :class:`SlotsBusy` when every one is held."""
         self.check(adapter)
+        self._evict_for(name)
         self.compact()
         with self.book:
             slot = self._free_slot()
@@ -139,7 +161,7 @@ class Engine:
                     r = a.shape[0]
                     wrapped.A[slot, :, :r] = a.T.to(wrapped.A.dtype)
                     wrapped.B[slot, :r] = b.T.to(wrapped.B.dtype)
-                wrapped.refresh()
+                wrapped.refresh(slot)
         except BaseException:
             with self.book:
                 self._reclaim(slot)
@@ -150,7 +172,8 @@ class Engine:
             self.loads += 1
             self.slot_load[slot] = self.loads
             old = self.slots.get(name)
-            self.slots[name], self.paths[name] = slot, Path(path)
+            self.slots[name], self.paths[name] = slot, Path(adapter.path)
+            self.used.setdefault(name, 0.0)
             if old is not None:
                 self.retired.add(old)
                 self._reclaim(old)
@@ -162,6 +185,7 @@ class Engine:
             if slot is None:
                 raise UserError(f"no adapter {name!r} is loaded: loaded are {', '.join(self.adapters) or 'none'}")
             self.paths.pop(name)
+            self.used.pop(name, None)
             self.retired.add(slot)
             self._reclaim(slot)
         self.compact()
@@ -172,6 +196,7 @@ class Engine:
             slot = self.slot_of(name)
             if slot:
                 self.pins[slot] = self.pins.get(slot, 0) + 1
+                self.used[name] = time.monotonic()
             return slot
 
     def release(self, slot: int) -> None:
@@ -180,6 +205,23 @@ class Engine:
         with self.book:
             self.pins[slot] -= 1
             self._reclaim(slot)
+        with self.released:
+            self.released.notify_all()
+
+    def _evict_for(self, name: str) -> None:
+        """Make room for ``name`` under ``max_loras``: unload the least recently used adapter no request holds."""
+        if self.max_loras is None:
+            return
+        with self.book:
+            others = [n for n in self.slots if n != name]
+            if len(others) < self.max_loras:
+                return
+            idle = [n for n in others if not self.pins.get(self.slots[n])]
+            if not idle:
+                raise SlotsBusy(f"all {self.max_loras} adapter slots (--max-loras) are held by running requests")
+            victim = min(idle, key=lambda n: self.used.get(n, 0.0))
+        self.unload(victim)
+        self.evictions += 1
 
     def _reclaim(self, slot: int) -> None:
         """Free a retired slot once no request holds it. Its stacks are cleared (and shrunk) by
@@ -208,7 +250,7 @@ class Engine:
         rank = max([self.slot_rank.get(s, 1) for s in held] + [1])
         if not self.modules or rank >= self.rank:
             return
-        slots = max(held | {0}) + 1
+        slots = max(max(held | {0}) + 1, (self.max_loras or 0) + 2)  # preallocated slots stay
         for wrapped in self.modules.values():
             wrapped.A = wrapped.A[:slots, :, :rank].contiguous()
             wrapped.B = wrapped.B[:slots, :rank].contiguous()

@@ -3,7 +3,8 @@
 What an operator of a shared service watches (vLLM exports the same kinds under ``vllm:``): requests per
 tenant and how they ended, time to first token and whole-request latency per tenant (histograms), tokens per
 forward, and — read at scrape time from the scheduler and the engine, so nothing is counted twice — requests
-waiting, rows running, KV blocks used and free, preemptions, adapters resident, adapter loads.
+waiting, rows running, KV blocks used and free, preemptions, adapters resident and in host memory, adapter loads
+and evictions.
 
 Each app has its own ``CollectorRegistry`` (tests build many apps in one process; the default global registry
 would refuse the second). Observations come from the engine thread (a finished job, a forward); scrapes read
@@ -28,8 +29,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class _Live(Collector):
     """Gauges read from the scheduler and engine at scrape time."""
 
-    def __init__(self, scheduler: Any, engine: Any) -> None:
-        self.scheduler, self.engine = scheduler, engine
+    def __init__(self, scheduler: Any, engine: Any, host: Any = None) -> None:
+        self.scheduler, self.engine, self.host = scheduler, engine, host
 
     def collect(self) -> Iterator[Any]:
         s = self.scheduler
@@ -47,12 +48,18 @@ class _Live(Collector):
         )
         resident = len(self.engine.adapters)
         yield GaugeMetricFamily("fanlora_adapters_resident", "Adapters in the engine's slots", value=resident)
+        evicted = getattr(self.engine, "evictions", 0)
+        yield CounterMetricFamily("fanlora_adapter_evictions", "Adapters evicted for --max-loras", value=evicted)
+        if self.host is not None:
+            yield GaugeMetricFamily(
+                "fanlora_adapters_host", "Parsed adapters in host memory", value=len(self.host.items)
+            )
 
 
 class ServerMetrics:
     """The app's metrics; :meth:`finished` and :meth:`forward` are called by the scheduler's engine thread."""
 
-    def __init__(self, scheduler: Any, engine: Any) -> None:
+    def __init__(self, scheduler: Any, engine: Any, host: Any = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("fanlora_requests", "Requests ended, by model and how", ["model", "finish"], registry=r)
@@ -62,7 +69,7 @@ class ServerMetrics:
                                  registry=r)  # fmt: skip
         self.tokens = Histogram("fanlora_batched_tokens", "Tokens per forward", buckets=TOKEN_BUCKETS, registry=r)
         self.loads = Counter("fanlora_adapter_loads", "Adapters read from disk into a slot", registry=r)
-        r.register(_Live(scheduler, engine))
+        r.register(_Live(scheduler, engine, host))
 
     def finished(self, job: Any, now: float) -> None:
         model = job.adapter or BASE

@@ -122,9 +122,14 @@ class MultiLoRALinear(nn.Module):
         y.view(-1, self.out_features).addmm_((x2 @ a).masked_fill_(mask, 0.0), b)
         return y
 
-    def refresh(self) -> None:
+    def refresh(self, slot: int | None = None) -> None:
         """Lay the adapters' stacks (slot 0, the bare backbone, is all zeros: left out) side by side for the
-        stacked mixed path; called whenever ``A`` or ``B`` change."""
+        stacked mixed path; called whenever ``A`` or ``B`` change — with ``slot``, only that slot was written
+        (a load: its columns are copied in place, so a load costs the same however many adapters are loaded)."""
         slots, _, rank = self.A.shape
+        if slot is not None and slot > 0 and self.Af.shape[1] == (slots - 1) * rank:
+            self.Af[:, (slot - 1) * rank : slot * rank] = self.A[slot]
+            self.Bf[(slot - 1) * rank : slot * rank] = self.B[slot]
+            return
         self.Af = self.A[1:].permute(1, 0, 2).reshape(self.in_features, (slots - 1) * rank).contiguous()
         self.Bf = self.B[1:].reshape((slots - 1) * rank, self.out_features).contiguous()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import re
 import threading
 import time
 import traceback
@@ -62,64 +61,8 @@ from fanlora.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fanlora.serving.metrics import ServerMetrics
 from fanlora.serving.paged import block_bytes, default_cache_mb
 from fanlora.serving.scheduler import Closing, Job, QueueFull, Scheduler
+from fanlora.serving.tenants import Tenants
 from fanlora.setting import Setting
-
-BASE = "base"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class Tenants:
-    """The adapters a server can serve: names confined to ``--adapter-dir``, loaded on first use, pinned per
-    request. Every method here may block (disk, the scheduler's lock): call them from a worker thread."""
-
-    def __init__(
-        self, engine: Engine, scheduler: Scheduler | ContinuousScheduler, adapter_dir: str | Path | None
-    ) -> None:
-        self.engine, self.scheduler = engine, scheduler
-        self.root = Path(adapter_dir).resolve() if adapter_dir else None
-
-    def known(self) -> list[str]:
-        root = self.root
-        on_disk = sorted(p.name for p in root.iterdir() if p.is_dir() and NAME.match(p.name)) if root else []
-        return sorted({BASE, *self.engine.adapters, *on_disk})
-
-    def path(self, name: str) -> Path:
-        unknown = ApiError(
-            404, f"unknown model {name!r}: known models are {', '.join(self.known())}", "not_found_error"
-        )
-        if not NAME.match(name) or self.root is None:
-            raise unknown
-        path = (self.root / name).resolve()
-        if not path.is_relative_to(self.root) or not path.is_dir():
-            raise unknown
-        return path
-
-    def load(self, name: str, path: Path) -> None:
-        try:
-            self.scheduler.on_engine(lambda: self.engine.load(name, path))  # between steps: the stacks may grow
-        except UserError as exc:
-            raise ApiError(400, f"adapter {name!r} refused: {exc}") from None
-        if self.scheduler.metrics is not None:
-            self.scheduler.metrics.loads.inc()
-
-    def unload(self, name: str) -> None:
-        try:
-            self.scheduler.on_engine(lambda: self.engine.unload(name))
-        except UserError:
-            raise ApiError(404, f"adapter {name!r} is not loaded", "not_found_error") from None
-
-    def admit(self, name: str) -> tuple[str | None, int]:
-        """(adapter, pinned slot) for a request's model, loading the adapter on first use."""
-        if name == BASE:
-            return None, 0
-        for _ in range(3):  # an unload may slip in between the load and the pin: load again
-            if name not in self.engine.adapters:
-                self.load(name, self.path(name))
-            try:
-                return name, self.engine.acquire(name)
-            except UserError:
-                continue
-        raise ApiError(503, f"adapter {name!r} is being loaded and unloaded concurrently: retry", "server_error")
 
 
 def _install_guards(app: FastAPI, api_key: str | None, limits: Limits) -> None:
@@ -159,6 +102,12 @@ def _install_adapter_routes(app: FastAPI, tenants: Tenants) -> None:
     async def models():
         names = await asyncio.to_thread(tenants.known)
         return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fanlora"} for m in names]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        if model_id not in await asyncio.to_thread(tenants.known):
+            raise ApiError(404, f"unknown model {model_id!r}: GET /v1/models lists them", "not_found_error")
+        return {"id": model_id, "object": "model", "owned_by": "fanlora"}
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: AdapterRequest):
@@ -263,11 +212,11 @@ def create_app(
             prefix_cache_mb=limits.prefix_cache_mb,
             kv_blocks=max(1, int(mb * 2**20 // per_block)),
         )
-    tenants = Tenants(engine, scheduler, adapter_dir)
-    scheduler.metrics = metrics = ServerMetrics(scheduler, engine)
+    tenants = Tenants(engine, scheduler, adapter_dir, limits.max_cpu_loras)
+    scheduler.metrics = metrics = ServerMetrics(scheduler, engine, tenants.host)
     app = FastAPI(title="fanlora", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.engine, app.state.known = scheduler, engine, tenants.known
-    app.state.metrics = metrics
+    app.state.metrics, app.state.tenants = metrics, tenants
 
     @app.get("/metrics")
     async def prometheus() -> Response:  # reads attributes only: never waits for the engine
@@ -392,11 +341,11 @@ def _kv_said(scheduler: Scheduler | ContinuousScheduler) -> str:
     return f"{mb:.0f} MiB = {positions} token positions (--kv-cache-mb)"
 
 
-def load_engine(s: Setting, backbone: str | None, max_rank: int) -> Engine:
+def load_engine(s: Setting, backbone: str | None, max_rank: int, max_loras: int | None = None) -> Engine:
     """The backbone the setting was made for (or ``backbone``), loaded with the setting's own module map — so a
     backbone that needs a map (GPT-2's packed Conv1D, OPT) serves without one on the command line."""
     model = load_backbone(backbone or s.backbone.get("source", "embedded"), module_map=dict(s.module_paths))
-    return Engine.from_backbone(model, s, max_rank)
+    return Engine.from_backbone(model, s, max_rank, max_loras)
 
 
 def serve(
@@ -419,7 +368,7 @@ def serve(
     # Loaded on a thread that then exits, so that its OpenMP team goes with it: after this, torch runs on the
     # engine's thread only (why: Admission.on_engine).
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fanlora-load") as pool:
-        engine = pool.submit(load_engine, s, backbone, limits.max_lora_rank).result()
+        engine = pool.submit(load_engine, s, backbone, limits.max_lora_rank, limits.max_loras).result()
     app = create_app(engine, adapter_dir, api_key, limits)
     import socket
 
