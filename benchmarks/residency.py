@@ -94,8 +94,9 @@ def main() -> None:
         print(text, flush=True)
         report.append(text)
 
+    top = sum(zipf.count(n) for n in names[:16]) / len(zipf)
     say(f"{args.adapters} adapters of {size / 2**20:.2f} MiB; zipf {args.zipf}: {len(set(zipf))} distinct of "
-        f"{len(zipf)} requests drawn, top 16 carry {sum(zipf.count(n) for n in names[:16]) / len(zipf):.0%}")  # fmt: skip
+        f"{len(zipf)} requests drawn, the top 16 carry {top:.0%}")  # fmt: skip
     body = {"ignore_eos": True}
     fan = [sys.executable, "-m", "fanlora", "serve", "--setting", args.setting, "--adapter-dir", str(root), *FLAGS]
     with contextlib.ExitStack() as stack:
