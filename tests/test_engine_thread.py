@@ -21,7 +21,7 @@ def test_adapter_loads_and_unloads_run_on_the_engine_thread(tmp_path, tiny_llama
     make_adapter(tmp_path / "misfit", tiny_llama, setting_for(backbone, kinds=("Q", "D")), 4, 8, 9)
     engine = Engine.from_backbone(backbone, setting)
     seen: list[str] = []
-    for name in ("load", "unload"):
+    for name in ("install", "unload"):  # install: what a load by name runs once the folder is read
         original = getattr(engine, name)
 
         def record(*args, _original=original, **kwargs):

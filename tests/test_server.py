@@ -241,3 +241,37 @@ def test_metrics_are_scraped_in_prometheus_format_and_count_requests_per_tenant(
     assert after["fanlora_adapters_host"] >= 1  # the parsed adapters kept for a reload
     with pytest.raises(Exception, match="401"):
         scrape(url, key=None)  # behind the API key, like every route but /health
+
+
+def test_the_sdks_current_fields_are_served(server):
+    url, _ = server
+    c = client(url)
+    hi = [{"role": "user", "content": "Hi"}]
+    out = c.chat.completions.create(model="alpha", messages=hi, max_completion_tokens=3, temperature=0,
+                                    extra_body={"ignore_eos": True})  # fmt: skip
+    assert out.usage.completion_tokens == 3
+    usage, eos = {"include_usage": True}, {"ignore_eos": True}
+    stream = c.chat.completions.create(model="beta", messages=hi, max_tokens=4, temperature=0, stream=True,
+                                       stream_options=usage, extra_body=eos)  # fmt: skip
+    chunks = list(stream)
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 4
+    assert last.usage.total_tokens == last.usage.prompt_tokens + 4 and all(ch.usage is None for ch in chunks[:-1])
+    parts = [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Very brief."}]
+    new = [{"role": "developer", "content": parts}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    old = [{"role": "system", "content": "Be brief.\nVery brief."}, {"role": "user", "content": "Hi"}]
+    answers = [c.chat.completions.create(model="alpha", max_tokens=5, temperature=0, messages=m) for m in (new, old)]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+
+
+def test_bad_chat_content_is_a_400_naming_the_problem(server):
+    url, _ = server
+    surrogate = b'{"model": "base", "messages": [{"role": "user", "content": "x\\udfff"}]}'
+    status, body = call(url, "/v1/chat/completions", surrogate)
+    assert status == 400 and "surrogate" in body["error"]["message"]
+    image = {"model": "base", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
+    status, body = call(url, "/v1/chat/completions", image)
+    assert status == 400 and "image_url" in body["error"]["message"]
+    no_stream = {"model": "base", "prompt": "Hi", "stream_options": {"include_usage": True}}
+    status, body = call(url, "/v1/completions", no_stream)
+    assert status == 400 and "stream_options" in body["error"]["message"]

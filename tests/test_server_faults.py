@@ -82,14 +82,14 @@ def health(port: int, timeout: float = 5) -> int:
 def test_loading_an_adapter_never_blocks_the_event_loop(world, monkeypatch):
     engine, port = world["engine"], world["port"]
     started, finish = threading.Event(), threading.Event()
-    real_load = engine.load
+    real_install = engine.install
 
-    def slow_load(name, path):  # an adapter that takes long to read from disk
+    def slow_install(name, adapter):  # an adapter that takes long to load
         started.set()
         assert finish.wait(WAIT)
-        real_load(name, path)
+        real_install(name, adapter)
 
-    monkeypatch.setattr(engine, "load", slow_load)
+    monkeypatch.setattr(engine, "install", slow_install)
     thread, box = in_thread(post, port, "/v1/load_lora_adapter", {"lora_name": "beta"})
     assert started.wait(WAIT)
     try:

@@ -75,10 +75,24 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "function_call": (None, "none", "auto"),
     "parallel_tool_calls": (None, True, False),
     "response_format": (None, {"type": "text"}),
-    "stream_options": (None, {}),
 }
 IGNORED = ("user", "metadata", "store")  # accepted: they never change an answer
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # as OpenAI: up to 4 stop sequences
+
+
+def _unicode(text: str) -> str:
+    """Refuse text that is not valid Unicode (a lone surrogate such as "\\udfff" in JSON): a 400, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone surrogate (not valid Unicode): send UTF-8 text") from None
+    return text
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False  # OpenAI's: one more chunk before [DONE] with the usage and no choices
 
 
 class SamplingRequest(BaseModel):
@@ -86,6 +100,8 @@ class SamplingRequest(BaseModel):
 
     model: str
     max_tokens: int = Field(16, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's current name for max_tokens: wins if both
+    stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = False
@@ -94,6 +110,14 @@ class SamplingRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)
     num_beams: int = Field(1, ge=1, le=8)  # extension (vLLM had use_beam_search): beam search, answered whole
     ignore_eos: bool = False  # extension (vLLM's): decode max_tokens tokens, EOS or not (equal work in benchmarks)
+
+    @model_validator(mode="after")
+    def _aliases(self) -> SamplingRequest:
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
 
     @model_validator(mode="after")
     def _known_fields(self) -> SamplingRequest:
@@ -120,13 +144,48 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     prompt: str = Field(min_length=1)
 
+    _valid = field_validator("prompt")(_unicode)
+
+
+class TextPart(BaseModel):
+    """One part of a chat message's content given as a list (what LangChain and the current SDKs send)."""
+
+    model_config = ConfigDict(extra="allow")  # an image part's fields: refused by its type, with the reason
+
+    type: str
+    text: str = ""
+
+    @model_validator(mode="after")
+    def _text_only(self) -> TextPart:
+        if self.type != "text":
+            raise ValueError(f"content part of type {self.type!r} is not supported: fanlora serves text only")
+        _unicode(self.text)
+        return self
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
+    content: str | list[TextPart]
     name: str | None = None  # OpenAI's participant name: accepted, not rendered
+
+    _valid = field_validator("content")(lambda v: _unicode(v) if isinstance(v, str) else v)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, value: Any) -> Any:
+        """Name a non-text part before the union's own errors (which would only say "not a string")."""
+        for part in value if isinstance(value, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"content part of type {kind!r} is not supported: fanlora serves text only")
+        return value
+
+    def rendered(self) -> dict[str, str]:
+        """As the chat template wants it: developer as system, text parts joined by newlines (as vLLM)."""
+        text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class ChatRequest(SamplingRequest):
@@ -277,7 +336,9 @@ async def whole_answer(
     }
 
 
-async def stream_answer(job: Job, rid: str, model: str, chat: bool):
+async def stream_answer(job: Job, rid: str, model: str, chat: bool, usage_of: int | None = None):
+    """Server-sent events as OpenAI's; with ``usage_of`` (the prompt's tokens: stream_options.include_usage) a
+    last chunk with the usage and no choices comes before [DONE]."""
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(delta: str | None, reason: str | None, first: bool = False) -> str:
@@ -304,6 +365,18 @@ async def stream_answer(job: Job, rid: str, model: str, chat: bool):
             else:
                 yield chunk(None, value)
                 break
+        if usage_of is not None:
+            n = len(job.tokens)
+            usage = {"prompt_tokens": usage_of, "completion_tokens": n, "total_tokens": usage_of + n}
+            body = {
+                "id": rid,
+                "object": obj,
+                "created": int(time.time()),
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
+            yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
     finally:  # the client went away (or the stream ended): its row stops at the next decoding step
         job.cancelled = True

@@ -177,7 +177,9 @@ def _install_completion_routes(app: FastAPI, tenants: Tenants, limits: Limits) -
             raise ApiError(503, "the server is at capacity (request queue full): retry later", "server_error") from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if req.stream:
-            return StreamingResponse(stream_answer(job, rid, req.model, chat), media_type="text/event-stream")
+            usage = len(ids) if req.stream_options is not None and req.stream_options.include_usage else None
+            answer = stream_answer(job, rid, req.model, chat, usage)
+            return StreamingResponse(answer, media_type="text/event-stream")
         return await whole_answer(job, rid, req.model, chat, len(ids), request)
 
     @app.post("/v1/completions")
@@ -186,7 +188,7 @@ def _install_completion_routes(app: FastAPI, tenants: Tenants, limits: Limits) -
         return await run(req, ids, False, request)
 
     def chat_ids(messages: list[ChatMessage]) -> list[int]:
-        text = render(engine.tokenizer, [m.model_dump(exclude={"name"}) for m in messages], generation_prompt=True)
+        text = render(engine.tokenizer, [m.rendered() for m in messages], generation_prompt=True)
         return prompt_ids(engine.tokenizer, text)
 
     @app.post("/v1/chat/completions")
