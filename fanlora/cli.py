@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fanlora import __version__, commands, dist, threads
+from fanlora import __version__, commands, dist
 from fanlora.config import R1, cli_flags
 from fanlora.errors import UserError
 
@@ -176,7 +176,7 @@ def _task_parsers(sub: Any) -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request")
 
 
-def _serving_parsers(sub: Any) -> None:
+def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible server: one backbone, many FanLoRA adapters, mixed batches")
     p.set_defaults(func=commands.serve)
     p.add_argument("--setting", required=True, help="the backbone's setting.json (every adapter must match it)")
@@ -255,6 +255,10 @@ def _serving_parsers(sub: Any) -> None:
         help="continuous: tokens per forward (vLLM's name; --prefill-chunk is the old one): each decoding row's "
         "next token, then prompt tokens shared fairly across tenants (adapters) and their prompts",
     )
+
+
+def _serving_parsers(sub: Any) -> None:
+    _serve_parser(sub)
 
     p = sub.add_parser("bench", help="Table 3 on this machine: decode speed and memory of FanLoRA vs baselines")
     p.set_defaults(func=commands.bench)
@@ -360,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         if args.command != "serve":  # serve sizes its team itself, after checking its flags
-            threads.configure()
+            dist.configure_threads()
         return run(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -7,7 +7,7 @@ import os
 import pytest
 from conftest import fail
 
-from fanlora import threads
+from fanlora import dist as threads
 from fanlora.errors import UserError
 
 
@@ -33,18 +33,18 @@ def test_a_cgroup_v1_quota_and_the_affinity_mask(tmp_path, monkeypatch):
 def test_flag_then_variables_then_the_machine(monkeypatch):
     monkeypatch.delenv("FANLORA_THREADS", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert threads.choose() == 3 and threads.choose(5) == 5
+    assert threads.choose_threads() == 3 and threads.choose_threads(5) == 5
     monkeypatch.setenv("FANLORA_THREADS", "2")
-    assert threads.choose() == 2
+    assert threads.choose_threads() == 2
     monkeypatch.setenv("FANLORA_THREADS", "two")
     with pytest.raises(UserError, match="FANLORA_THREADS='two'"):
-        threads.choose()
+        threads.choose_threads()
     with pytest.raises(UserError, match="--threads 0"):
-        threads.choose(0)
+        threads.choose_threads(0)
     monkeypatch.delenv("FANLORA_THREADS")
     monkeypatch.delenv("OMP_NUM_THREADS")
-    monkeypatch.setattr(threads, "SERVE_DEFAULT", 1)
-    assert threads.choose(serve=True) == 1 and threads.choose() == threads.available_cpus()
+    monkeypatch.setattr(threads, "SERVE_THREADS", 1)
+    assert threads.choose_threads(serve=True) == 1 and threads.choose_threads() == threads.available_cpus()
 
 
 def test_serve_refuses_a_bad_thread_count_with_one_line(tmp_path, capsys):

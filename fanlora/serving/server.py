@@ -36,7 +36,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from fanlora import threads
+from fanlora import dist
 from fanlora.backbone import load_backbone
 from fanlora.data.instruct import render
 from fanlora.errors import UserError
@@ -361,7 +361,7 @@ def serve(
 ) -> None:
     """Load the backbone, wrap the setting's modules, and serve until interrupted (adapters load on first use)."""
     check_serve_options(host, port, api_key, limits)
-    team = threads.configure(limits.threads, serve=True)  # before any torch work: the engine thread inherits it
+    team = dist.configure_threads(limits.threads, serve=True)  # before any torch work: the engine thread inherits it
     s = Setting.read(setting)
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise UserError(
@@ -384,7 +384,7 @@ def serve(
     bound = sock.getsockname()[1]
     print(
         f"serving on http://{host}:{bound}/v1 (models: {', '.join(app.state.known())}; torch threads {team} of "
-        f"{threads.available_cpus()} CPUs available; KV cache {_kv_said(app.state.scheduler)})",
+        f"{dist.available_cpus()} CPUs available; KV cache {_kv_said(app.state.scheduler)})",
         flush=True,
     )
     config = uvicorn.Config(app, log_level="warning", http=TimedH11, timeout_graceful_shutdown=10)
