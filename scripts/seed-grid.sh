@@ -58,7 +58,14 @@ case $grid in
     # `r1: budget` sizes every variant to the demo's AB setting at rank 12 (993,024 parameters): give the
     # grid the demo's exact AB-scores behind the study's settings rather than re-scoring a re-run stage a
     # (15 min, and a re-run may keep a module differently). The new scorers read this checkout's stage a.
-    mkdir -p runs/demo && [ -f runs/demo/scores.json ] || cp "$scores" runs/demo/scores.json ;;
+    mkdir -p runs/demo && [ -f runs/demo/scores.json ] || cp "$scores" runs/demo/scores.json
+    # the settings the new scorers made (results/placement/scores/; lora-drop's from the stage a re-run on
+    # 2026-12-07) and every cell already published: a later checkout continues with exactly these
+    for v in plop grad-norm lora-drop o-only; do
+      [ -f "results/placement/settings/$v.json" ] && copy_setting "$v" placement
+    done
+    for cell in results/placement/cells/*/; do [ -d "$cell" ] && copy_cell "$(basename "$cell")" placement; done
+    true ;;
   *) echo "no seeding recipe for $grid: give decisive, decisive-gsm8k, decisive-pilot or placement" >&2; exit 2 ;;
 esac
 echo "seeded $out: $(ls "$out/settings" | grep -vc rank) settings, $(ls "$out/cells" | wc -l) cells"
