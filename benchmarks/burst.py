@@ -13,7 +13,8 @@ shuffled order and its reverse each round (``balanced_rounds``):
 
 Prints every TTFT, the per-round ratio burst ÷ idle with a 95 % t-interval over rounds, and a RESULT line
 (``burst_ttft_s``: the geometric mean TTFT behind the burst; the goal is ≤ 2 s, against 38–41 s when the
-prefill budget was spent first come, first served).
+prefill budget was spent first come, first served) and the server's RSS after the warm-up and idle after all
+bursts (the goal: within 10 %).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import openai
 from peer import serving
+from residency import server_rss
 
 from fanlora.latency.timing import balanced_rounds, per_round_ratios, ratio_interval, save_random_adapter
 from fanlora.setting import Setting
@@ -97,14 +99,19 @@ def main() -> None:
             say(f"burst B ttft {t:.3f} s")
             return t
 
+        rss = {"start": server_rss(url)}
         times = balanced_rounds({"idle": idle, "burst": burst}, args.rounds)
+        rss["after"] = server_rss(url)  # idle again: the KV pool that grew for the bursts is dropped
     r = per_round_ratios(times, "burst", "idle")
     ci = ratio_interval(r)
     mean_burst = ratio_interval(times["burst"])  # geometric mean of the per-round TTFTs
     say(f"TTFT behind the burst / idle: {ci['mean']:.2f} [{ci['low']:.2f}, {ci['high']:.2f}] per round "
         f"{', '.join(f'{x:.2f}' for x in r)}")  # fmt: skip
+    growth = rss["after"] / rss["start"]
+    say(f"server RSS: {rss['start']:.0f} MiB after the warm-up, {rss['after']:.0f} MiB idle after the bursts "
+        f"({growth:.3f}x)")  # fmt: skip
     say(f"RESULT burst_ttft_s={mean_burst['mean']:.3f} idle_ttft_s={ratio_interval(times['idle'])['mean']:.3f} "
-        f"burst_vs_idle={ci['mean']:.2f} rounds={args.rounds}")  # fmt: skip
+        f"burst_vs_idle={ci['mean']:.2f} rss_after_vs_start={growth:.3f} rounds={args.rounds}")  # fmt: skip
     if args.out:
         Path(args.out).write_text("\n".join(report) + "\n")
 
