@@ -43,7 +43,7 @@ import torch
 
 from fanlora.serving import fairness
 from fanlora.serving.engine import Engine
-from fanlora.serving.paged import PagedKV
+from fanlora.serving.paged import PagedKV, give_back_memory
 from fanlora.serving.prefix import PrefixCache
 from fanlora.serving.sampling import ROW_FAILED, generator_for, pick, take
 from fanlora.serving.scheduler import Admission, Job, QueueFull, flush, run_batch
@@ -346,6 +346,7 @@ class ContinuousScheduler(Admission):
         self.rows = [r for r in self.rows if r not in gone]
         if not self.rows and not self.paused and self.kv.capacity > PagedKV().capacity:  # idle: memory goes back
             self.kv = self._pool()
+            give_back_memory()
 
     def _pool(self) -> PagedKV:
         return PagedKV(max_blocks=self.kv_blocks)

@@ -34,6 +34,18 @@ def block_bytes(config: Any, dtype: torch.dtype, block: int = 16) -> int:
     return 2 * text.num_hidden_layers * heads * head_dim * block * torch.finfo(dtype).bits // 8
 
 
+def give_back_memory() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps them: after a large block is freed its mmap threshold
+    rises, later pools come from the heap, and a dropped pool's pages stay in the RSS (measured: +30 % RSS idle
+    after bursts, ``benchmarks/results/burst.txt``). ``malloc_trim(0)`` releases them; elsewhere this does nothing."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
 def default_cache_mb() -> float:
     """`fanlora serve`'s --kv-cache-mb when not given: an eighth of the machine's memory."""
     import psutil
