@@ -45,7 +45,8 @@ from fanlora.generate import Decoding, prompt_ids
 from fanlora.latency.timing import save_random_adapter, spread
 from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine
-from fanlora.serving.scheduler import Job, Scheduler
+from fanlora.serving.jobs import Job
+from fanlora.serving.scheduler import BatchScheduler
 from fanlora.setting import Setting
 
 PROMPTS = [
@@ -175,7 +176,7 @@ def main() -> None:
     for i, name in enumerate(TENANTS[:-1]):
         engine.load(name, save_random_adapter(source, setting, work / name, seed=i))
     schedulers = {
-        "batch": Scheduler(engine, max_queue=10_000, max_batch=args.max_batch),
+        "batch": BatchScheduler(engine, max_queue=10_000, max_batch=args.max_batch),
         "continuous": ContinuousScheduler(engine, max_queue=10_000, max_batch=args.max_batch),
     }
     if args.prefix_cache_mb > 0:

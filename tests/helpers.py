@@ -21,7 +21,7 @@ from fanlora.scoring.journal import Journal
 from fanlora.scoring.study import Study, assemble, compute
 from fanlora.scoring.table import ScoreTable
 from fanlora.serving.continuous import ContinuousScheduler
-from fanlora.serving.scheduler import Job
+from fanlora.serving.jobs import Job
 
 WAIT = 30  # seconds: an upper bound on any wait, never a sleep
 KEY = "secret-key"  # the API key the server tests start their servers with

@@ -12,8 +12,8 @@ from fanlora.backbone import load_backbone
 from fanlora.generate import Decoding
 from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine
+from fanlora.serving.jobs import QueueFull
 from fanlora.serving.paged import PagedKV
-from fanlora.serving.scheduler import QueueFull
 
 PROMPTS = [
     "Once upon a time",

@@ -12,7 +12,8 @@ from helpers import KEY, call, make_adapter, serve_in_thread, setting_for
 from fanlora.backbone import load_backbone
 from fanlora.generate import Decoding
 from fanlora.serving.engine import Engine
-from fanlora.serving.scheduler import Job, Scheduler
+from fanlora.serving.jobs import Job
+from fanlora.serving.scheduler import BatchScheduler
 from fanlora.serving.server import Limits, create_app
 
 
@@ -135,7 +136,7 @@ def test_a_cancelled_row_stops_at_the_next_step_and_the_others_continue(server):
     import asyncio
 
     _, app = server
-    scheduler, tok = Scheduler(app.state.engine), app.state.engine.tokenizer  # the batch path (--scheduler batch)
+    scheduler, tok = BatchScheduler(app.state.engine), app.state.engine.tokenizer  # the batch path (--scheduler batch)
 
     class Leaving(Job):
         def emit(self, kind, value):  # the client goes away right after its first token

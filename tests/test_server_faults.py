@@ -21,7 +21,8 @@ from fanlora.errors import UserError
 from fanlora.generate import Decoding
 from fanlora.serving import api as server_module
 from fanlora.serving.engine import Engine
-from fanlora.serving.scheduler import Job, QueueFull, Scheduler
+from fanlora.serving.jobs import Job, QueueFull
+from fanlora.serving.scheduler import BatchScheduler
 from fanlora.serving.server import Limits, check_serve_options, create_app
 
 
@@ -175,7 +176,7 @@ def test_unloading_an_adapter_fails_no_admitted_request(world):
 def test_max_queue_bounds_queued_and_held_requests(world, tiny_llama):
     engine = Engine.from_backbone(load_backbone(str(tiny_llama)), world["engine"].setting)
     gate = Gate(engine.model)
-    scheduler = Scheduler(engine, max_queue=2, max_batch=1)
+    scheduler = BatchScheduler(engine, max_queue=2, max_batch=1)
     loop = asyncio.new_event_loop()
     ids = engine.tokenizer("Hello", add_special_tokens=False)["input_ids"]
 
@@ -206,7 +207,7 @@ def test_max_queue_bounds_queued_and_held_requests(world, tiny_llama):
         assert j.done.wait(WAIT) and j.seen[-1][0] == "done"
     loop.close()
     with pytest.raises(ValueError):
-        Scheduler(engine, max_queue=0)
+        BatchScheduler(engine, max_queue=0)
 
 
 def test_a_chunked_body_is_capped_as_it_arrives(world):
@@ -277,7 +278,7 @@ def test_the_scheduler_is_continuous_by_default_and_batch_on_request(world):
 
     engine = world["engine"]
     assert isinstance(create_app(engine, None).state.scheduler, ContinuousScheduler)
-    assert type(create_app(engine, None, limits=Limits(scheduler="batch")).state.scheduler) is Scheduler
+    assert type(create_app(engine, None, limits=Limits(scheduler="batch")).state.scheduler) is BatchScheduler
 
 
 def test_a_request_that_could_never_fit_the_kv_cache_is_a_400_naming_the_flag(world, tmp_path, capsys):

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fanlora.errors import UserError
-from fanlora.serving.scheduler import Job
+from fanlora.serving.jobs import Job
 
 
 class Limits(BaseModel):

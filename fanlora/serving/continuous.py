@@ -35,7 +35,6 @@ between two iterations, and the decoding rows wait for it.
 from __future__ import annotations
 
 import queue
-import threading
 import traceback
 from dataclasses import dataclass
 
@@ -43,10 +42,11 @@ import torch
 
 from fanlora.serving import fairness
 from fanlora.serving.engine import Engine
+from fanlora.serving.jobs import Admission, Job, QueueFull, flush
 from fanlora.serving.paged import PagedKV, give_back_memory
 from fanlora.serving.prefix import PrefixCache
 from fanlora.serving.sampling import ROW_FAILED, generator_for, pick, take
-from fanlora.serving.scheduler import Admission, Job, QueueFull, flush, run_batch
+from fanlora.serving.scheduler import run_batch
 
 __all__ = ["ContinuousScheduler", "QueueFull"]
 
@@ -70,7 +70,7 @@ class _Row:
 
 
 class ContinuousScheduler(Admission):
-    """The server's default scheduler; same surface as :class:`fanlora.serving.scheduler.Scheduler`."""
+    """The server's default scheduler; the surface of :class:`fanlora.serving.jobs.Scheduler`."""
 
     def __init__(
         self,
@@ -90,14 +90,9 @@ class ContinuousScheduler(Admission):
                 f"max_queue ({max_queue}), max_batch ({max_batch}) must be ≥ 1, max_batched_tokens "
                 f"({max_batched_tokens}) > max_batch, prefix_cache_mb ≥ 0"
             )
-        self.engine, self.max_queue, self.max_batch = engine, max_queue, max_batch
-        self.max_batched_tokens = max_batched_tokens
+        self._admission(engine, max_queue)
+        self.max_batch, self.max_batched_tokens = max_batch, max_batched_tokens
         self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
-        self.queue: queue.Queue[Job | None] = queue.Queue()  # None: a wake-up for a call
-        self.calls: queue.Queue = queue.Queue()  # (fn, future): work for the engine thread (on_engine)
-        self.lock = threading.Lock()  # held for one iteration: adapter loads happen between steps
-        self.waiting = 0  # admitted, not yet decoding (bounded by max_queue)
-        self._count = threading.Lock()
         self.kv_blocks = kv_blocks
         self.kv = self._pool()
         #: the most positions one request may hold (prompt + max_tokens): more could never fit (400)
@@ -105,14 +100,10 @@ class ContinuousScheduler(Admission):
         self.paused: list[_Row] = []  # decoding rows preempted for KV space: they rejoin first, recomputed
         self.rows: list[_Row] = []  # prefilling or decoding, in arrival order
         self.new: list[Job] = []  # taken from the queue, waiting for a row
-        self.running = True
-        self.batches = 0  # packed forwards run
         self.peak_rows = 0  # the most rows in one forward
         self.positions = 0  # token positions computed, summed over forwards
-        self.cancelled = 0
-        self.preempted = 0  # prefilling rows given back to the queue so that a tenant holding no row gets one
+        self.preempted = 0  # rows given back to the waiting list: for a tenant holding no row, or for KV space
         self.device = next(engine.model.parameters()).device
-        self.thread = threading.Thread(target=self._work, name="fanlora-engine", daemon=True)
         if start:
             self.thread.start()
 

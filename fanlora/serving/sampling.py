@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from fanlora.serving.scheduler import Job, accept
+from fanlora.serving.jobs import Job, accept
 
 
 def generator_for(job: Job) -> torch.Generator | None:

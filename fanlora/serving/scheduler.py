@@ -5,7 +5,8 @@ each row on its own adapter. ``transformers`` does the decoding; two small hooks
 a streamer that hands each row's new token to its request as it is produced, and a per-row stopping criterion
 that ends a row at its own ``max_tokens``, at a stop string, or as soon as its client has gone (its slot in
 the batch stops costing anything but padding, and a finished batch frees the worker for the next one).
-Beam search cannot stream in HF; beam requests are answered whole.
+Beam search cannot stream in HF; beam requests are answered whole. What both schedulers share — jobs, their
+bounded admission, the engine thread's calls — is :mod:`fanlora.serving.jobs`.
 
 ``max_queue`` bounds every request admitted but not yet decoding — in the queue or held back because its
 sampling settings differ from the running batch's — so a full server answers 503 instead of growing a list.
@@ -15,97 +16,17 @@ fails another tenant's row in the same batch, nor its own already-admitted reque
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import queue
-import threading
-import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from fanlora.generate import Decoding, cut
+from fanlora.generate import cut
 from fanlora.serving.engine import Engine
-
-
-class QueueFull(Exception):
-    """The bounded queue is full: the server answers 503."""
-
-
-class Closing(QueueFull):
-    """The server is draining for shutdown: it admits nothing more (503)."""
-
-
-@dataclass
-class Job:
-    prompt_ids: list[int]
-    adapter: str | None
-    decoding: Decoding
-    max_tokens: int
-    stop: list[str]
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("text", delta) … ("done", reason) | ("error", msg)
-    tokens: list[int] = field(default_factory=list)
-    sent: str = ""
-    finished: str | None = None  # "stop" | "length" once the row is done
-    cancelled: bool = False  # the client went away
-    started: float = field(default_factory=time.monotonic)
-    slot: int = 0  # the engine slot pinned for this job at admission (0: the bare backbone)
-    ignore_eos: bool = False  # EOS does not end the job: it decodes max_tokens tokens (or up to a stop string)
-    first_token: float | None = None  # monotonic time of its first token (time to first token, /metrics)
-
-    def key(self) -> tuple:
-        d = self.decoding
-        return (
-            d.strategy,
-            d.temperature,
-            d.top_p,
-            d.num_beams,
-            d.seed if d.strategy == "sampling" else 0,
-            self.ignore_eos,  # one generate() call stops rows at EOS for all its rows or for none
-        )
-
-    def emit(self, kind: str, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-
-
-def accept(job: Job, token: int, tokenizer: Any, eos: int | None) -> None:
-    """One new token for ``job``: end it at EOS, a stop string or ``max_tokens``; send its text delta.
-
-    Both schedulers call this for every decoded token, so a request's stream is the same whichever runs it.
-    """
-    if job.finished or job.cancelled:
-        return
-    if token == eos and not job.ignore_eos:
-        job.finished = "stop"
-        return
-    job.tokens.append(token)
-    if job.first_token is None:
-        job.first_token = time.monotonic()
-    text = tokenizer.decode(job.tokens, skip_special_tokens=True)
-    if job.stop and any(s in text for s in job.stop):
-        text, job.finished = cut(text, job.stop), "stop"
-    elif len(job.tokens) >= job.max_tokens:
-        job.finished = "length"
-    if text.endswith("\ufffd") and not job.finished:  # half of a multi-byte character: wait
-        return
-    if len(text) > len(job.sent):
-        job.emit("text", text[len(job.sent) :])
-        job.sent = text
-
-
-def flush(job: Job, tokenizer: Any) -> None:
-    """Send what the stream held back (half a multi-byte character at the end), then the finish reason."""
-    full = cut(tokenizer.decode(job.tokens, skip_special_tokens=True), job.stop)
-    if len(full) > len(job.sent):
-        job.emit("text", full[len(job.sent) :])
-        job.sent = full
-    job.emit("done", job.finished or ("length" if len(job.tokens) >= job.max_tokens else "stop"))
+from fanlora.serving.jobs import Admission, Job, accept, flush
 
 
 class _Streamer(BaseStreamer):
@@ -137,111 +58,15 @@ class _RowsDone(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-T = TypeVar("T")
+class BatchScheduler(Admission):
+    """``--scheduler batch``: one ``generate`` call per batch of requests with equal sampling settings."""
 
-
-class Admission:
-    """What both schedulers share: the bounded admission of pinned jobs, their release once done, and the
-    engine thread's calls.
-
-    Subclasses set ``engine``, ``queue``, ``max_queue``, ``waiting``, ``_count``, ``running``, ``cancelled``,
-    ``lock``, ``thread`` and ``calls``; their worker runs :meth:`_run_calls` under ``lock`` between two steps and
-    skips the ``None`` that :meth:`on_engine` puts in ``queue`` to wake it.
-    """
-
-    closed = False  # set by close(): nothing more is admitted
-    metrics: Any = None  # a fanlora.serving.metrics.ServerMetrics, told of every finished job and forward
-    abort_reason: str | None = None  # set by abort_all(): every job still admitted ends with this reason
-
-    def submit(self, job: Job) -> None:
-        """Admit ``job`` (its slot already pinned) or raise QueueFull; a refused job's pin is released."""
-        with self._count:
-            closed = self.closed
-            full = self.waiting >= self.max_queue
-            if not full and not closed:
-                self.waiting += 1
-        if closed or full:
-            self.engine.release(job.slot)
-            raise Closing if closed else QueueFull
-        self.queue.put_nowait(job)
-
-    def stop(self) -> None:
-        self.running = False
-
-    def on_engine(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` (an adapter load or unload) on the engine's thread between two steps; its result or its
-        exception come back here. Without a running worker (tests drive ``iterate`` themselves) it runs here,
-        under ``lock``.
-
-        Why not under ``lock`` in the caller's thread, as before: every thread that runs a multi-threaded torch
-        op keeps an OpenMP team of its own; with more of them than CPUs a forward's hundreds of small parallel
-        regions get slower (likely libgomp's throttled spinning: it stops spinning once it manages more threads
-        than CPUs, so each region waits for a wake-up). Measured (2 cores, 8 clients, four adapters on the AB
-        setting; docs/measured.md, "One thread for torch"): with the backbone set up on the main thread and
-        adapter loads on a worker thread, a decoding forward took 134 ms on base and 8 % more with the adapters;
-        with no torch team but the engine thread's, 91 ms and 1 % more."""
-        if threading.current_thread() is self.thread:
-            return fn()  # already between two steps, holding the lock
-        if not self.thread.is_alive():
-            with self.lock:
-                return fn()
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        self.calls.put((fn, done))
-        self.queue.put_nowait(None)  # wakes a worker waiting for a job
-        while True:
-            try:
-                return done.result(timeout=0.5)
-            except concurrent.futures.TimeoutError:
-                if not self.thread.is_alive() and done.cancel():  # the worker stopped before taking it
-                    with self.lock:
-                        return fn()
-
-    def _run_calls(self) -> None:
-        while True:
-            try:
-                fn, done = self.calls.get_nowait()
-            except queue.Empty:
-                return
-            if not done.set_running_or_notify_cancel():  # its caller ran it itself (the worker had stopped)
-                continue
-            try:
-                done.set_result(fn())
-            except BaseException as exc:  # the caller gets it; the engine thread goes on
-                done.set_exception(exc)
-
-    def close(self) -> None:
-        """Admit nothing more (a drain for shutdown has begun); admitted jobs go on."""
-        with self._count:
-            self.closed = True
-
-    def busy(self) -> bool:
-        """Whether any admitted job has not finished yet."""
-        return self.waiting > 0 or bool(self.current)
-
-    def _finish(self, job: Job) -> None:
-        """Every admitted job passes here exactly once: its slot pin is released."""
-        if job.cancelled:
-            self.cancelled += 1
-        self.engine.release(job.slot)
-        if self.metrics is not None:
-            self.metrics.finished(job, time.monotonic())
-
-
-class Scheduler(Admission):
     def __init__(self, engine: Engine, max_queue: int = 64, max_batch: int = 16) -> None:
         if max_queue < 1 or max_batch < 1:
             raise ValueError(f"max_queue ({max_queue}) and max_batch ({max_batch}) must be ≥ 1")
-        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
-        self.queue: queue.Queue[Job | None] = queue.Queue()  # None: a wake-up for a call
-        self.calls: queue.Queue = queue.Queue()  # (fn, future): work for the engine thread (on_engine)
-        self.lock = threading.Lock()  # adapter loads and batches never overlap
+        self._admission(engine, max_queue)
+        self.max_batch = max_batch
         self.held: list[Job] = []  # taken from the queue but not yet batchable with the current key
-        self.waiting = 0  # admitted, not yet decoding: in the queue or held (bounded by max_queue)
-        self._count = threading.Lock()
-        self.thread = threading.Thread(target=self._work, name="fanlora-engine", daemon=True)
-        self.running = True
-        self.batches = 0
-        self.cancelled = 0  # jobs whose client left before they finished
         self.current: list[Job] = []  # the batch being decoded
         self.peak_rows = 0  # the most requests decoded together so far
         self.thread.start()

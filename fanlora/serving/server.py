@@ -57,10 +57,11 @@ from fanlora.serving.api import (
 )
 from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine
+from fanlora.serving.jobs import Closing, Job, QueueFull, Scheduler
 from fanlora.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fanlora.serving.metrics import ServerMetrics
 from fanlora.serving.paged import block_bytes, default_cache_mb
-from fanlora.serving.scheduler import Closing, Job, QueueFull, Scheduler
+from fanlora.serving.scheduler import BatchScheduler
 from fanlora.serving.tenants import Tenants
 from fanlora.setting import Setting
 
@@ -202,7 +203,7 @@ def create_app(
     """The server's app over ``engine``: guards, the adapter routes, the completion routes."""
     limits = limits or Limits()
     if limits.scheduler == "batch":
-        scheduler = Scheduler(engine, limits.max_queue, limits.max_batch)
+        scheduler: Scheduler = BatchScheduler(engine, limits.max_queue, limits.max_batch)
     else:
         mb = limits.kv_cache_mb if limits.kv_cache_mb is not None else default_cache_mb()
         per_block = block_bytes(engine.model.config, next(engine.model.parameters()).dtype)
@@ -230,7 +231,7 @@ def create_app(
     return app
 
 
-def drain(scheduler: Scheduler | ContinuousScheduler, seconds: float) -> bool:
+def drain(scheduler: Scheduler, seconds: float) -> bool:
     """Admit nothing more, let admitted requests finish for at most ``seconds``, then end the rest (each gets
     its text so far, finish reason ``abort``, and streams their final chunk and ``[DONE]``). True if all finished."""
     scheduler.close()
@@ -249,7 +250,7 @@ class DrainingServer(uvicorn.Server):
     the process exit 0. uvicorn alone stops at once and cuts streams after its grace period. A second signal
     stops at once."""
 
-    def __init__(self, config: uvicorn.Config, scheduler: Scheduler | ContinuousScheduler, drain_seconds: float):
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, drain_seconds: float):
         super().__init__(config)
         self.scheduler, self.drain_seconds, self.draining = scheduler, drain_seconds, False
 
@@ -331,7 +332,7 @@ def check_serve_options(host: str, port: int, api_key: str | None, limits: Limit
         )
 
 
-def _kv_said(scheduler: Scheduler | ContinuousScheduler) -> str:
+def _kv_said(scheduler: Scheduler) -> str:
     positions = getattr(scheduler, "max_positions", None)
     if positions is None:
         return "unbounded (batch scheduler)"

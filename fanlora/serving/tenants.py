@@ -17,9 +17,8 @@ from pathlib import Path
 from fanlora.errors import UserError
 from fanlora.serving.adapters import HostCache, read_adapter
 from fanlora.serving.api import ApiError
-from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine, SlotsBusy
-from fanlora.serving.scheduler import Scheduler
+from fanlora.serving.jobs import Scheduler
 
 BASE = "base"
 SLOT_WAIT = 120.0  # seconds a request for a non-resident adapter waits for a --max-loras slot before a 503
@@ -33,7 +32,7 @@ class Tenants:
     def __init__(
         self,
         engine: Engine,
-        scheduler: Scheduler | ContinuousScheduler,
+        scheduler: Scheduler,
         adapter_dir: str | Path | None,
         max_cpu_loras: int = 0,
     ) -> None:
