@@ -39,6 +39,18 @@ def _config_flags(p: argparse.ArgumentParser, section: str) -> None:
     for f in cli_flags(section):
         p.add_argument(f.flag, dest=f.dest, type=f.type, choices=f.choices, help=f.help,
                       metavar=None if f.choices else f.key.upper())  # fmt: skip
+        for old in f.deprecated:  # still accepted, with a warning; not in --help
+            p.add_argument(old, dest=f.dest, type=f.type, choices=f.choices, help=argparse.SUPPRESS,
+                          action=_deprecated(old, f.flag))  # fmt: skip
+
+
+def _deprecated(old: str, new: str) -> type[argparse.Action]:
+    class Deprecated(argparse.Action):
+        def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+            print(f"warning: {old} is deprecated here: use {new}", file=sys.stderr, flush=True)
+            setattr(namespace, self.dest, values)
+
+    return Deprecated
 
 
 def _score_options(p: argparse.ArgumentParser) -> None:

@@ -29,10 +29,17 @@ def _scorer_help() -> str:
     return f"stage-b scorer — {scorers.described()}"
 
 
-def flag(name: str, help: str | Callable[[], str], type: Any = None, choices: tuple[str, ...] | None = None) -> dict:
+def flag(
+    name: str,
+    help: str | Callable[[], str],
+    type: Any = None,
+    choices: tuple[str, ...] | None = None,
+    deprecated: tuple[str, ...] = (),
+) -> dict:
     """Field metadata: this config value is also a command-line flag. Its default, range and config key are
-    the field's own; the CLI's option and help text are generated from them (:func:`cli_flags`)."""
-    return {"flag": name, "help": help, "type": type, "choices": choices}
+    the field's own; the CLI's option and help text are generated from them (:func:`cli_flags`). ``deprecated``:
+    old spellings still accepted, each with a warning naming the new one."""
+    return {"flag": name, "help": help, "type": type, "choices": choices, "deprecated": deprecated}
 
 
 @dataclass
@@ -90,7 +97,7 @@ class SearchConfig:
 
 @dataclass
 class ScoreConfig:
-    method: str = field(default="ab-exact", metadata=flag("--method", lambda: _scorer_help()))
+    method: str = field(default="ab-exact", metadata=flag("--scorer", lambda: _scorer_help(), deprecated=("--method",)))
     max_val_examples: Any = None  # int or null: score on the first N val examples (after val_start)
     val_start: int = 0  # skip the first val examples: two disjoint halves give a split-half stability check
     batch_size: int = 8
@@ -346,6 +353,7 @@ class CliFlag:
     type: Any
     choices: tuple[str, ...] | None
     help: str
+    deprecated: tuple[str, ...] = ()
 
     @property
     def dest(self) -> str:
@@ -367,7 +375,7 @@ def cli_flags(section: str) -> list[CliFlag]:
         extra = f", {rule[1]}" if rule and not meta["choices"] else ""
         typ = meta["type"] or (hints[f.name] if hints[f.name] in (int, float, str) else str)
         help_text = f"{text} (default {default}{extra}; config {section}.{f.name})".replace("%", "%%")
-        out.append(CliFlag(section, f.name, meta["flag"], typ, meta["choices"], help_text))
+        out.append(CliFlag(section, f.name, meta["flag"], typ, meta["choices"], help_text, meta.get("deprecated", ())))
     return out
 
 

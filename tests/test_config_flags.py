@@ -30,7 +30,7 @@ def test_a_flag_is_the_same_as_its_override():
     via_set = load_config(None, ["evaluate.num_beams=5", "evaluate.seed=3", "evaluate.top_p=0.5"])
     assert via_flags.to_dict() == via_set.to_dict() != Config().to_dict()
     score = commands.config_for(
-        build_parser().parse_args(["score", "--method", "shapley", "--memory-limit-gb", "1e-9"])
+        build_parser().parse_args(["score", "--scorer", "shapley", "--memory-limit-gb", "1e-9"])
     )
     assert (score.score.method, score.score.memory_limit_gb) == ("shapley", 1e-9)
 

@@ -302,7 +302,7 @@ def test_budget_variants_from_another_scorer_are_sized_to_the_experiments_own_bu
     run = tmp_path / "run"
     assert main(["search", "--config", str(recipe_file), "--run-dir", str(run)]) == 0
     for method in ("ab-exact", "ab-first-order"):
-        assert main(["score", "--run-dir", str(run), "--method", method]) == 0
+        assert main(["score", "--run-dir", str(run), "--scorer", method]) == 0
     scores = json.loads((run / "scores-ab-first-order.json").read_text())
     for entry in scores["scores"]:  # the other scorer prefers the MLP's wider modules
         entry["score"] = 1.0 if entry["kind"] in ("U", "D") else 0.0

@@ -107,7 +107,7 @@ def test_lora_drop_is_the_normalised_lora_output_energy(tiny_llama_3layers, tmp_
 def test_bare_scorers_run_without_stage_a_and_record_their_cost(recipe_file, tmp_path, capsys):
     run = tmp_path / "bare"
     for method in ("plop-nfn", "grad-norm"):
-        assert main(["score", "--config", str(recipe_file), "--run-dir", str(run), "--method", method]) == 0
+        assert main(["score", "--config", str(recipe_file), "--run-dir", str(run), "--scorer", method]) == 0
         data = json.loads((run / f"scores-{method}.json").read_text())
         cost = data["cost"]
         assert cost["needs_stage_a"] is False and cost["cpu_seconds"] > 0 and cost["passes"] >= 1
@@ -118,7 +118,7 @@ def test_bare_scorers_run_without_stage_a_and_record_their_cost(recipe_file, tmp
     kept = json.loads(out.read_text())["kept"]
     assert len({tuple(sorted(v)) for v in kept.values()}) == 1  # PLoP picks types: the same two in every layer
     err = fail(
-        capsys, ["score", "--config", str(recipe_file), "--run-dir", str(tmp_path / "b2"), "--method", "lora-drop"]
+        capsys, ["score", "--config", str(recipe_file), "--run-dir", str(tmp_path / "b2"), "--scorer", "lora-drop"]
     )
     assert "no stage-a adapter" in err
 

@@ -30,7 +30,7 @@ def scores(path) -> dict[str, float]:
 def test_other_methods_write_their_own_file_and_feed_select(searched, method, capsys):
     _, run = searched
     extra = ["--budget", "2"] if method == "shapley" else []
-    assert main(["score", "--run-dir", str(run), "--method", method, *extra]) == 0
+    assert main(["score", "--run-dir", str(run), "--scorer", method, *extra]) == 0
     data = json.loads((run / f"scores-{method}.json").read_text())
     assert data["method"] == method and len(data["scores"]) == 14
     assert not list(run.glob(f"scores-{method}.partial.*"))
@@ -56,7 +56,7 @@ def test_shards_merge_to_the_single_process_scores(searched, tmp_path, capsys):
     merged, single = scores(tmp_path / "merged.json"), scores(run / "scores.json")
     assert max(abs(merged[k] - single[k]) for k in single) < 1e-6
     # a shard of another study (another method) is refused
-    assert main(["score", "--run-dir", str(copy), "--shard", "0/2", "--method", "sensitivity"]) == 0
+    assert main(["score", "--run-dir", str(copy), "--shard", "0/2", "--scorer", "sensitivity"]) == 0
     other = copy / "scores-sensitivity.shard-0-of-2.json"
     err = fail(capsys, ["scores", "merge", str(shards[0]), str(other), "--out", str(tmp_path / "x.json")])
     assert "another study" in err and not (tmp_path / "x.json").exists()
@@ -65,9 +65,9 @@ def test_shards_merge_to_the_single_process_scores(searched, tmp_path, capsys):
 def test_bad_scoring_options(searched, capsys):
     _, run = searched
     assert "at least 1 permutation" in fail(
-        capsys, ["score", "--run-dir", str(run), "--method", "shapley", "--budget", "0"]
+        capsys, ["score", "--run-dir", str(run), "--scorer", "shapley", "--budget", "0"]
     )
-    assert "unknown scoring method" in fail(capsys, ["score", "--run-dir", str(run), "--method", "magic"])
+    assert "unknown scoring method" in fail(capsys, ["score", "--run-dir", str(run), "--scorer", "magic"])
     assert "is not I/N" in fail(capsys, ["score", "--run-dir", str(run), "--shard", "2/2"])
     assert not list(run.glob("scores*.partial.*")) and not list(run.glob("scores-magic*"))
 
@@ -85,7 +85,7 @@ def test_no_response_tokens_is_refused(searched, tmp_path):
 
 def test_compare_prints_the_matrices(searched, tmp_path, capsys):
     _, run = searched
-    assert main(["score", "--run-dir", str(run), "--method", "sensitivity"]) == 0
+    assert main(["score", "--run-dir", str(run), "--scorer", "sensitivity"]) == 0
     capsys.readouterr()
     out = tmp_path / "cmp.json"
     assert (
@@ -110,7 +110,7 @@ def test_stability_over_two_seeds(tmp_path, tiny_llama, capsys):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_llama)))
     argv = ["stability", "--config", str(recipe), "--run-dir", str(tmp_path / "st"), "--seeds", "0", "1"]
-    argv += ["--method", "ab-first-order"]
+    argv += ["--scorer", "ab-first-order"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("RESULT seeds=2 spearman_min=")
@@ -136,7 +136,7 @@ def test_split_half_scores_one_adapter_on_two_disjoint_val_halves(tmp_path, tiny
     recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_llama)))
     run = tmp_path / "sh"
     argv = ["stability", "--config", str(recipe), "--run-dir", str(run), "--seeds", "3", "--split-half"]
-    argv += ["--method", "ab-first-order", "--set", "score.max_val_examples=2"]
+    argv += ["--scorer", "ab-first-order", "--set", "score.max_val_examples=2"]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("RESULT split_half_spearman=")
     halves = [json.loads((run / "seed-3" / f"half-{h}" / "scores-ab-first-order.json").read_text()) for h in (0, 1)]
@@ -157,3 +157,12 @@ def test_a_val_start_past_the_val_set_is_refused(searched, tmp_path):
     (copy / "scores.json").unlink()
     with pytest.raises(UserError, match="skips all"):
         run_score(load_config(str(recipe), ["score.val_start=100000"]), copy, progress=False)
+
+
+def test_score_method_is_a_deprecated_alias_of_scorer(capsys):
+    from fanlora.cli import build_parser
+
+    args = build_parser().parse_args(["score", "--method", "sensitivity"])
+    assert "--method is deprecated here: use --scorer" in capsys.readouterr().err
+    assert args == build_parser().parse_args(["score", "--scorer", "sensitivity"])
+    assert "--method" not in build_parser().format_help()

@@ -47,7 +47,7 @@ def update_norm():
 
 def test_registered_scorer_scores_and_feeds_select(searched_run, tmp_path, update_norm):
     run = copy_run(searched_run[1], tmp_path / "run")
-    assert main(["score", "--run-dir", str(run), "--method", "update-norm"]) == 0
+    assert main(["score", "--run-dir", str(run), "--scorer", "update-norm"]) == 0
     data = json.loads((run / "scores-update-norm.json").read_text())
     assert data["method"] == "update-norm" and len(data["scores"]) == 14
     assert all(r["score"] > 0 for r in data["scores"])  # stage a trained every module away from B = 0

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fanlora.config import MC_FORMATS  # one definition: evaluate.mc_format's values
 from fanlora.data.records import BUNDLED_PREFIX, read_source
 from fanlora.errors import UserError
 from fanlora.registry import Registry
@@ -110,9 +111,6 @@ class Task:
             name = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
             raise UserError(f"{where}: field {key!r} missing or not {name}; fix or remove that line")
         return value
-
-
-MC_FORMATS = ("clean", "lm-eval")
 
 
 class MCTask(Task):
