@@ -46,11 +46,21 @@ def esc(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+def _json(path: Path, strict: bool = True) -> Any:
+    """A run file's JSON object, None when the file is absent. A file that is there but cut short or not a JSON
+    object is refused (``strict``: one error line naming it) — a page built on it would silently show an empty
+    config; a trainer checkpoint's state (``strict=False``) may be cut by a kill and only loses the loss curve."""
+    if not path.is_file():
         return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data, why = None, f"{type(exc).__name__}: {exc}"
+    else:
+        why = "not a JSON object"
+    if isinstance(data, dict) or not strict:
+        return data if isinstance(data, dict) else None
+    raise UserError(f"{path} is unreadable ({why}): restore it, or re-run the stage that writes it")
 
 
 def _color(value: float, bound: float) -> str:
@@ -123,7 +133,7 @@ def stage_a_history(run: Path) -> list[dict[str, Any]]:
         (run / "search" / "checkpoints").glob("checkpoint-*/trainer_state.json"),
         key=lambda p: int(p.parent.name.rsplit("-", 1)[1]),
     )
-    data = _json(states[-1]) if states else None
+    data = _json(states[-1], strict=False) if states else None
     return (data or {}).get("log_history", [])
 
 

@@ -90,3 +90,15 @@ def test_report_renders_in_chromium_without_console_errors(run_with_metrics):
         assert "score" in page.locator("#hover").inner_text() and "(kept)" in page.locator("#hover").inner_text()
         browser.close()
     assert problems == []
+
+
+@pytest.mark.parametrize("name", ["run.json", "search/metrics.json", "copa/fanlora/metrics.json"])
+def test_report_refuses_a_cut_or_junk_run_file_with_one_line(run_with_metrics, tmp_path, capsys, name):
+    run = copy_run(run_with_metrics, tmp_path / "run")
+    (run / "report.html").unlink(missing_ok=True)
+    text = (run / name).read_text()
+    (run / name).write_text(text[: len(text) // 2])  # cut in half, as a full disk or a kill leaves it
+    err = fail(capsys, ["report", str(run)])
+    assert name.split("/")[-1] in err and "unreadable" in err and not (run / "report.html").exists()
+    (run / name).write_text("[1, 2]")  # junk: valid JSON, not an object
+    assert "not a JSON object" in fail(capsys, ["report", str(run)])
