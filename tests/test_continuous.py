@@ -217,29 +217,24 @@ def first_token_step(scheduler, arrivals, watched, limit=400) -> int:
     raise AssertionError("jobs did not finish")
 
 
-def test_one_tenants_long_prompts_do_not_hold_another_tenants_first_token(engine):
+@pytest.mark.parametrize(
+    ("bursting", "max_batch", "budget", "preempted"),
+    [(4, 8, 12, 0), (3, 2, 8, 1)],  # rows to spare: a fair token budget; every row taken: a preemption too
+    ids=["fair-budget", "preempts-a-prompt"],
+)
+def test_one_tenants_long_prompts_do_not_hold_another_tenants_first_token(engine, bursting, max_batch, budget,
+                                                                          preempted):  # fmt: skip
     long_prompt = "A very long prompt " * 20
-    burst = [job(engine, long_prompt, "alpha", max_tokens=4) for _ in range(4)]
+    burst = [job(engine, long_prompt, "alpha", max_tokens=4) for _ in range(bursting)]
     short = job(engine, PROMPTS[4], "beta", max_tokens=4)
-    scheduler = ContinuousScheduler(engine, max_batch=8, max_batched_tokens=12, start=False)
+    scheduler = ContinuousScheduler(engine, max_batch=max_batch, max_batched_tokens=budget, start=False)
     step = first_token_step(scheduler, {0: burst, 1: [short]}, short)
-    assert len(burst[0].prompt_ids) * 4 > 5 * 12  # first come, first served: ≥ 5 iterations of alpha's prompts
+    assert len(burst[0].prompt_ids) * bursting > 5 * budget  # first come, first served: ≥ 5 iterations of alpha's
     assert step == 1  # fair: beta's prompt is prefilled (and its first token sampled) in the iteration it joins
+    assert scheduler.preempted == preempted
     assert short.tokens == alone(engine, lambda: job(engine, PROMPTS[4], "beta", max_tokens=4)).tokens
-    solo = alone(engine, lambda: job(engine, long_prompt, "alpha", max_tokens=4))
-    assert all(j.tokens == solo.tokens for j in burst)
-
-
-def test_a_tenant_holding_no_row_preempts_a_prompt_of_one_holding_all(engine):
-    long_prompt = "A very long prompt " * 20
-    burst = [job(engine, long_prompt, "alpha", max_tokens=4) for _ in range(3)]
-    short = job(engine, PROMPTS[4], "beta", max_tokens=4)
-    scheduler = ContinuousScheduler(engine, max_batch=2, max_batched_tokens=8, start=False)
-    step = first_token_step(scheduler, {0: burst, 1: [short]}, short)
-    assert scheduler.preempted == 1 and step == 1
     solo = alone(engine, lambda: job(engine, long_prompt, "alpha", max_tokens=4))
     assert all(j.tokens == solo.tokens and j.reason == solo.reason for j in burst)  # the preempted one too
-    assert short.tokens == alone(engine, lambda: job(engine, PROMPTS[4], "beta", max_tokens=4)).tokens
     assert scheduler.waiting == 0 and not any(engine.pins.values())
 
 
