@@ -238,7 +238,8 @@ def test_one_tenants_long_prompts_do_not_hold_another_tenants_first_token(engine
     assert scheduler.waiting == 0 and not any(engine.pins.values())
 
 
-def test_a_bounded_kv_pool_preempts_and_recomputes_and_no_answer_changes(engine):
+@pytest.mark.parametrize("budget", [256, 6], ids=["whole-prompts", "replays-over-several-steps"])
+def test_a_bounded_kv_pool_preempts_and_recomputes_and_no_answer_changes(engine, budget):
     sampling = Decoding("sampling", temperature=1.1, top_p=0.95, seed=5)
     specs = [
         (PROMPTS[3], "alpha", None),
@@ -248,7 +249,8 @@ def test_a_bounded_kv_pool_preempts_and_recomputes_and_no_answer_changes(engine)
     ]
     make = [lambda p=p, a=a, d=d: job(engine, p, a, d, max_tokens=40, ignore_eos=True) for p, a, d in specs]
     jobs = [m() for m in make]
-    scheduler = ContinuousScheduler(engine, kv_blocks=6, start=False)  # 96 positions: each fits alone, not all
+    # 96 positions: each fits alone, not all; with a small budget a recomputed row can be preempted mid-replay
+    scheduler = ContinuousScheduler(engine, max_batch=4, max_batched_tokens=budget, kv_blocks=6, start=False)
     assert all(len(j.prompt_ids) + 40 <= scheduler.max_positions for j in jobs)
     assert sum(len(j.prompt_ids) + 40 for j in jobs) > scheduler.max_positions
     run(scheduler, {0: jobs[:2], 3: jobs[2:]})
@@ -274,3 +276,29 @@ def test_an_idle_scheduler_gives_its_grown_kv_pool_back(engine):
             break
     assert max(grown) > 64  # the burst doubled the pool
     assert scheduler.kv.capacity == 64 and not scheduler.kv.keys  # idle: a fresh pool, no tensors held
+
+
+def test_a_row_preempted_again_while_it_replays_recomputes_its_whole_context(engine):
+    def make():
+        return job(engine, PROMPTS[3], "alpha", max_tokens=10, ignore_eos=True)
+
+    mine = make()
+    scheduler = ContinuousScheduler(engine, max_batch=2, max_batched_tokens=4, start=False)
+    scheduler.submit(mine)
+    for _ in range(100):
+        with scheduler.lock:
+            scheduler.iterate()
+        if len(mine.tokens) >= 3:
+            break
+    scheduler._preempt(scheduler.rows[0])  # decoding: it waits whole, to be recomputed
+    with scheduler.lock:
+        scheduler.iterate()  # it rejoins and replays 4 of its tokens
+    row = scheduler.rows[0]
+    assert row.replay is not None and 0 < row.length < len(row.replay)
+    scheduler._preempt(row)  # preempted again mid-replay
+    for _ in range(100):
+        with scheduler.lock:
+            scheduler.iterate()
+        if mine.reason is not None:
+            break
+    assert mine.tokens == alone(engine, make).tokens and len(mine.tokens) == 10

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fanlora.data.instruct import IGNORE
+from fanlora.errors import UserError
 from fanlora.scoring.journal import Journal
 from fanlora.scoring.replay import Batch
 
@@ -113,8 +114,6 @@ def run_lora_out(model: nn.Module, layout: Any, batches: Sequence[Batch], progre
 
 def mean_per_token(entries: dict[str, dict[str, Any]], keys: list[str], n_batches: int) -> dict[str, float]:
     """Σ over batches of the per-module sums, divided by the tokens seen; an incomplete set is refused."""
-    from fanlora.errors import UserError
-
     missing = [f"b{i}" for i in range(n_batches) if f"b{i}" not in entries]
     if missing:
         raise UserError(

@@ -181,7 +181,7 @@ def run_score(cfg: Config, run_dir: str | Path, progress: bool = True) -> ScoreT
     cost = {
         "cpu_seconds": time.process_time() - cpu,
         "passes": job.study.cost(),
-        "needs_stage_a": scorers.get(job.study.method).needs_stage_a,
+        "needs_stage_a": job.study.scorer.needs_stage_a,
     }  # this process's CPU time (a resumed run counts only its last part)
     table.meta = {**job.meta, "minutes": (time.time() - start) / 60, "processes": world, "cost": cost}
     table.write(json_path, json_path.with_suffix(".csv"))

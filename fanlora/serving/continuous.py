@@ -43,7 +43,7 @@ import torch
 from fanlora.serving import fairness
 from fanlora.serving.engine import Engine
 from fanlora.serving.jobs import Admission, Job, QueueFull, flush
-from fanlora.serving.paged import PagedKV, give_back_memory
+from fanlora.serving.paged import INITIAL_BLOCKS, PagedKV, give_back_memory
 from fanlora.serving.prefix import PrefixCache
 from fanlora.serving.sampling import ROW_FAILED, generator_for, pick, take
 from fanlora.serving.scheduler import run_batch
@@ -216,24 +216,14 @@ class ContinuousScheduler(Admission):
         if self.kv_blocks is None:
             return True
         owed = sum(self.kv.missing(r, len(r.context) + 1) for r in self.rows if r.prefilling)
-        return -(-(len(context) + 1) // self.kv.block) <= self.kv.available() - owed
+        return self.kv.blocks_for(len(context) + 1) <= self.kv.available() - owed
 
     def _make_room(self) -> list[tuple[_Row, int, list[int]]]:
         """This forward's segments, after preempting the newest rows until their KV blocks fit the bound (a
         request that could never fit alone was refused at admission, so the oldest row always fits)."""
         segments = self._segments()
         while len(self.rows) > 1 and sum(self.kv.missing(r, p + len(n)) for r, p, n in segments) > self.kv.available():
-            row = self.rows[-1]
-            if row.prefilling and row.replay is None:
-                self._preempt(row)  # nothing sampled yet: its job simply waits again
-            else:  # recompute later: what it fed so far is prefilled again, then it decodes on
-                self.kv.release(row)
-                self.rows.remove(row)
-                row.replay, row.length = (row.job.prompt_ids + row.job.tokens)[: row.length], 0
-                self.paused.insert(0, row)
-                with self._count:
-                    self.waiting += 1
-                self.preempted += 1
+            self._preempt(self.rows[-1])
             segments = self._segments()
         return segments
 
@@ -335,7 +325,7 @@ class ContinuousScheduler(Admission):
             self._finish(job)
             self.kv.release(row)
         self.rows = [r for r in self.rows if r not in gone]
-        if not self.rows and not self.paused and self.kv.capacity > PagedKV().capacity:  # idle: memory goes back
+        if not self.rows and not self.paused and self.kv.capacity > INITIAL_BLOCKS:  # idle: the memory goes back
             self.kv = self._pool()
             give_back_memory()
 
@@ -343,11 +333,18 @@ class ContinuousScheduler(Admission):
         return PagedKV(max_blocks=self.kv_blocks)
 
     def _preempt(self, row: _Row) -> None:
-        """Give a prefilling row's job back to the front of the waiting list; its KV is recomputed on re-join
-        (it has sampled nothing yet, so its answer is unchanged)."""
+        """Take ``row`` out and recompute it later. A prompt that has sampled nothing goes back to the front of
+        the waiting list as a job; a decoding row waits whole (its sampler and tokens kept) and, when it rejoins,
+        what it had fed is prefilled again before it decodes on — so no answer changes."""
         self.kv.release(row)
         self.rows.remove(row)
-        self.new.insert(0, row.job)
+        if row.prefilling and row.replay is None:
+            self.new.insert(0, row.job)
+        else:  # a row preempted again while it is replaying keeps the whole context it must recompute
+            if row.replay is None:
+                row.replay = (row.job.prompt_ids + row.job.tokens)[: row.length]
+            row.length = 0
+            self.paused.insert(0, row)
         with self._count:
             self.waiting += 1
         self.preempted += 1

@@ -35,7 +35,7 @@ class _Live(Collector):
     def collect(self) -> Iterator[Any]:
         s = self.scheduler
         yield GaugeMetricFamily("fanlora_requests_waiting", "Admitted requests not yet decoding", value=s.waiting)
-        rows = len(getattr(s, "rows", None) or getattr(s, "current", []))
+        rows = len(s.current)
         yield GaugeMetricFamily("fanlora_requests_running", "Requests being decoded", value=rows)
         kv = getattr(s, "kv", None)
         if kv is not None:

@@ -53,6 +53,9 @@ def default_cache_mb() -> float:
     return psutil.virtual_memory().total / 8 / 2**20
 
 
+INITIAL_BLOCKS = 64  # a new pool's blocks; it doubles from there as rows need more
+
+
 class KVFull(RuntimeError):
     """The pool is at ``max_blocks`` and has no free block left: the scheduler preempts a row and retries."""
 
@@ -66,7 +69,7 @@ class PagedKV:
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, block: int = 16, blocks: int = 64, max_blocks: int | None = None) -> None:
+    def __init__(self, block: int = 16, blocks: int = INITIAL_BLOCKS, max_blocks: int | None = None) -> None:
         if block < 1 or blocks < 1 or (max_blocks is not None and max_blocks < 1):
             raise ValueError(f"paged KV: block ({block}), blocks ({blocks}) and max_blocks must be ≥ 1")
         blocks = min(blocks, max_blocks) if max_blocks is not None else blocks
@@ -83,9 +86,13 @@ class PagedKV:
         room = float("inf") if self.max_blocks is None else self.max_blocks - self.capacity
         return len(self.free) + room
 
+    def blocks_for(self, length: int) -> int:
+        """Blocks that hold ``length`` positions."""
+        return -(-length // self.block)
+
     def missing(self, row: Hashable, length: int) -> int:
         """Blocks ``row`` still needs to hold ``length`` positions."""
-        return max(0, -(-length // self.block) - len(self.tables.get(row, [])))
+        return max(0, self.blocks_for(length) - len(self.tables.get(row, [])))
 
     def _reserve(self, row: Hashable, length: int) -> list[int]:
         need = self.missing(row, length)

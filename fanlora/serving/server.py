@@ -202,6 +202,7 @@ def create_app(
 ) -> FastAPI:
     """The server's app over ``engine``: guards, the adapter routes, the completion routes."""
     limits = limits or Limits()
+    kv_said = "unbounded (batch scheduler)"
     if limits.scheduler == "batch":
         scheduler: Scheduler = BatchScheduler(engine, limits.max_queue, limits.max_batch)
     else:
@@ -215,11 +216,12 @@ def create_app(
             prefix_cache_mb=limits.prefix_cache_mb,
             kv_blocks=max(1, int(mb * 2**20 // per_block)),
         )
+        kv_said = f"{mb:.0f} MiB = {scheduler.max_positions} token positions (--kv-cache-mb)"
     tenants = Tenants(engine, scheduler, adapter_dir, limits.max_cpu_loras)
     scheduler.metrics = metrics = ServerMetrics(scheduler, engine, tenants.host)
     app = FastAPI(title="fanlora", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.engine, app.state.known = scheduler, engine, tenants.known
-    app.state.metrics, app.state.tenants = metrics, tenants
+    app.state.metrics, app.state.tenants, app.state.kv_said = metrics, tenants, kv_said
 
     @app.get("/metrics")
     async def prometheus() -> Response:  # reads attributes only: never waits for the engine
@@ -332,18 +334,6 @@ def check_serve_options(host: str, port: int, api_key: str | None, limits: Limit
         )
 
 
-def _kv_said(scheduler: Scheduler) -> str:
-    positions = getattr(scheduler, "max_positions", None)
-    if positions is None:
-        return "unbounded (batch scheduler)"
-    mb = (
-        scheduler.kv_blocks
-        * block_bytes(scheduler.engine.model.config, next(scheduler.engine.model.parameters()).dtype)
-        / 2**20
-    )
-    return f"{mb:.0f} MiB = {positions} token positions (--kv-cache-mb)"
-
-
 def load_engine(s: Setting, backbone: str | None, max_rank: int, max_loras: int | None = None) -> Engine:
     """The backbone the setting was made for (or ``backbone``), loaded with the setting's own module map — so a
     backbone that needs a map (GPT-2's packed Conv1D, OPT) serves without one on the command line."""
@@ -385,7 +375,7 @@ def serve(
     bound = sock.getsockname()[1]
     print(
         f"serving on http://{host}:{bound}/v1 (models: {', '.join(app.state.known())}; torch threads {team} of "
-        f"{dist.available_cpus()} CPUs available; KV cache {_kv_said(app.state.scheduler)})",
+        f"{dist.available_cpus()} CPUs available; KV cache {app.state.kv_said})",
         flush=True,
     )
     config = uvicorn.Config(app, log_level="warning", http=TimedH11, timeout_graceful_shutdown=10)
