@@ -165,4 +165,5 @@ def test_score_method_is_a_deprecated_alias_of_scorer(capsys):
     args = build_parser().parse_args(["score", "--method", "sensitivity"])
     assert "--method is deprecated here: use --scorer" in capsys.readouterr().err
     assert args == build_parser().parse_args(["score", "--scorer", "sensitivity"])
-    assert "--method" not in build_parser().format_help()
+    score_help = build_parser()._subparsers._group_actions[0].choices["score"].format_help()
+    assert "--scorer" in score_help and "--method" not in score_help  # the old name is hidden from --help
