@@ -173,7 +173,7 @@ class Engine:
             self.slot_load[slot] = self.loads
             old = self.slots.get(name)
             self.slots[name], self.paths[name] = slot, Path(adapter.path)
-            self.used.setdefault(name, 0.0)
+            self.used[name] = time.monotonic()  # just loaded: not the first to go before its request pins it
             if old is not None:
                 self.retired.add(old)
                 self._reclaim(old)
