@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
-import time
 from typing import Any, Literal
 
-from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fanlora.errors import UserError
-from fanlora.serving.jobs import Job
 
 
 class Limits(BaseModel):
@@ -61,14 +57,9 @@ class Limits(BaseModel):
 #: OpenAI request fields fanlora does not implement, with the values that ask for nothing (what a client that
 #: fills in defaults sends): any other value is a 400 naming the field, never silently ignored.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
     "logit_bias": (None, {}),
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
     "functions": (None, []),
@@ -78,6 +69,9 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 IGNORED = ("user", "metadata", "store")  # accepted: they never change an answer
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # as OpenAI: up to 4 stop sequences
+MAX_N = 16  # samples per prompt (n)
+MAX_LOGPROBS = 20  # alternatives per token (completions' logprobs, chat's top_logprobs), as OpenAI and vLLM
+MAX_PROMPTS = 64  # prompts in one completions request (a list)
 
 
 def _unicode(text: str) -> str:
@@ -99,7 +93,7 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # checked by `_known_fields`: unsupported fields are refused
 
     model: str
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)  # 0 only with echo (completions): the prompt's logprobs, nothing generated
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's current name for max_tokens: wins if both
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -107,7 +101,13 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)  # independent samples; with a seed, sample i uses seed + i
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    top_k: int = Field(0, ge=-1)  # vLLM's (extra_body): -1 or 0 keep every token
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM's
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)  # vLLM's
+    min_tokens: int = Field(0, ge=0)  # vLLM's: no EOS and no stop string before this many tokens
     num_beams: int = Field(1, ge=1, le=8)  # extension (vLLM had use_beam_search): beam search, answered whole
     ignore_eos: bool = False  # extension (vLLM's): decode max_tokens tokens, EOS or not (equal work in benchmarks)
 
@@ -117,7 +117,20 @@ class SamplingRequest(BaseModel):
             self.max_tokens = self.max_completion_tokens
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens {self.min_tokens} is more than max_tokens {self.max_tokens}")
+        if self.num_beams > 1 and self.extras_asked():
+            raise ValueError("beam search takes none of n, logprobs, penalties, top_k, min_p, min_tokens: drop them")
         return self
+
+    def extras_asked(self) -> bool:
+        return (self.n, self.presence_penalty, self.frequency_penalty, self.top_k, self.min_p) != (1, 0, 0, 0, 0) or (
+            self.repetition_penalty != 1.0 or self.min_tokens > 0 or self.logprob_count() is not None
+        )
+
+    def logprob_count(self) -> int | None:
+        """How many alternatives per token the request wants (None: no logprobs)."""
+        return None
 
     @model_validator(mode="after")
     def _known_fields(self) -> SamplingRequest:
@@ -142,9 +155,38 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str = Field(min_length=1)
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, texts, token ids, or lists of token ids
+    echo: bool = False  # the prompt first in each choice's text (and in its logprobs)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # each token's logprob and this many alternatives
 
-    _valid = field_validator("prompt")(_unicode)
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, value: Any) -> list[str] | list[list[int]]:
+        """As a list of prompts: each text (non-empty, valid Unicode) or each list of token ids (non-empty)."""
+        prompts = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else list(value)
+        if not prompts:
+            raise ValueError("the prompt list is empty: send at least one prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request: split it")
+        for p in prompts:
+            if not p:
+                raise ValueError("a prompt is empty: send at least one token of text")
+            if isinstance(p, str):
+                _unicode(p)
+            elif min(p) < 0:
+                raise ValueError("token ids are ≥ 0")
+        return prompts
+
+    @model_validator(mode="after")
+    def _echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 asks for nothing: give max_tokens ≥ 1 (or echo the prompt)")
+        if self.echo and self.stream and self.max_tokens == 0 and self.n > 1:
+            raise ValueError("echo with max_tokens 0 and n > 1 repeats the prompt: send n 1")
+        return self
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -190,6 +232,19 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False  # each generated token's logprob (choices[].logprobs.content)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # and this many alternatives (needs logprobs)
+
+    @model_validator(mode="after")
+    def _chat(self) -> ChatRequest:
+        if self.max_tokens == 0:
+            raise ValueError("max_tokens must be ≥ 1")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class AdapterRequest(BaseModel):
@@ -274,109 +329,3 @@ class Guard:
 
 def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
-
-
-async def collect(job: Job) -> tuple[str, str]:
-    parts = []
-    while True:
-        kind, value = await job.events.get()
-        if kind == "text":
-            parts.append(value)
-        elif kind == "error":
-            raise ApiError(500, value, "server_error")
-        else:
-            return "".join(parts), value
-
-
-async def watch_disconnect(request: Request, job: Job) -> None:
-    """Cancel ``job`` when its (non-streaming) client goes away: nobody would read the answer."""
-    while not job.finished and not job.cancelled:
-        message = await request.receive()  # after the body, the next message is http.disconnect
-        if message["type"] == "http.disconnect":
-            job.cancelled = True
-            return
-
-
-async def whole_answer(
-    job: Job, rid: str, model: str, chat: bool, n_prompt: int, request: Request
-) -> dict[str, Any] | JSONResponse:
-    """The whole answer — or, when the client leaves first, nothing: its job is cancelled and this handler
-    ends at once instead of waiting for events that a dropped job never sends."""
-    watcher = asyncio.create_task(watch_disconnect(request, job))
-    collector = asyncio.create_task(collect(job))
-    try:
-        await asyncio.wait({watcher, collector}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        job.cancelled = True
-        raise
-    finally:
-        watcher.cancel()
-        if not collector.done():
-            collector.cancel()
-    if not collector.done() or collector.cancelled():
-        return error(499, "client closed the request", "client_closed")  # nobody reads it
-    text, reason = collector.result()
-    usage = {
-        "prompt_tokens": n_prompt,
-        "completion_tokens": len(job.tokens),
-        "total_tokens": n_prompt + len(job.tokens),
-    }
-    choice: dict[str, Any] = {"index": 0, "finish_reason": reason}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    return {
-        "id": rid,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": usage,
-    }
-
-
-async def stream_answer(job: Job, rid: str, model: str, chat: bool, usage_of: int | None = None):
-    """Server-sent events as OpenAI's; with ``usage_of`` (the prompt's tokens: stream_options.include_usage) a
-    last chunk with the usage and no choices comes before [DONE]."""
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(delta: str | None, reason: str | None, first: bool = False) -> str:
-        if chat:
-            d: dict[str, Any] = {"role": "assistant"} if first else {}
-            if delta:
-                d["content"] = delta
-            choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": reason}
-        body = {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
-        return f"data: {json.dumps(body)}\n\n"
-
-    try:
-        if chat:
-            yield chunk(None, None, first=True)
-        while True:
-            kind, value = await job.events.get()
-            if kind == "text":
-                yield chunk(value, None)
-            elif kind == "error":
-                yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error', 'code': 500}})}\n\n"
-                break
-            else:
-                yield chunk(None, value)
-                break
-        if usage_of is not None:
-            n = len(job.tokens)
-            usage = {"prompt_tokens": usage_of, "completion_tokens": n, "total_tokens": usage_of + n}
-            body = {
-                "id": rid,
-                "object": obj,
-                "created": int(time.time()),
-                "model": model,
-                "choices": [],
-                "usage": usage,
-            }
-            yield f"data: {json.dumps(body)}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:  # the client went away (or the stream ended): its row stops at the next decoding step
-        job.cancelled = True

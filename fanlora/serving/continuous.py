@@ -255,9 +255,9 @@ class ContinuousScheduler(Admission):
                 self._store(row)
         rows = [segments[i][0] for i in sampled]
         tok = self.engine.tokenizer
-        for row, token in zip(rows, pick(logits, rows), strict=True):
-            row.token = 0 if token is None else token  # a failed row is dropped before it feeds again
-            take(row.job, token, tok)
+        for row, picked in zip(rows, pick(logits, rows, tok.eos_token_id), strict=True):
+            row.token = 0 if picked is None else picked[0]  # a failed row is dropped before it feeds again
+            take(row.job, picked, tok)
 
     def _store(self, row: _Row) -> None:
         prompt, block = row.job.prompt_ids, self.prefix.block

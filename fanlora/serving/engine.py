@@ -199,6 +199,13 @@ class Engine:
                 self.used[name] = time.monotonic()
             return slot
 
+    def pin(self, slot: int) -> int:
+        """One more pin on ``slot``, already pinned by the caller (a request's further choices)."""
+        if slot:
+            with self.book:
+                self.pins[slot] += 1
+        return slot
+
     def release(self, slot: int) -> None:
         if not slot:
             return

@@ -31,6 +31,26 @@ class Closing(QueueFull):
     """The server is draining for shutdown: it admits nothing more (503)."""
 
 
+@dataclass(frozen=True)
+class Extras:
+    """What a request asks beyond :class:`fanlora.generate.Decoding` (the defaults ask for nothing)."""
+
+    top_k: int = 0  # vLLM's: keep the k most likely tokens (0: all)
+    min_p: float = 0.0  # vLLM's: drop tokens below min_p × the most likely one's probability
+    repetition_penalty: float = 1.0  # vLLM's (HF's): divide the logits of prompt and output tokens (>1: fewer)
+    presence_penalty: float = 0.0  # OpenAI's: minus this from the logit of every token already output
+    frequency_penalty: float = 0.0  # OpenAI's: minus this × how often each token was output
+    min_tokens: int = 0  # vLLM's: no EOS and no stop string before this many tokens
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely alternatives
+
+    @property
+    def shapes(self) -> bool:
+        """Whether a greedy row's scores change (the penalties and min_tokens do; the warpers do not)."""
+        return self.repetition_penalty != 1.0 or bool(
+            self.presence_penalty or self.frequency_penalty or self.min_tokens
+        )
+
+
 @dataclass
 class Job:
     prompt_ids: list[int]
@@ -39,7 +59,9 @@ class Job:
     max_tokens: int
     stop: list[str]
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # ("text", delta) … ("done", reason) | ("error", msg)
+    events: asyncio.Queue = field(
+        default_factory=asyncio.Queue
+    )  # ("logprobs", Entry), ("text", delta) … ("done", reason) | ("error", msg)
     tokens: list[int] = field(default_factory=list)
     sent: str = ""
     finished: str | None = None  # "stop" | "length" once the row is done
@@ -48,6 +70,7 @@ class Job:
     slot: int = 0  # the engine slot pinned for this job at admission (0: the bare backbone)
     ignore_eos: bool = False  # EOS does not end the job: it decodes max_tokens tokens (or up to a stop string)
     first_token: float | None = None  # monotonic time of its first token (time to first token, /metrics)
+    extras: Extras = field(default_factory=lambda: Extras())  # penalties, filters, logprobs (sampling.chain)
 
     def key(self) -> tuple:
         d = self.decoding
@@ -58,6 +81,7 @@ class Job:
             d.num_beams,
             d.seed if d.strategy == "sampling" else 0,
             self.ignore_eos,  # one generate() call stops rows at EOS for all its rows or for none
+            self.extras,  # one generate() call runs one processor chain
         )
 
     def emit(self, kind: str, value: Any) -> None:
@@ -71,14 +95,15 @@ def accept(job: Job, token: int, tokenizer: Any, eos: int | None) -> None:
     """
     if job.finished or job.cancelled:
         return
-    if token == eos and not job.ignore_eos:
+    early = len(job.tokens) < job.extras.min_tokens  # EOS is masked then (sampling.chain); stop strings wait too
+    if token == eos and not job.ignore_eos and not early:
         job.finished = "stop"
         return
     job.tokens.append(token)
     if job.first_token is None:
         job.first_token = time.monotonic()
     text = tokenizer.decode(job.tokens, skip_special_tokens=True)
-    if job.stop and any(s in text for s in job.stop):
+    if job.stop and len(job.tokens) >= job.extras.min_tokens and any(s in text for s in job.stop):
         text, job.finished = cut(text, job.stop), "stop"
     elif len(job.tokens) >= job.max_tokens:
         job.finished = "length"

@@ -21,25 +21,32 @@ import traceback
 from typing import Any
 
 import torch
+from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from fanlora.generate import cut
 from fanlora.serving.engine import Engine
-from fanlora.serving.jobs import Admission, Job, accept, flush
+from fanlora.serving.jobs import Admission, Extras, Job, accept, flush
+from fanlora.serving.logprobs import entry
+from fanlora.serving.sampling import Recorder, chain
 
 
 class _Streamer(BaseStreamer):
     """Receives each decoding step's tokens for the whole batch; forwards each row's text delta."""
 
-    def __init__(self, jobs: list[Job], tokenizer: Any, eos: int | None) -> None:
+    def __init__(self, jobs: list[Job], tokenizer: Any, eos: int | None, recorder: Recorder | None = None) -> None:
         self.jobs, self.tok, self.eos, self.prompt_seen = jobs, tokenizer, eos, False
+        self.recorder = recorder  # holds the scores this step's tokens were drawn from (logprobs)
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() first puts the prompt
             self.prompt_seen = True
             return
-        for job, token in zip(self.jobs, value.view(-1).tolist(), strict=True):
+        for row, (job, token) in enumerate(zip(self.jobs, value.view(-1).tolist(), strict=True)):
+            k = job.extras.logprobs
+            if self.recorder is not None and k is not None and not job.finished and not job.cancelled:
+                job.emit("logprobs", entry(self.recorder.scores[row], token, k))
             accept(job, token, self.tok, self.eos)
 
     def end(self) -> None:
@@ -150,7 +157,13 @@ def run_batch(engine: Engine, jobs: list[Job]) -> None:
     if first.strategy == "sampling":
         torch.manual_seed(first.seed)
     beam = first.strategy == "beam"
-    streamer = None if beam else _Streamer(jobs, tok, tok.eos_token_id)
+    recorder = None
+    if not beam and jobs[0].extras != Extras():  # the jobs share their extras (Job.key)
+        recorder = Recorder()
+        if first.strategy == "sampling":  # the chain holds the warpers, in HF's order, before the recorder
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
+        kwargs["logits_processor"] = LogitsProcessorList([*chain(jobs[0], width, tok.eos_token_id), recorder])
+    streamer = None if beam else _Streamer(jobs, tok, tok.eos_token_id, recorder)
     device = next(engine.model.parameters()).device
     with torch.no_grad():
         out = engine.model.generate(

@@ -25,39 +25,31 @@ import concurrent.futures
 import threading
 import time
 import traceback
-import uuid
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fanlora import dist
 from fanlora.backbone import load_backbone
-from fanlora.data.instruct import render
 from fanlora.errors import UserError
-from fanlora.generate import Decoding, prompt_ids
 from fanlora.serving.api import (
     HEADER_TIMEOUT,
     AdapterRequest,
     ApiError,
-    ChatMessage,
-    ChatRequest,
-    CompletionRequest,
     Guard,
     Limits,
-    SamplingRequest,
     error,
-    stream_answer,
-    whole_answer,
 )
+from fanlora.serving.completions import install_completion_routes
 from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine
-from fanlora.serving.jobs import Closing, Job, QueueFull, Scheduler
+from fanlora.serving.jobs import Scheduler
 from fanlora.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fanlora.serving.metrics import ServerMetrics
 from fanlora.serving.paged import block_bytes, default_cache_mb
@@ -124,79 +116,6 @@ def _install_adapter_routes(app: FastAPI, tenants: Tenants) -> None:
         return {"unloaded": body.lora_name}
 
 
-SAMPLING_EPS = 1e-5  # as vLLM: a smaller temperature is greedy (logits / 1e-40 overflow to inf)
-
-
-def _decoding(req: SamplingRequest) -> Decoding:
-    if req.num_beams > 1:
-        return Decoding("beam", num_beams=req.num_beams)
-    if req.temperature < SAMPLING_EPS:
-        return Decoding("greedy")
-    return Decoding("sampling", temperature=req.temperature, top_p=req.top_p, seed=req.seed or 0)
-
-
-def _install_completion_routes(app: FastAPI, tenants: Tenants, limits: Limits) -> None:
-    engine, scheduler = tenants.engine, tenants.scheduler
-    context = getattr(engine.model.config, "max_position_embeddings", 2048)
-
-    def check(req: SamplingRequest, ids: list[int]) -> None:
-        if not ids:
-            raise ApiError(400, "the prompt is empty: send at least one token of text")
-        if req.max_tokens > limits.max_tokens:
-            raise ApiError(400, f"max_tokens {req.max_tokens} is over this server's limit of {limits.max_tokens}")
-        if len(ids) + req.max_tokens > context:
-            raise ApiError(
-                400,
-                f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) exceeds the context "
-                f"limit of {context} tokens",
-            )
-        kv = getattr(scheduler, "max_positions", None)
-        if kv is not None and len(ids) + req.max_tokens > kv:
-            raise ApiError(
-                400,
-                f"prompt ({len(ids)} tokens) + max_tokens ({req.max_tokens}) would need more KV cache than this "
-                f"server's --kv-cache-mb holds ({kv} positions): send a shorter prompt or fewer max_tokens",
-            )
-        if req.num_beams > 1 and req.stream:
-            raise ApiError(400, "beam search cannot stream: drop stream or num_beams")
-        if req.num_beams > 1 and req.ignore_eos:
-            raise ApiError(400, "ignore_eos is not supported with beam search: drop ignore_eos or num_beams")
-
-    async def run(req: SamplingRequest, ids: list[int], chat: bool, request: Request):
-        if scheduler.closed:
-            raise ApiError(503, "the server is shutting down: retry on another replica", "server_error")
-        check(req, ids)
-        adapter, slot = await asyncio.to_thread(tenants.admit, req.model)
-        stop = list(req.stop or [])  # validated: a list of non-empty strings
-        loop = asyncio.get_running_loop()
-        job = Job(ids, adapter, _decoding(req), req.max_tokens, stop, loop, slot=slot, ignore_eos=req.ignore_eos)
-        try:
-            scheduler.submit(job)
-        except Closing:
-            raise ApiError(503, "the server is shutting down: retry on another replica", "server_error") from None
-        except QueueFull:
-            raise ApiError(503, "the server is at capacity (request queue full): retry later", "server_error") from None
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        if req.stream:
-            usage = len(ids) if req.stream_options is not None and req.stream_options.include_usage else None
-            answer = stream_answer(job, rid, req.model, chat, usage)
-            return StreamingResponse(answer, media_type="text/event-stream")
-        return await whole_answer(job, rid, req.model, chat, len(ids), request)
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        ids = await asyncio.to_thread(prompt_ids, engine.tokenizer, req.prompt)
-        return await run(req, ids, False, request)
-
-    def chat_ids(messages: list[ChatMessage]) -> list[int]:
-        text = render(engine.tokenizer, [m.rendered() for m in messages], generation_prompt=True)
-        return prompt_ids(engine.tokenizer, text)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest, request: Request):
-        return await run(req, await asyncio.to_thread(chat_ids, req.messages), True, request)
-
-
 def create_app(
     engine: Engine, adapter_dir: str | Path | None, api_key: str | None = None, limits: Limits | None = None
 ) -> FastAPI:
@@ -229,7 +148,7 @@ def create_app(
 
     _install_guards(app, api_key, limits)
     _install_adapter_routes(app, tenants)
-    _install_completion_routes(app, tenants, limits)
+    install_completion_routes(app, tenants, limits)
     return app
 
 
