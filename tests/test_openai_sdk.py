@@ -98,7 +98,7 @@ def test_lm_eval_loglikelihood_request_shape(served):
 
 
 def test_chat_logprobs_and_top_logprobs(served):
-    client, app = served
+    client, _ = served
     messages = [{"role": "user", "content": "Hi"}]
     out = client.chat.completions.create(model="alpha", messages=messages, max_tokens=4, temperature=0, logprobs=True,
                                          top_logprobs=2, extra_body={"ignore_eos": True})  # fmt: skip
