@@ -27,31 +27,9 @@ from fanlora import atomic
 from fanlora.backbone import load_backbone
 from fanlora.data.records import BUNDLED_PREFIX, read_source
 from fanlora.evaluation.evaluate import evaluate_mc
+from fanlora.evaluation.lm_eval_tasks import write_tasks
 from fanlora.tasks import get_task
 from fanlora.tasks.base import halve
-
-TASK_YAML = """task: fanlora_{name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: multiple_choice
-test_split: test
-{prompt}
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-# each task's prompt as lm-eval's stock config writes it (COPA through lm-eval's own utils functions)
-PROMPTS = {
-    "copa": "doc_to_text: !function copa_utils.doc_to_text\n"
-    "doc_to_target: !function copa_utils.doc_to_target\n"
-    "doc_to_choice: !function copa_utils.doc_to_choice",
-    "boolq": 'doc_to_text: "{{passage}}\\nQuestion: {{question}}?\\nAnswer:"\n'
-    "doc_to_target: label\n"
-    'doc_to_choice: ["no", "yes"]',
-}
-COPA_UTILS = "from lm_eval.tasks.super_glue.copa.utils import doc_to_choice, doc_to_target, doc_to_text  # noqa\n"
 
 
 def test_rows(name: str, n: int | None) -> list[dict]:
@@ -66,13 +44,11 @@ def lm_eval_samples(model, tokenizer, files: dict[str, Path], workdir: Path, bat
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    (workdir / "copa_utils.py").write_text(COPA_UTILS)
-    for name, data in files.items():
-        (workdir / f"fanlora_{name}.yaml").write_text(TASK_YAML.format(name=name, data=data, prompt=PROMPTS[name]))
+    tasks = write_tasks(workdir, files)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out = lm_eval.simple_evaluate(
         model=lm,
-        tasks=["fanlora_copa", "fanlora_boolq"],
+        tasks=tasks,
         task_manager=TaskManager(include_path=str(workdir)),
         num_fewshot=0,
         log_samples=True,
