@@ -28,6 +28,9 @@ answer these prompts with ~2 % more tokens than the bare backbone (14.9 against 
 results/peer-prefix-cache.txt), so requests per second would charge the adapters for longer answers.
 ``--no-equal-work`` gives that load.
 
+``--before TREE`` (repeatable) also serves from an older checkout (``git worktree add /tmp/old <commit>``) with
+the same flags, so a change's cost is measured side by side in the same rounds: "this tree ÷ @commit".
+
 Until 2026-12-04 this benchmark restarted a server for each visit and made six 30-second visits in all (one
 A-B-B-A): two ratios per comparison, which on this machine's drifting speed disagreed by up to 0.09
 (results/peer-equal-work.txt). Keeping the servers up makes short visits, and so many rounds, affordable.
@@ -63,10 +66,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], port: int, new_session: bool = False) -> subprocess.Popen:
+def start(cmd: list[str], port: int, new_session: bool = False, env: dict | None = None) -> subprocess.Popen:
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy(), start_new_session=new_session
-    )
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+        start_new_session=new_session,
+    )  # fmt: skip
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -81,10 +85,10 @@ def start(cmd: list[str], port: int, new_session: bool = False) -> subprocess.Po
 
 
 @contextlib.contextmanager
-def serving(cmd: list[str]) -> Iterator[str]:
+def serving(cmd: list[str], env: dict | None = None) -> Iterator[str]:
     """Start a server on a free loopback port; yield its OpenAI base URL; stop it."""
     port = free_port()
-    proc = start([*cmd, "--host", "127.0.0.1", "--port", str(port)], port)
+    proc = start([*cmd, "--host", "127.0.0.1", "--port", str(port)], port, env=env)
     try:
         yield f"http://127.0.0.1:{port}/v1"
     finally:
@@ -92,7 +96,7 @@ def serving(cmd: list[str]) -> Iterator[str]:
         proc.wait(30)
 
 
-def summarise(times: dict[str, list[float]], peer: str, cache_tag: str, say) -> str:
+def summarise(times: dict[str, list[float]], peer: str, cache_tag: str, say, before: list[str] = ()) -> str:
     """Throughput ratios within each round (seconds per request of the denominator ÷ of the numerator) —
     fanlora ÷ transformers, 4 adapters ÷ base in the same server, cache on ÷ off — and the RESULT line."""
 
@@ -120,6 +124,11 @@ def summarise(times: dict[str, list[float]], peer: str, cache_tag: str, say) -> 
             r = ratio(f"fanlora serve, {what}{cache_tag}", f"fanlora serve, {what}")
             say(f"fanlora serve, {what}: prefix cache on / off: throughput {fmt(r)}")
             result[f"{what.replace(' ', '_')}_cache_vs_off"] = r
+    for commit in before:
+        for what in ("base", "4 adapters"):
+            r = ratio(f"fanlora serve, {what}{cache_tag}", f"fanlora serve @{commit}, {what}{cache_tag}")
+            say(f"fanlora serve, {what}{cache_tag}: this tree / {commit}: throughput {fmt(r)}")
+            result[f"{what.replace(' ', '_')}_vs_{commit}"] = r
     return "RESULT " + " ".join(f"{k}={v['mean']:.3f}" for k, v in result.items())
 
 
@@ -134,6 +143,10 @@ def main() -> None:
     parser.add_argument(
         "--equal-work", action=argparse.BooleanOptionalAction, default=True, help="every answer max_tokens long"
     )
+    parser.add_argument(
+        "--before", action="append", default=[], metavar="TREE",
+        help="also serve from this checkout (an older commit's worktree), same flags: this tree ÷ that one",
+    )  # fmt: skip
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.rounds < 1 or args.clients < 1 or args.seconds <= 0 or args.warmup < 0:
@@ -178,8 +191,19 @@ def main() -> None:
             load(url, ["base", *ADAPTERS], 1, 8, fan_body)  # warm-up, loads every adapter
             arms[f"fanlora serve, base{tag}"] = arm(f"fanlora serve, base{tag}", url, ["base"], fan_body)
             arms[f"fanlora serve, 4 adapters{tag}"] = arm(f"fanlora serve, 4 adapters{tag}", url, ADAPTERS, fan_body)
+        commits = []
+        for tree in args.before:  # the same server from an older checkout, with the last fanlora arm's flags
+            commit = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, check=True).stdout.strip()  # fmt: skip
+            commits.append(commit)
+            url = stack.enter_context(serving([*fan, "--prefix-cache-mb", str(mb)], env={"PYTHONPATH": tree}))
+            load(url, ["base", *ADAPTERS], 1, 8, fan_body)
+            for what, models in (("base", ["base"]), ("4 adapters", ADAPTERS)):
+                label = f"fanlora serve @{commit}, {what}{tag}"
+                arms[label] = arm(label, url, models, fan_body)
         times = balanced_rounds(arms, args.rounds, on_round=lambda r: say(f"round {r + 1}/{args.rounds} done"))
-    say(summarise(times, peer, cache_tag, say) + f" errors={sum(errors)} rounds={args.rounds}")
+    result = summarise(times, peer, cache_tag, say, commits)
+    say(result + f" errors={sum(errors)} rounds={args.rounds}")
     if args.out:
         Path(args.out).write_text("\n".join(report) + "\n")
 
