@@ -238,6 +238,13 @@ def _serve_parser(sub: Any) -> None:
         help="on SIGTERM: stop admitting (503) and let running requests finish for at most this long",
     )
     p.add_argument(
+        "--overload-seconds",
+        type=float,
+        default=30.0,
+        help="a request that waits longer than this for a row counts as late (/metrics) and makes GET /ready "
+        "answer 503 overloaded until the queue drains (default 30)",
+    )
+    p.add_argument(
         "--scheduler",
         choices=["continuous", "batch"],
         default="continuous",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 
 import openai
 import pytest
@@ -276,3 +277,29 @@ def test_bad_chat_content_is_a_400_naming_the_problem(server):
     no_stream = {"model": "base", "prompt": "Hi", "stream_options": {"include_usage": True}}
     status, body = call(url, "/v1/completions", no_stream)
     assert status == 400 and "stream_options" in body["error"]["message"]
+
+
+def test_ready_says_overloaded_while_a_request_waits_past_the_limit_and_metrics_count_it(server):
+    """Before: no /ready, and nothing told a load balancer that the queue could not drain."""
+    url, app = server
+    scheduler = app.state.scheduler
+    limit, late = scheduler.wait_limit, scheduler.late
+    assert call(url, "/ready", key=None) == (200, {"status": "ready", "waiting": 0, "oldest_wait_seconds": 0.0})
+    scheduler.wait_limit = 1e-6  # any wait is too long
+    try:
+        with scheduler.lock:  # the worker cannot take the request: it waits
+            worker = threading.Thread(target=call, args=(url, "/v1/completions", {"model": "alpha", "prompt": "x"}))
+            worker.start()
+            deadline = time.monotonic() + 30
+            while scheduler.waiting == 0 and time.monotonic() < deadline:
+                threading.Event().wait(0.01)
+            status, body = call(url, "/ready", key=None)
+            assert status == 503 and body["status"] == "overloaded" and body["waiting"] == 1
+        worker.join(timeout=60)
+        assert call(url, "/ready", key=None)[0] == 200 and scheduler.late == late + 1
+        metrics = urllib.request.urlopen(
+            urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+        )
+        assert f"fanlora_requests_late_total {late + 1}.0" in metrics.read().decode()
+    finally:
+        scheduler.wait_limit = limit

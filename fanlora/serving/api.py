@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fanlora.errors import UserError
+from fanlora.serving.jobs import WAIT_LIMIT
 
 
 class Limits(BaseModel):
@@ -25,6 +26,7 @@ class Limits(BaseModel):
     max_loras: int = 16  # adapters resident in the engine's slots; the least recently used idle one is evicted
     max_cpu_loras: int = 32  # parsed adapters kept in host memory (0: none), least recently used out
     drain_seconds: float = 30.0  # on SIGTERM: how long running requests may take to finish
+    overload_seconds: float = WAIT_LIMIT  # a request waiting longer for a row: late (metrics), /ready 503
     kv_cache_mb: float | None = None  # continuous only: the paged KV pool's bound; None: an eighth of the RAM
     threads: int | None = None  # torch's team; None: FANLORA_THREADS, OMP_NUM_THREADS or serve's default
 
@@ -50,6 +52,8 @@ class Limits(BaseModel):
             raise UserError(f"--max-cpu-loras {self.max_cpu_loras} must be ≥ 0 (0: keep no parsed adapter)")
         if self.kv_cache_mb is not None and not 0 < self.kv_cache_mb <= 10_000_000:
             raise UserError(f"--kv-cache-mb {self.kv_cache_mb} must be a positive number of MiB")
+        if not 0 < self.overload_seconds <= 3600:
+            raise UserError(f"--overload-seconds {self.overload_seconds} must be between 0 (excluded) and 3600")
         if not 0 <= self.drain_seconds <= 3600:
             raise UserError(f"--drain-seconds {self.drain_seconds} must be between 0 and 3600")
 
@@ -262,8 +266,11 @@ BODY_TIMEOUT = 30.0  # seconds for a whole request body to arrive
 HEADER_TIMEOUT = 10.0  # seconds for a request's headers (:class:`fanlora.serving.server.TimedH11`)
 
 
+UNGUARDED = ("/health", "/ready")  # a load balancer's probes carry no key
+
+
 class Guard:
-    """ASGI middleware in front of every route but ``/health``: the API key, then the body size.
+    """ASGI middleware in front of every route but the probes: the API key, then the body size.
 
     The key is compared in constant time. The body is read here, before the route parses it, however it is
     sent (chunked or not): past ``max_bytes`` the client gets 413 and the rest is never read — Starlette has
@@ -277,7 +284,7 @@ class Guard:
         self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
+        if scope["type"] != "http" or scope["path"] in UNGUARDED:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         refused = self._refuse(headers)

@@ -345,13 +345,8 @@ class ContinuousScheduler(Admission):
                 row.replay = (row.job.prompt_ids + row.job.tokens)[: row.length]
             row.length = 0
             self.paused.insert(0, row)
-        with self._count:
-            self.waiting += 1
+        self._queued(row.job)
         self.preempted += 1
-
-    def _dequeued(self, job: Job) -> None:
-        with self._count:
-            self.waiting -= 1
 
     def _fail(self, message: str) -> None:
         jobs = [r.job for r in self.rows]

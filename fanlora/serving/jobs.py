@@ -124,6 +124,7 @@ def flush(job: Job, tokenizer: Any) -> None:
 
 
 T = TypeVar("T")
+WAIT_LIMIT = 30.0  # seconds: a request that waits longer for a row is late (metrics), and the server overloaded
 
 
 class Admission:
@@ -144,8 +145,10 @@ class Admission:
         self.queue: queue.Queue[Job | None] = queue.Queue()  # None: a wake-up for a call
         self.calls: queue.Queue = queue.Queue()  # (fn, future): work for the engine thread (on_engine)
         self.lock = threading.Lock()  # held for a step: adapter loads and forwards never overlap
-        self.waiting = 0  # admitted, not yet decoding (bounded by max_queue)
-        self._count = threading.Lock()  # guards waiting and closed
+        self._since: dict[int, float] = {}  # id of each job admitted, not yet decoding (≤ max_queue) → since when
+        self._count = threading.Lock()  # guards _since and closed
+        self.wait_limit = WAIT_LIMIT  # a job that waits longer for a row counts as late; /ready says overloaded
+        self.late = 0  # jobs that waited longer than wait_limit before they got a row
         self.running = True
         self.batches = 0  # forwards (continuous) or generate calls (batch) run
         self.cancelled = 0  # jobs whose client left before they finished
@@ -158,13 +161,36 @@ class Admission:
         """Admit ``job`` (its slot already pinned) or raise QueueFull; a refused job's pin is released."""
         with self._count:
             closed = self.closed
-            full = self.waiting >= self.max_queue
+            full = len(self._since) >= self.max_queue
             if not full and not closed:
-                self.waiting += 1
+                self._since[id(job)] = job.started
         if closed or full:
             self.engine.release(job.slot)
             raise Closing if closed else QueueFull
         self.queue.put_nowait(job)
+
+    @property
+    def waiting(self) -> int:
+        """Jobs admitted and not yet decoding (preempted ones again included)."""
+        return len(self._since)
+
+    def _queued(self, job: Job) -> None:
+        """``job`` waits for a row again (preempted)."""
+        with self._count:
+            self._since[id(job)] = time.monotonic()
+
+    def _dequeued(self, job: Job) -> None:
+        """``job`` got a row (or ended before it did); one that waited past ``wait_limit`` is counted late."""
+        with self._count:
+            since = self._since.pop(id(job), None)
+        if since is not None and time.monotonic() - since > self.wait_limit:
+            self.late += 1
+
+    def oldest_wait(self) -> float:
+        """Seconds the longest-waiting admitted job has waited for a row (0: none waits). Never takes ``lock``."""
+        with self._count:
+            oldest = min(self._since.values(), default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
 
     def stop(self) -> None:
         self.running = False
@@ -235,10 +261,14 @@ class Scheduler(Protocol):
     closed: bool
     batches: int
     metrics: Any
+    waiting: int
+    wait_limit: float
+    late: int
 
     def submit(self, job: Job) -> None: ...
     def on_engine(self, fn: Callable[[], T]) -> T: ...
     def close(self) -> None: ...
     def busy(self) -> bool: ...
+    def oldest_wait(self) -> float: ...
     def abort_all(self, reason: str = "abort") -> None: ...
     def stop(self) -> None: ...

@@ -43,6 +43,12 @@ class _Live(Collector):
             blocks.add_metric(["used"], kv.capacity - len(kv.free))
             blocks.add_metric(["free"], len(kv.free))
             yield blocks
+        yield GaugeMetricFamily(
+            "fanlora_oldest_wait_seconds", "How long the longest-waiting request has waited", value=s.oldest_wait()
+        )
+        yield CounterMetricFamily(
+            "fanlora_requests_late", "Requests that waited longer than --overload-seconds for a row", value=s.late
+        )
         yield CounterMetricFamily(
             "fanlora_preemptions", "Prompts preempted to give a tenant a row", value=getattr(s, "preempted", 0)
         )

@@ -94,8 +94,8 @@ class BatchScheduler(Admission):
         for job in pool:
             fits = not beam and len(batch) < self.max_batch and job.key() == first.key()
             (batch if fits else self.held).append(job)
-        with self._count:
-            self.waiting -= len(batch)
+        for job in batch:
+            self._dequeued(job)
         for job in batch:
             if job.cancelled:  # its client left while it waited: never decoded
                 job.emit("done", "cancelled")

@@ -31,7 +31,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -91,6 +91,17 @@ def _install_adapter_routes(app: FastAPI, tenants: Tenants) -> None:
             return error(503, "the server is shutting down", "server_error")
         return {"status": "ok", "batches": tenants.scheduler.batches}
 
+    @app.get("/ready")
+    async def ready():  # readiness, for a load balancer: 503 while draining or while the queue cannot drain
+        scheduler = tenants.scheduler
+        waited, waiting = scheduler.oldest_wait(), scheduler.waiting
+        body = {"waiting": waiting, "oldest_wait_seconds": round(waited, 3)}
+        if scheduler.closed:
+            return JSONResponse({"status": "shutting down", **body}, status_code=503)
+        if waited > scheduler.wait_limit:
+            return JSONResponse({"status": "overloaded", **body}, status_code=503)
+        return {"status": "ready", **body}
+
     @app.get("/v1/models")
     async def models():
         names = await asyncio.to_thread(tenants.known)
@@ -136,6 +147,7 @@ def create_app(
             kv_blocks=max(1, int(mb * 2**20 // per_block)),
         )
         kv_said = f"{mb:.0f} MiB = {scheduler.max_positions} token positions (--kv-cache-mb)"
+    scheduler.wait_limit = limits.overload_seconds
     tenants = Tenants(engine, scheduler, adapter_dir, limits.max_cpu_loras)
     scheduler.metrics = metrics = ServerMetrics(scheduler, engine, tenants.host)
     app = FastAPI(title="fanlora", docs_url=None, redoc_url=None, openapi_url=None)
