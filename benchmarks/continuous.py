@@ -111,7 +111,7 @@ def play(engine: Engine, scheduler, requests) -> dict[str, float]:
         delay = start + offset - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        job = Timed(ids, tenant, Decoding(), max_tokens, [], slot=engine.acquire(tenant))
+        job = Timed(ids, tenant, Decoding(), max_tokens, [], slot=engine.table.acquire(tenant))
         job.arrived = time.perf_counter()
         scheduler.submit(job)
         jobs.append(job)

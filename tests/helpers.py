@@ -152,7 +152,8 @@ class Recorded(Job):
 
 def job(engine, prompt, adapter, decoding=None, max_tokens=12, stop=(), **kw) -> Recorded:
     ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return Recorded(ids, adapter, decoding or Decoding(), max_tokens, list(stop), slot=engine.acquire(adapter), **kw)
+    slot = engine.table.acquire(adapter)
+    return Recorded(ids, adapter, decoding or Decoding(), max_tokens, list(stop), slot=slot, **kw)
 
 
 def run(scheduler: ContinuousScheduler, arrivals: dict[int, list[Recorded]], limit: int = 400) -> None:

@@ -52,7 +52,7 @@ def test_greedy_rows_joining_and_leaving_equal_each_request_alone_and_hf_generat
         solo = alone(engine, lambda p=p, a=a, m=m, s=s: job(engine, p, a, max_tokens=m, stop=s))
         assert j.tokens == solo.tokens and j.text == solo.text and j.reason == solo.reason
         assert j.text == engine.generate([p], [a], Decoding(), m)[0]  # HF generate on its adapter
-    assert not any(engine.pins.values())  # every pin released
+    assert not any(engine.table.pins.values())  # every pin released
 
 
 def test_seeded_sampling_in_a_mixed_batch_equals_sampling_alone(engine):
@@ -110,10 +110,10 @@ def test_the_queue_is_bounded_and_a_refused_job_is_unpinned(engine):
     first = job(engine, PROMPTS[0], "alpha")
     scheduler.submit(first)
     refused = job(engine, PROMPTS[0], "alpha")
-    pins = engine.pins[refused.slot]
+    pins = engine.table.pins[refused.slot]
     with pytest.raises(QueueFull):
         scheduler.submit(refused)
-    assert engine.pins[refused.slot] == pins - 1
+    assert engine.table.pins[refused.slot] == pins - 1
     for _ in range(40):
         with scheduler.lock:
             scheduler.iterate()
@@ -235,7 +235,7 @@ def test_one_tenants_long_prompts_do_not_hold_another_tenants_first_token(engine
     assert short.tokens == alone(engine, lambda: job(engine, PROMPTS[4], "beta", max_tokens=4)).tokens
     solo = alone(engine, lambda: job(engine, long_prompt, "alpha", max_tokens=4))
     assert all(j.tokens == solo.tokens and j.reason == solo.reason for j in burst)  # the preempted one too
-    assert scheduler.waiting == 0 and not any(engine.pins.values())
+    assert scheduler.waiting == 0 and not any(engine.table.pins.values())
 
 
 @pytest.mark.parametrize("budget", [256, 6], ids=["whole-prompts", "replays-over-several-steps"])
@@ -258,7 +258,7 @@ def test_a_bounded_kv_pool_preempts_and_recomputes_and_no_answer_changes(engine,
     for m, j in zip(make, jobs, strict=True):
         solo = alone(engine, m)  # unbounded pool
         assert j.tokens == solo.tokens and j.reason == solo.reason and len(j.tokens) == 40
-    assert scheduler.waiting == 0 and not scheduler.paused and not any(engine.pins.values())
+    assert scheduler.waiting == 0 and not scheduler.paused and not any(engine.table.pins.values())
 
 
 def test_an_idle_scheduler_gives_its_grown_kv_pool_back(engine):

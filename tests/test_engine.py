@@ -68,7 +68,7 @@ def test_single_and_mixed_batches_equal_peft(world, run_tokens, monkeypatch):
 
 def test_a_mixed_batch_is_routed_as_runs_of_one_adapter_and_as_a_mask_over_the_present_ones(world):
     engine = world[0]
-    a, b = engine.slot_of("a"), engine.slot_of("b")
+    a, b = engine.table.slot_of("a"), engine.table.slot_of("b")
     engine.use_slots([a, a, b, b, 0, a])
     assert engine.rows.spans == [(a, 0, 2), (b, 2, 4), (a, 5, 6)]
     rank = engine.rank

@@ -37,7 +37,7 @@ def _continuous(engine, **kw):
 def _batch(engine, **kw):
     j = job(engine, PROMPT, "alpha", max_tokens=8, **kw)
     run_batch(engine, [j])
-    engine.release(j.slot)
+    engine.table.release(j.slot)
     return j
 
 

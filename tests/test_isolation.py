@@ -193,7 +193,7 @@ def test_a_nan_in_one_slot_never_reaches_the_other_rows(world, run_tokens, monke
     engine.load("beta", world["root"] / "adapters" / "beta")
     ids = engine.tokenizer(["Once upon a time", "Once upon a time"], return_tensors="pt")
     clean = engine.logits(ids["input_ids"], ids["attention_mask"], ["alpha", "beta"])
-    slot = engine.slots["beta"]
+    slot = engine.table.slots["beta"]
     saved = {n: (m.A[slot].clone(), m.B[slot].clone()) for n, m in engine.modules.items()}
     try:
         for m in engine.modules.values():  # as if beta's factors overflowed at run time
@@ -222,9 +222,9 @@ def test_the_stacks_shrink_when_the_widest_adapter_leaves(world):
     # a request pinned on the wide adapter ends after its unload: the release may come from any thread, so the
     # stacks are swapped only where the model's owner runs (before the next forward), never under a forward
     engine.load("wide", wide)
-    pinned = engine.acquire("wide")
+    pinned = engine.table.acquire("wide")
     engine.unload("wide")
-    engine.release(pinned)
+    engine.table.release(pinned)
     assert first.A.shape[2] == 16 and engine.rank == 16  # not yet: no tensor swapped from the releasing thread
     engine.use_slots([0])
     assert next(iter(engine.modules.values())).A.shape[2] == base_rank == engine.rank
@@ -368,7 +368,7 @@ def test_a_drain_that_runs_out_of_time_ends_every_row_with_its_text_and_abort(wo
     scheduler.abort_all("abort")
     assert not scheduler.busy() and all(j.reason == "abort" for j in [*running, waiting])
     assert all(j.text for j in running) and waiting.text == ""
-    assert all(not n for n in engine.pins.values())  # every pin released
+    assert all(not n for n in engine.table.pins.values())  # every pin released
 
 
 def test_an_internal_error_is_a_500_in_openais_shape_without_internals(world, monkeypatch):

@@ -85,9 +85,7 @@ def test_lm_eval_local_completions_equals_fanlora_evaluate_item_for_item(world):
         for p, s in zip(preds, samples, strict=True):
             served = [float(r[0]) for r in s["filtered_resps"]]
             assert max(abs(a - b) for a, b in zip(p["loglik"], served, strict=True)) < 1e-4, (name, p["id"])
-            assert (p["pred"] == p["label"]) == bool(s["acc"]) and (p["pred_norm"] == p["label"]) == bool(
-                s["acc_norm"]
-            )
+            assert (p["pred"] == p["label"]) == bool(s["acc"]) and (p["pred_norm"] == p["label"]) == bool(s["acc_norm"])
 
 
 def test_lm_eval_local_chat_completions_runs_a_generation_task(world):

@@ -11,8 +11,9 @@ from helpers import KEY, call, make_adapter, serve_in_thread, setting_for
 
 from fanlora.backbone import load_backbone
 from fanlora.generate import Decoding
-from fanlora.serving.engine import Engine, SlotsBusy
+from fanlora.serving.engine import Engine
 from fanlora.serving.server import Limits, create_app
+from fanlora.serving.slots import SlotsBusy
 
 NAMES = ["alpha", "beta", "gamma", "delta", "eps"]
 
@@ -40,15 +41,15 @@ def test_the_least_recently_used_idle_adapter_is_evicted_and_loads_write_in_plac
     adapters = world["root"] / "adapters"
     engine.load("alpha", adapters / "alpha")
     engine.load("beta", adapters / "beta")
-    engine.release(engine.acquire("alpha"))  # alpha used last: beta is the least recently used
+    engine.table.release(engine.table.acquire("alpha"))  # alpha used last: beta is the least recently used
     engine.load("gamma", adapters / "gamma")
-    assert engine.adapters == ["alpha", "gamma"] and engine.evictions == 1
+    assert engine.adapters == ["alpha", "gamma"] and engine.table.evictions == 1
     assert all(m.A.shape[0] == 4 for m in engine.modules.values())  # max_loras + slot 0 + one spare
-    held = [engine.acquire("alpha"), engine.acquire("gamma")]
+    held = [engine.table.acquire("alpha"), engine.table.acquire("gamma")]
     with pytest.raises(SlotsBusy):
         engine.load("delta", adapters / "delta")  # every resident adapter is in use
     for slot in held:
-        engine.release(slot)
+        engine.table.release(slot)
     engine.load("delta", adapters / "delta")
     for name in engine.adapters:
         assert engine.generate(["Once upon a time"], [name], Decoding(), 6)[0] == world["want"][name]
@@ -81,7 +82,7 @@ def test_a_server_with_two_slots_serves_five_tenants_with_unchanged_answers(worl
             status, out = call(url, "/v1/completions", body)
             assert status == 200 and out["choices"][0]["text"] == world["want"][name]
             assert len(engine.adapters) <= 2 and len(tenants.host.items) <= 3
-        assert engine.evictions >= 5
+        assert engine.table.evictions >= 5
         os.symlink("/tmp", world["root"] / "adapters" / "outside")
         (world["root"] / "adapters" / "empty").mkdir()
         status, models = call(url, "/v1/models", None)

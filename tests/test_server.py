@@ -151,12 +151,12 @@ def test_a_cancelled_row_stops_at_the_next_step_and_the_others_continue(server):
     loop = asyncio.new_event_loop()
     ids = tok("Count with me:", add_special_tokens=False)["input_ids"]
     engine = app.state.engine
-    leaving = Leaving(ids, "alpha", Decoding(), 30, [], loop, slot=engine.acquire("alpha"))
-    staying = Staying(ids, "beta", Decoding(), 30, [], loop, slot=engine.acquire("beta"))
+    leaving = Leaving(ids, "alpha", Decoding(), 30, [], loop, slot=engine.table.acquire("alpha"))
+    staying = Staying(ids, "beta", Decoding(), 30, [], loop, slot=engine.table.acquire("beta"))
     with scheduler.lock:
         scheduler._run([leaving, staying])
-    engine.release(leaving.slot)
-    engine.release(staying.slot)
+    engine.table.release(leaving.slot)
+    engine.table.release(staying.slot)
     loop.close()
     assert len(leaving.tokens) == 1 and leaving.finished is None
     assert len(staying.tokens) == 30 and staying.finished == "length"

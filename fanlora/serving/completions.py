@@ -96,15 +96,15 @@ class Completions:
         if count > self.limits.max_queue:
             raise ApiError(400, f"{len(prompts)} prompts × n {req.n} is more than this server's --max-queue")
         adapter, slot = await asyncio.to_thread(self.tenants.admit, req.model)
-        pins = [slot] + [self.engine.pin(slot) for _ in range(count - 1)]  # one per job, released by its job
+        pins = [slot] + [self.engine.table.pin(slot) for _ in range(count - 1)]  # one per job, released by its job
         try:
             choices = await self.choices(req, prompts, echo, adapter, slot)
         except BaseException:
             for pinned in pins:
-                self.engine.release(pinned)
+                self.engine.table.release(pinned)
             raise
         for pinned in pins[sum(c.job is not None for c in choices) :]:  # choices with no job (max_tokens 0)
-            self.engine.release(pinned)
+            self.engine.table.release(pinned)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         answer = Answer(rid, req.model, chat, self.engine.tokenizer, req.logprob_count() is not None,
@@ -142,7 +142,7 @@ class Completions:
                 for admitted in jobs[:i]:
                     admitted.cancelled = True
                 for later in jobs[i + 1 :]:
-                    self.engine.release(later.slot)
+                    self.engine.table.release(later.slot)
                 why = "shutting down: retry on another replica" if isinstance(exc, Closing) else FULL
                 raise ApiError(503, f"the server is {why}", "server_error") from None
 

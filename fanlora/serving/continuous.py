@@ -168,7 +168,7 @@ class ContinuousScheduler(Admission):
         nothing joins whose prompt's KV blocks do not fit beside what the prefilling rows still need. A cached
         prefix goes into the pool."""
         if self.prefix is not None and self.new:
-            self.prefix.drop(self.engine.live_keys())
+            self.prefix.drop(self.engine.table.live_keys())
         while self.paused and len(self.rows) < self.max_batch and self._fits(self.paused[0].context):
             self.rows.append(self.paused.pop(0))
             self._dequeued(self.rows[-1].job)
@@ -191,7 +191,7 @@ class ContinuousScheduler(Admission):
             self._dequeued(job)
             row = _Row(job, generator=generator_for(job))
             if self.prefix is not None:
-                n, keys, values = self.prefix.lookup(self.engine.slot_key(job.slot), job.prompt_ids)
+                n, keys, values = self.prefix.lookup(self.engine.table.key(job.slot), job.prompt_ids)
                 if n:
                     self.kv.put(row, keys, values)
                     row.length = n
@@ -262,7 +262,7 @@ class ContinuousScheduler(Admission):
     def _store(self, row: _Row) -> None:
         prompt, block = row.job.prompt_ids, self.prefix.block
         whole = len(prompt) // block * block
-        key = self.engine.slot_key(row.job.slot)
+        key = self.engine.table.key(row.job.slot)
         if whole and self.prefix.peek(key, [*prompt, 0]) < whole:  # (peek leaves one token to prefill)
             keys, values = self.kv.get(row, whole)
             self.prefix.store(key, prompt, keys, values, 0)

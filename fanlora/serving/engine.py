@@ -22,8 +22,6 @@ replaces the old one only when complete; a mixed batch never lets one tenant's f
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,11 +34,8 @@ from fanlora.errors import UserError
 from fanlora.generate import generate
 from fanlora.serving.adapters import DEFAULT_MAX_RANK, LoadedAdapter, read_adapter
 from fanlora.serving.multilora import MultiLoRALinear, Rows
+from fanlora.serving.slots import SlotTable
 from fanlora.setting import Setting
-
-
-class SlotsBusy(RuntimeError):
-    """Every one of ``max_loras`` slots holds an adapter a running request uses: wait for a release, retry."""
 
 
 class Engine:
@@ -68,22 +63,8 @@ class Engine:
             wrapped = MultiLoRALinear(base, self.rows)
             setattr(parent, child, wrapped)
             self.modules[name] = wrapped
-        self.slots: dict[str, int] = {}  # adapter name → slot (≥ 1)
-        self.paths: dict[str, Path] = {}
-        self.rank = 1
-        self.slot_rank: dict[int, int] = {}  # slot → the rank of the adapter written there
-        # Requests pin the slot they were admitted on, so an unload (or a reload under the same name) never
-        # changes the weights under a request already queued or running: the name goes at once, the slot
-        # stays until its last pin is released.
-        self.pins: dict[int, int] = {}
-        self.retired: set[int] = set()
-        self.freed: set[int] = set()  # free again, not yet zeroed: compact() clears them between forwards
-        self.loads = 0  # adapters written so far: a slot's load number tells one load from the next
-        self.slot_load: dict[int, int] = {}  # slot → the load number of the adapter written there
-        self.book = threading.Lock()  # guards slots/pins/retired; never held during a forward pass
-        self.released = threading.Condition()  # notified when a pin is released (a slot may be evictable now)
-        self.used: dict[str, float] = {}  # adapter name → when a request last pinned it (LRU eviction)
-        self.evictions = 0
+        self.rank = 1  # the stacks' rank: the widest adapter's
+        self.table = SlotTable(max_loras)  # which adapter is in which slot, and which slots requests hold
         if max_loras is not None and self.modules:  # every slot made once: a load writes one slot in place
             for wrapped in self.modules.values():
                 wrapped.A = wrapped.A.new_zeros(max_loras + 2, wrapped.A.shape[1], wrapped.A.shape[2])
@@ -100,7 +81,7 @@ class Engine:
     # --- adapters -------------------------------------------------------------------------------------------
     @property
     def adapters(self) -> list[str]:
-        return sorted(self.slots)
+        return self.table.adapters
 
     def check(self, adapter: LoadedAdapter) -> None:
         """Refuse an adapter made for another setting or backbone, with the reason."""
@@ -145,12 +126,19 @@ class Engine:
         ``max_loras`` adapters resident, the least recently used one that no request holds is evicted first;
         :class:`SlotsBusy` when every one is held."""
         self.check(adapter)
-        self._evict_for(name)
+        victim = self.table.victim(name)
+        if victim is not None:
+            self.unload(victim)
+            self.table.evictions += 1
         self.compact()
-        with self.book:
-            slot = self._free_slot()
-            self.retired.add(slot)  # reserved while it is written: no other load takes it
+        capacity = next(iter(self.modules.values())).A.shape[0] if self.modules else 1
+        slot = self.table.reserve(capacity)  # no other load takes it while it is written
         try:
+            if slot == capacity:  # one more slot on every stack
+                for wrapped in self.modules.values():
+                    wrapped.A = torch.cat([wrapped.A, torch.zeros_like(wrapped.A[:1])])
+                    wrapped.B = torch.cat([wrapped.B, torch.zeros_like(wrapped.B[:1])])
+                    wrapped.refresh()
             if adapter.rank > self.rank:
                 self._grow_rank(adapter.rank)
             for module_name, wrapped in self.modules.items():
@@ -163,98 +151,25 @@ class Engine:
                     wrapped.B[slot, :r] = b.T.to(wrapped.B.dtype)
                 wrapped.refresh(slot)
         except BaseException:
-            with self.book:
-                self._reclaim(slot)
+            self.table.abandon(slot)
             raise
-        with self.book:
-            self.retired.discard(slot)
-            self.slot_rank[slot] = adapter.rank
-            self.loads += 1
-            self.slot_load[slot] = self.loads
-            old = self.slots.get(name)
-            self.slots[name], self.paths[name] = slot, Path(adapter.path)
-            self.used[name] = time.monotonic()  # just loaded: not the first to go before its request pins it
-            if old is not None:
-                self.retired.add(old)
-                self._reclaim(old)
+        self.table.commit(name, slot, adapter.rank, Path(adapter.path))
 
     def unload(self, name: str) -> None:
         """Forget ``name``; requests already admitted on it finish on its weights (their slot is pinned)."""
-        with self.book:
-            slot = self.slots.pop(name, None)
-            if slot is None:
-                raise UserError(f"no adapter {name!r} is loaded: loaded are {', '.join(self.adapters) or 'none'}")
-            self.paths.pop(name)
-            self.used.pop(name, None)
-            self.retired.add(slot)
-            self._reclaim(slot)
+        self.table.forget(name)
         self.compact()
-
-    def acquire(self, name: str | None) -> int:
-        """The slot of ``name`` (0: none), pinned until :meth:`release`."""
-        with self.book:
-            slot = self.slot_of(name)
-            if slot:
-                self.pins[slot] = self.pins.get(slot, 0) + 1
-                self.used[name] = time.monotonic()
-            return slot
-
-    def pin(self, slot: int) -> int:
-        """One more pin on ``slot``, already pinned by the caller (a request's further choices)."""
-        if slot:
-            with self.book:
-                self.pins[slot] += 1
-        return slot
-
-    def release(self, slot: int) -> None:
-        if not slot:
-            return
-        with self.book:
-            self.pins[slot] -= 1
-            self._reclaim(slot)
-        with self.released:
-            self.released.notify_all()
-
-    def _evict_for(self, name: str) -> None:
-        """Make room for ``name`` under ``max_loras``: unload the least recently used adapter no request holds."""
-        if self.max_loras is None:
-            return
-        with self.book:
-            others = [n for n in self.slots if n != name]
-            if len(others) < self.max_loras:
-                return
-            idle = [n for n in others if not self.pins.get(self.slots[n])]
-            if not idle:
-                raise SlotsBusy(f"all {self.max_loras} adapter slots (--max-loras) are held by running requests")
-            victim = min(idle, key=lambda n: self.used.get(n, 0.0))
-        self.unload(victim)
-        self.evictions += 1
-
-    def _reclaim(self, slot: int) -> None:
-        """Free a retired slot once no request holds it. Its stacks are cleared (and shrunk) by
-        :meth:`compact`, not here: a release may come from any thread, while only the thread that owns the
-        model (between forwards, loads and unloads included) may swap the tensors."""
-        if slot in self.retired and not self.pins.get(slot):
-            self.retired.discard(slot)
-            self.pins.pop(slot, None)
-            self.freed.add(slot)
 
     def compact(self) -> None:
         """Make the freed slots free for loads, and when the widest adapter has left, drop the rank columns (and
-        trailing slots) nothing live, pinned or reserved uses. Called before a forward and by loads. A freed
-        slot is not zeroed: no row routes to it, and a load zeroes a slot before writing it. The stacks are
-        reallocated only when the rank shrinks, so reload churn does not fragment memory."""
-        if not self.freed:
+        trailing slots) nothing live, pinned or reserved uses. Called before a forward and by loads, on the
+        thread that owns the model. A freed slot is not zeroed: no row routes to it, and a load zeroes a slot
+        before writing it. The stacks are reallocated only when the rank shrinks, so reload churn does not
+        fragment memory."""
+        taken = self.table.take_freed()
+        if taken is None:
             return
-        with self.book:
-            for slot in self.freed:
-                self.slot_rank.pop(slot, None)
-            self.freed.clear()
-            self._shrink()
-
-    def _shrink(self) -> None:
-        held = set(self.slots.values()) | self.retired | {s for s, n in self.pins.items() if n}
-        rank = max([self.slot_rank.get(s, 1) for s in held] + [1])
+        rank, held = taken
         if not self.modules or rank >= self.rank:
             return
         slots = max(max(held | {0}) + 1, (self.max_loras or 0) + 2)  # preallocated slots stay
@@ -264,18 +179,6 @@ class Engine:
             wrapped.refresh()
         self.rank = rank
 
-    def _free_slot(self) -> int:
-        used = set(self.slots.values()) | self.retired | self.freed | {s for s, n in self.pins.items() if n}
-        capacity = next(iter(self.modules.values())).A.shape[0] if self.modules else 1
-        for slot in range(1, capacity):
-            if slot not in used:
-                return slot
-        for wrapped in self.modules.values():  # one more slot on every stack
-            wrapped.A = torch.cat([wrapped.A, torch.zeros_like(wrapped.A[:1])])
-            wrapped.B = torch.cat([wrapped.B, torch.zeros_like(wrapped.B[:1])])
-            wrapped.refresh()
-        return capacity
-
     def _grow_rank(self, rank: int) -> None:
         for wrapped in self.modules.values():
             pad = rank - wrapped.A.shape[2]
@@ -284,27 +187,10 @@ class Engine:
             wrapped.refresh()
         self.rank = rank
 
-    def slot_key(self, slot: int) -> tuple[int, int]:
-        """(slot, load number): what KV computed on this slot belongs to (slot 0, the bare backbone: (0, 0))."""
-        return slot, self.slot_load.get(slot, 0)
-
-    def live_keys(self) -> set[tuple[int, int]]:
-        """The slot keys a request can still route to or is pinned on."""
-        with self.book:
-            held = set(self.slots.values()) | {s for s, n in self.pins.items() if n}
-            return {(0, 0)} | {self.slot_key(s) for s in held}
-
     # --- running --------------------------------------------------------------------------------------------
-    def slot_of(self, name: str | None) -> int:
-        if name is None:
-            return 0
-        if name not in self.slots:
-            raise UserError(f"unknown adapter {name!r}: loaded are {', '.join(self.adapters) or 'none'}")
-        return self.slots[name]
-
     def use(self, names: Sequence[str | None]) -> None:
         """Route the next forward passes: row i uses adapter ``names[i]`` (None: the bare backbone)."""
-        self.use_slots([self.slot_of(n) for n in names])
+        self.use_slots([self.table.slot_of(n) for n in names])
 
     def use_slots(self, slots: Sequence[int]) -> None:
         """Route the next forward passes by slot (what the scheduler pinned at admission): the runs of rows on
@@ -338,7 +224,7 @@ class Engine:
         if len(prompts) != len(names):
             raise ValueError(f"{len(prompts)} prompts for {len(names)} adapter names")
         for n in names:
-            self.slot_of(n)
+            self.table.slot_of(n)
 
         def route(batch: list[int]) -> None:
             self.use([names[i] for i in batch])

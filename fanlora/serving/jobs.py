@@ -165,7 +165,7 @@ class Admission:
             if not full and not closed:
                 self._since[id(job)] = job.started
         if closed or full:
-            self.engine.release(job.slot)
+            self.engine.table.release(job.slot)
             raise Closing if closed else QueueFull
         self.queue.put_nowait(job)
 
@@ -249,7 +249,7 @@ class Admission:
         """Every admitted job passes here exactly once: its slot pin is released."""
         if job.cancelled:
             self.cancelled += 1
-        self.engine.release(job.slot)
+        self.engine.table.release(job.slot)
         if self.metrics is not None:
             self.metrics.finished(job, time.monotonic())
 

@@ -54,7 +54,7 @@ class _Live(Collector):
         )
         resident = len(self.engine.adapters)
         yield GaugeMetricFamily("fanlora_adapters_resident", "Adapters in the engine's slots", value=resident)
-        evicted = getattr(self.engine, "evictions", 0)
+        evicted = self.engine.table.evictions
         yield CounterMetricFamily("fanlora_adapter_evictions", "Adapters evicted for --max-loras", value=evicted)
         if self.host is not None:
             yield GaugeMetricFamily(

@@ -17,8 +17,9 @@ from pathlib import Path
 from fanlora.errors import UserError
 from fanlora.serving.adapters import HostCache, read_adapter
 from fanlora.serving.api import ApiError
-from fanlora.serving.engine import Engine, SlotsBusy
+from fanlora.serving.engine import Engine
 from fanlora.serving.jobs import Scheduler
+from fanlora.serving.slots import SlotsBusy
 
 BASE = "base"
 SLOT_WAIT = 120.0  # seconds a request for a non-resident adapter waits for a --max-loras slot before a 503
@@ -80,8 +81,8 @@ class Tenants:
             except SlotsBusy as exc:
                 if time.monotonic() > deadline:
                     raise ApiError(503, f"{exc}: retry later", "server_error") from None
-                with self.engine.released:
-                    self.engine.released.wait(1.0)
+                with self.engine.table.released:
+                    self.engine.table.released.wait(1.0)
         if self.scheduler.metrics is not None:
             self.scheduler.metrics.loads.inc()
 
@@ -99,7 +100,7 @@ class Tenants:
             if name not in self.engine.adapters:
                 self.load(name, self.path(name), cached=True)
             try:
-                return name, self.engine.acquire(name)
+                return name, self.engine.table.acquire(name)
             except UserError:
                 continue
         raise ApiError(503, f"adapter {name!r} is being loaded and unloaded concurrently: retry", "server_error")
