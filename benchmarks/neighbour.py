@@ -5,7 +5,9 @@
 Three servers stay up for the whole run, on the same embedded backbone and four random r=12 adapters:
 ``--threads 1`` (t1: serve's default since 2026-12-07) and ``--threads 2`` (t2: the default before, the host's
 two cores), both with libgomp's default waiting (spin, then sleep), and ``--threads 2`` with
-``OMP_WAIT_POLICY=PASSIVE`` (t2p: OpenMP threads sleep between parallel regions instead of spinning). Arms, per server:
+``OMP_WAIT_POLICY=PASSIVE`` (t2p: OpenMP threads sleep between parallel regions instead of spinning), and
+``--threads auto`` (ta: the team follows the CPUs other processes leave, fanlora/serving/team.py); ``--servers``
+picks them (default t1, t2, ta). Arms, per server:
 
 * **stream** — one client, greedy chat completions of 16 tokens (``ignore_eos``) on one adapter, back to back:
   seconds per generated token (wall time ÷ tokens, the short prompt's prefill included) — what one user feels;
@@ -56,7 +58,7 @@ NEIGHBOURS = {  # name → (set-up, one step of the busy loop)
 
 #: (tag, --threads, OMP_WAIT_POLICY: "" is libgomp's default — spin, then sleep; libgomp warns about the empty
 #: value and keeps its default — and "PASSIVE" makes idle team threads sleep)
-SERVERS = [("t1", 1, ""), ("t2", 2, ""), ("t2p", 2, "PASSIVE")]
+SERVERS = [("t1", 1, ""), ("t2", 2, ""), ("t2p", 2, "PASSIVE"), ("ta", "auto", "")]
 
 
 @contextlib.contextmanager
@@ -98,8 +100,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2, help="untimed seconds before each visit")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--neighbour-limit", type=float, default=120, help="a neighbour's own deadline, seconds")
+    parser.add_argument("--servers", default="t1,t2,ta", help="which of t1, t2, t2p, ta (--threads auto) to run")
     parser.add_argument("--out")
     args = parser.parse_args()
+    servers = [s for s in SERVERS if s[0] in args.servers.split(",")]
     if args.rounds < 2 or args.clients < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--rounds must be ≥ 2, --clients ≥ 1, --seconds > 0 and --warmup ≥ 0")
     setting = Setting.read(args.setting)
@@ -131,7 +135,7 @@ def main() -> None:
     errors: list[int] = []
     arms: dict[str, Callable[[], float]] = {}
     with contextlib.ExitStack() as stack:
-        for t, threads, policy in SERVERS:
+        for t, threads, policy in servers:
             with wait_policy(policy):  # read by libgomp when the server starts
                 url = stack.enter_context(serving([*fan, "--threads", str(threads)]))
             load(url, ADAPTERS, 1, 6, body)  # loads every adapter
@@ -140,12 +144,12 @@ def main() -> None:
                 arms[label] = arm(label, url, 1, ADAPTERS[:1], near)
             arms[f"{t} peer idle"] = arm(f"{t} peer idle", url, args.clients, ADAPTERS, None)
         times = balanced_rounds(arms, args.rounds, on_round=lambda r: say(f"round {r + 1}/{args.rounds} done"))
-    say(summarise(times) + f" errors={sum(errors)} rounds={args.rounds}")
+    say(summarise(times, [t for t, _, _ in servers]) + f" errors={sum(errors)} rounds={args.rounds}")
     if args.out:
         Path(args.out).write_text("\n".join(report) + "\n")
 
 
-def summarise(times: dict[str, list[float]]) -> str:
+def summarise(times: dict[str, list[float]], tags: list[str]) -> str:
     result = {}
 
     def show(key: str, label: str, num: str, den: str, invert: bool = False) -> None:
@@ -157,15 +161,15 @@ def summarise(times: dict[str, list[float]]) -> str:
         result[key] = ci["mean"]
 
     lines: list[str] = []
-    for t, _, _ in SERVERS:
+    for t in tags:
         for near in NEIGHBOURS:
             show(f"{t}_{near}_vs_idle", f"{t}: seconds per token beside {near} / idle",
                  f"{t} stream {near}", f"{t} stream idle")  # fmt: skip
-    for other in ("t2", "t2p"):
+    for one, other in [(a, b) for a in ("t1", "ta") for b in ("t2", "t2p") if a in tags and b in tags]:
         for near in ("idle", *NEIGHBOURS):
-            show(f"stream_{near}_t1_vs_{other}", f"stream {near}: seconds per token, t1 / {other}",
-                 f"t1 stream {near}", f"{other} stream {near}")  # fmt: skip
-        show(f"peer_throughput_t1_vs_{other}", f"peer load (idle): throughput, t1 / {other}", "t1 peer idle",
+            show(f"stream_{near}_{one}_vs_{other}", f"stream {near}: seconds per token, {one} / {other}",
+                 f"{one} stream {near}", f"{other} stream {near}")  # fmt: skip
+        show(f"peer_throughput_{one}_vs_{other}", f"peer load (idle): throughput, {one} / {other}", f"{one} peer idle",
              f"{other} peer idle", invert=True)  # fmt: skip
     return "\n".join(lines) + "\nRESULT " + " ".join(f"{k}={v:.3f}" for k, v in result.items())
 

@@ -90,7 +90,8 @@ def say(message: str) -> None:
 
 
 # --- threads ------------------------------------------------------------------------------------------------
-#: `fanlora serve`'s team when neither --threads nor an environment variable says otherwise (None: all CPUs).
+#: `fanlora serve`'s team when neither --threads nor an environment variable says otherwise (None: all CPUs); with
+#: --threads auto (the default) it is where the adaptive team starts (fanlora/serving/team.py).
 SERVE_THREADS: int | None = 1
 
 
@@ -144,16 +145,24 @@ def _from_env(name: str) -> int | None:
     return int(text)
 
 
+def threads_from_env() -> int | None:
+    """FANLORA_THREADS, else OMP_NUM_THREADS, when set."""
+    for name in ("FANLORA_THREADS", "OMP_NUM_THREADS"):
+        value = _from_env(name)
+        if value is not None:
+            return value
+    return None
+
+
 def choose_threads(flag: int | None = None, serve: bool = False) -> int:
     """The team size: ``flag``, FANLORA_THREADS, OMP_NUM_THREADS, serve's default, or the CPUs available."""
     if flag is not None:
         if flag < 1:
             raise UserError(f"--threads {flag} must be ≥ 1 (the CPUs this process may use: {available_cpus()})")
         return flag
-    for name in ("FANLORA_THREADS", "OMP_NUM_THREADS"):
-        value = _from_env(name)
-        if value is not None:
-            return value
+    value = threads_from_env()
+    if value is not None:
+        return value
     if serve and SERVE_THREADS is not None:
         return SERVE_THREADS
     return available_cpus()

@@ -50,3 +50,35 @@ def test_flag_then_variables_then_the_machine(monkeypatch):
 def test_serve_refuses_a_bad_thread_count_with_one_line(tmp_path, capsys):
     err = fail(capsys, ["serve", "--setting", str(tmp_path / "none.json"), "--threads", "0"])
     assert "--threads 0 must be ≥ 1" in err
+
+
+def test_the_adaptive_team_follows_the_cpus_the_others_leave(tmp_path):
+    """serve --threads auto: two threads on an idle 2-CPU machine, one beside a neighbour, two again after it."""
+    from fanlora.serving import team as team_module
+
+    clock, busy, own, sizes = [0.0], [0.0], [0.0], []
+
+    def second(others: float, ours: float) -> None:  # one second passes: CPU-seconds used by others and by us
+        clock[0] += 1.0
+        busy[0] += others + ours
+        own[0] += ours
+
+    team = team_module.AdaptiveTeam(2, busy=lambda: busy[0], own=lambda: own[0], clock=lambda: clock[0],
+                                    resize=sizes.append, cpus=2)  # fmt: skip
+    second(0.0, 1.0)
+    assert team.tick() == 2 and sizes == [2]  # idle machine: the second CPU is free
+    clock[0] += 0.5
+    assert team.tick() == 2 and sizes == [2]  # within a period: no look, no resize
+    second(0.9, 1.1)  # a neighbour takes most of a CPU
+    assert team.tick() == 1 and sizes == [2, 1]
+    second(1.0, 1.0)
+    assert team.tick() == 1 and sizes == [2, 1]
+    second(0.0, 1.0)  # it left
+    assert team.tick() == 2 and sizes == [2, 1, 2] and team.resizes == 3
+    blind = team_module.AdaptiveTeam(4, busy=lambda: None, resize=sizes.append, cpus=4)  # not Linux: stays
+    blind.last = (blind.last[0] - 2, None, blind.last[2])
+    assert blind.tick() == 1 and sizes == [2, 1, 2]
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 100 0 50 1000 10 0 0 0 0 0\ncpu1 7 0 0 5 0 0 0 0 0 0\nintr 1\n")
+    assert team_module.busy_seconds({0}, stat) == 150 / team_module.TICKS  # user + system, not idle or iowait
+    assert team_module.busy_seconds({0, 1}, stat) == 157 / team_module.TICKS

@@ -28,7 +28,7 @@ class Limits(BaseModel):
     drain_seconds: float = 30.0  # on SIGTERM: how long running requests may take to finish
     overload_seconds: float = WAIT_LIMIT  # a request waiting longer for a row: late (metrics), /ready 503
     kv_cache_mb: float | None = None  # continuous only: the paged KV pool's bound; None: an eighth of the RAM
-    threads: int | None = None  # torch's team; None: FANLORA_THREADS, OMP_NUM_THREADS or serve's default
+    threads: int | Literal["auto"] | None = None  # torch's team; None: FANLORA_THREADS, OMP_NUM_THREADS, else auto
 
     def check(self) -> None:
         """Refuse limits that cannot work, naming the `fanlora serve` flag."""

@@ -123,6 +123,7 @@ class ContinuousScheduler(Admission):
                     self.new.append(job)
             try:
                 with self.lock:
+                    self._tick()
                     self._run_calls()
                     self.iterate()
             except Exception:  # the worker survives; every row and waiting prompt gets the error

@@ -14,9 +14,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
     p.add_argument(
         "--threads",
-        type=int,
-        help="torch threads (default: $FANLORA_THREADS, $OMP_NUM_THREADS, else serve's measured default); "
-        "docs/serving.md, Threads",
+        type=_threads,
+        help="torch threads: N, or auto — as many as the CPUs other processes leave, looked at every second "
+        "(default: $FANLORA_THREADS or $OMP_NUM_THREADS when set, else auto); docs/serving.md, Threads",
     )
     p.add_argument(
         "--max-lora-rank",
@@ -87,3 +87,11 @@ def _operation_flags(p: argparse.ArgumentParser) -> None:
         help="continuous: tokens per forward (vLLM's name; --prefill-chunk is the old one): each decoding row's "
         "next token, then prompt tokens shared fairly across tenants (adapters) and their prompts",
     )
+
+
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit():  # a count < 1 is refused with the CPUs available (fanlora.dist.choose_threads)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of threads or auto")
+    return int(text)

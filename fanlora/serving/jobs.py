@@ -139,6 +139,7 @@ class Admission:
     closed = False  # set by close(): nothing more is admitted
     metrics: Any = None  # a fanlora.serving.metrics.ServerMetrics, told of every finished job and forward
     abort_reason: str | None = None  # set by abort_all(): every job still admitted ends with this reason
+    team: Any = None  # a fanlora.serving.team.AdaptiveTeam (serve --threads auto): ticked between two steps
 
     def _admission(self, engine: Engine, max_queue: int) -> None:
         self.engine, self.max_queue = engine, max_queue
@@ -222,6 +223,11 @@ class Admission:
                 if not self.thread.is_alive() and done.cancel():  # the worker stopped before taking it
                     with self.lock:
                         return fn()
+
+    def _tick(self) -> None:
+        """Between two steps, on the engine thread: let the adaptive team look at the machine."""
+        if self.team is not None:
+            self.team.tick()
 
     def _run_calls(self) -> None:
         while True:

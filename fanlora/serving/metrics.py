@@ -52,6 +52,8 @@ class _Live(Collector):
         yield CounterMetricFamily(
             "fanlora_preemptions", "Prompts preempted to give a tenant a row", value=getattr(s, "preempted", 0)
         )
+        if getattr(s, "team", None) is not None:  # serve --threads auto
+            yield GaugeMetricFamily("fanlora_torch_threads", "torch's team on the engine thread", value=s.team.size)
         resident = len(self.engine.adapters)
         yield GaugeMetricFamily("fanlora_adapters_resident", "Adapters in the engine's slots", value=resident)
         evicted = self.engine.table.evictions

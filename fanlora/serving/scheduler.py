@@ -117,6 +117,7 @@ class BatchScheduler(Admission):
             jobs: list[Job] = []
             try:
                 with self.lock:
+                    self._tick()
                     self._run_calls()
                 jobs = self._take()
                 if jobs:

@@ -54,6 +54,7 @@ from fanlora.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fanlora.serving.metrics import ServerMetrics
 from fanlora.serving.paged import block_bytes, default_cache_mb
 from fanlora.serving.scheduler import BatchScheduler
+from fanlora.serving.team import AdaptiveTeam
 from fanlora.serving.tenants import Tenants
 from fanlora.setting import Setting
 
@@ -283,7 +284,9 @@ def serve(
 ) -> None:
     """Load the backbone, wrap the setting's modules, and serve until interrupted (adapters load on first use)."""
     check_serve_options(host, port, api_key, limits)
-    team = dist.configure_threads(limits.threads, serve=True)  # before any torch work: the engine thread inherits it
+    fixed = limits.threads if limits.threads != "auto" else None
+    team = dist.configure_threads(fixed, serve=True)  # before any torch work: the engine thread inherits it
+    adaptive = limits.threads == "auto" or (limits.threads is None and not dist.threads_from_env())
     s = Setting.read(setting)
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise UserError(
@@ -294,6 +297,9 @@ def serve(
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fanlora-load") as pool:
         engine = pool.submit(load_engine, s, backbone, limits.max_lora_rank, limits.max_loras).result()
     app = create_app(engine, adapter_dir, api_key, limits)
+    if adaptive:  # resized on the engine thread between steps (serving/team.py)
+        app.state.scheduler.team = AdaptiveTeam(dist.available_cpus())
+        team = f"auto, 1–{dist.available_cpus()}"
     import socket
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
