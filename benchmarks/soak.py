@@ -18,10 +18,20 @@ every (model, prompt) pair is answered once with the server idle: the reference.
   a 400, the tiny temperature the greedy answer, and every other tenant's answers stay as served alone;
 - half-way, the server is killed with SIGKILL right after an adapter load request goes out, and restarted;
   clients retry through the restart (connection errors then are counted apart, not as 5xx);
+- one thread sends **bursts of long prompts** (4 × ~700 tokens at once, streamed) while the checking clients'
+  short requests go on: every answer, long or short, must equal its reference;
+- one thread sends **Zipf(1.1) traffic over 1,000 registered adapters** (``zipf-0000``…, hard links to
+  ``tenant-a``'s files, so every answer must equal tenant-a's) through ``--max-loras 16`` slots and a
+  ``--max-cpu-loras 32`` host cache: loads, evictions and host-cache hits all the time;
+- a **CPU-bound neighbour** (a pure-Python busy loop, its own process) runs through the middle third;
+- half-way, the server is killed with SIGKILL right after an adapter load request goes out, and restarted;
+  clients retry through the restart (connection errors then are counted apart, not as 5xx);
 - at the end, SIGTERM while a stream is running: the stream must end with ``[DONE]`` and the process exit 0.
 
-RSS is read from /proc every 5 s; growth is measured from the end of each process's first minute (its
-warm-up) to its end. The adapter directories are hashed before and after. Exit status 0 iff no failure.
+RSS is read from /proc every 5 s and checked against the flags: no sample may pass the RSS the process had once
+warm plus ``--kv-cache-mb`` plus the prefix cache plus the host cache's and the slots' adapters, + 10 %. Growth
+from the end of each process's first minute to its end is reported too. The adapter directories are hashed
+before and after. Exit status 0 iff no failure.
 """
 
 from __future__ import annotations
@@ -49,6 +59,9 @@ from fanlora.scoring import ScoreTable
 from fanlora.setting import Setting, select
 
 KEY = "soak-key"
+KV_MB, PREFIX_MB, MAX_LORAS, CPU_LORAS = 512, 64, 16, 32  # the bounds RSS is checked against
+ZIPF = [f"zipf-{i:04d}" for i in range(1000)]  # hard links to tenant-a's files
+LONG = [f"Document {d}. " + " ".join(f"line {i} of document {d} says nothing much." for i in range(90)) for d in "ab"]
 TRANSPORT = (OSError, http.client.HTTPException)  # a connection cut by the kill -9, not an HTTP status
 TENANTS = ["tenant-a", "tenant-b", "tenant-c", "tenant-d"]
 HOSTILE = ["nan-weights", "rank-4096", "truncated"]
@@ -110,6 +123,8 @@ class Server:
         self.cmd = [
             sys.executable, "-m", "fanlora", "serve", "--setting", str(setting), "--adapter-dir", str(adapters),
             "--port", "0", "--api-key", KEY, "--max-tokens", "32", "--max-queue", "64", "--max-batch", "8",
+            "--kv-cache-mb", str(KV_MB), "--prefix-cache-mb", str(PREFIX_MB), "--max-loras", str(MAX_LORAS),
+            "--max-cpu-loras", str(CPU_LORAS),
         ]  # fmt: skip
         self.proc: subprocess.Popen | None = None
         self.port = 0
@@ -193,9 +208,9 @@ class Soak:
         self.server, self.clients, self.max_tokens = server, clients, max_tokens
         self.stop_at = time.monotonic() + seconds
         self.counts = {
-            "requests": 0, "ok": 0, "errors_5xx": 0, "mismatches": 0, "connection_errors": 0, "disconnects": 0,
+            "requests": 0, "errors_5xx": 0, "mismatches": 0, "connection_errors": 0, "disconnects": 0,
             "reloads": 0, "bad_requests": 0, "bad_request_not_4xx": 0, "restarts": 0, "hostile_adapters": 0,
-            "hostile_not_400": 0, "tiny_temperature": 0,
+            "hostile_not_400": 0, "tiny_temperature": 0, "long_prompts": 0, "zipf_requests": 0,
         }  # fmt: skip
         self.lock = threading.Lock()
         self.reference: dict[tuple[str, str], str] = {}
@@ -212,7 +227,7 @@ class Soak:
 
     def build_reference(self) -> None:
         for model in ["base", *TENANTS]:
-            for prompt in PROMPTS:
+            for prompt in PROMPTS + (LONG if model in ("base", TENANTS[1]) else []):
                 status, raw = request(self.server.port, "/v1/completions", self.body(model, prompt, False))
                 if status != 200:
                     raise SystemExit(f"reference request failed: {status} {raw[:200]!r}")
@@ -223,21 +238,43 @@ class Soak:
 
     def client(self, seed: int) -> None:
         rng = random.Random(seed)
+        while self.running():  # (a connection error while the server restarts: retried)
+            self.check(rng.choice(["base", *TENANTS]), rng.choice(PROMPTS), rng.random() < 0.5, "requests")
+
+    def check(self, model: str, prompt: str, stream: bool, key: str, reference: str | None = None) -> None:
+        """One checked request: its answer must equal the reference of ``(model, prompt)`` (or ``reference``)."""
+        try:
+            status, raw = request(self.server.port, "/v1/completions", self.body(model, prompt, stream))
+        except TRANSPORT:
+            self.add("connection_errors")
+            threading.Event().wait(0.5)
+            return
+        self.add(key)
+        want = reference if reference is not None else self.reference[(model, prompt)]
+        if status >= 500:
+            self.add("errors_5xx", failure=f"{status} for {model}: {raw[:160]!r}")
+        elif answer(status, raw, stream) != want:
+            self.add("mismatches", failure=f"{model} {prompt[:40]!r} stream={stream}: {raw[:160]!r}")
+
+    def burst(self, seed: int) -> None:
+        """Every ~20 s, four long prompts at once (streamed), beside the checking clients' short ones."""
+        rng = random.Random(seed)
         while self.running():
-            model, prompt, stream = rng.choice(["base", *TENANTS]), rng.choice(PROMPTS), rng.random() < 0.5
-            try:
-                status, raw = request(self.server.port, "/v1/completions", self.body(model, prompt, stream))
-            except TRANSPORT:  # the server is being restarted: retry
-                self.add("connection_errors")
-                threading.Event().wait(0.5)
-                continue
-            self.add("requests")
-            if status >= 500:
-                self.add("errors_5xx", failure=f"{status} for {model}: {raw[:160]!r}")
-            elif answer(status, raw, stream) != self.reference[(model, prompt)]:
-                self.add("mismatches", failure=f"{model} {prompt!r} stream={stream}: {raw[:160]!r}")
-            else:
-                self.add("ok")
+            threading.Event().wait(rng.uniform(10, 30))
+            batch = [threading.Thread(target=self.check, args=(m, p, True, "long_prompts"))
+                     for m in ("base", TENANTS[1]) for p in LONG]  # fmt: skip
+            for t in batch:
+                t.start()
+            for t in batch:
+                t.join()
+
+    def zipf(self, seed: int) -> None:
+        """Zipf(1.1) traffic over 1,000 adapters that share tenant-a's weights: each answer is tenant-a's."""
+        rng = random.Random(seed)
+        weights = [1 / (i + 1) ** 1.1 for i in range(len(ZIPF))]
+        while self.running():
+            name, prompt = rng.choices(ZIPF, weights)[0], rng.choice(PROMPTS)
+            self.check(name, prompt, rng.random() < 0.5, "zipf_requests", self.reference[(TENANTS[0], prompt)])
 
     def leaver(self, seed: int) -> None:
         rng = random.Random(seed)
@@ -283,7 +320,7 @@ class Soak:
             ("/v1/completions", {"model": "base", "prompt": "x", "seed": 2**64, "temperature": 1}, False),
             ("/v1/chat/completions", {"model": "base", "messages": []}, False),
             ("/v1/load_lora_adapter", {"lora_name": "/etc"}, False),
-            ("/v1/completions", {"model": "base", "prompt": "x", "logprobs": 3}, False),
+            ("/v1/completions", {"model": "base", "prompt": "x", "logit_bias": {"1": 5}}, False),
             ("/v1/chat/completions", {"model": "base", "messages": [{"role": "tool", "content": "x"}]}, False),
         ]
         while self.running():
@@ -354,25 +391,41 @@ def main() -> int:
     for i, name in enumerate(TENANTS):
         save_random_adapter(source, setting, work / "adapters" / name, seed=i)
     hostile_adapters(work / "adapters", work / "adapters" / TENANTS[0])
+    template = work / "adapters" / TENANTS[0]
+    for name in ZIPF:  # hard links: 1,000 registered adapters, no extra disk
+        (work / "adapters" / name).mkdir()
+        for f in template.iterdir():
+            os.link(f, work / "adapters" / name / f.name)
+    adapter_mb = sum(f.stat().st_size for f in template.iterdir()) / 2**20
     before = tree_digest(work / "adapters")
     server = Server(work / "setting.json", work / "adapters")
     server.start()
     soak = Soak(server, args.seconds, args.clients, args.max_tokens)
     soak.build_reference()
+    server.sample_rss()
+    warm_mb = server.rss[0][-1][1] / 2**20
+    bound_mb = 1.10 * (warm_mb + KV_MB + PREFIX_MB + (CPU_LORAS + MAX_LORAS + 2) * adapter_mb)
     soak.stop_at = time.monotonic() + args.seconds
     started = time.monotonic()
     threads = [threading.Thread(target=soak.client, args=(i,)) for i in range(args.clients)]
-    helpers = (soak.leaver, soak.churn, soak.bad, soak.hostile)
+    helpers = (soak.leaver, soak.churn, soak.bad, soak.hostile, soak.burst, soak.zipf)
     threads += [threading.Thread(target=f, args=(100 + i,)) for i, f in enumerate(helpers)]
     for t in threads:
         t.start()
-    killed = False
+    killed, busy = False, None
     while soak.running():
         server.sample_rss()
-        if not killed and time.monotonic() - started > args.seconds / 2:
+        elapsed = time.monotonic() - started
+        if not killed and elapsed > args.seconds / 2:
             soak.kill_mid_load()
             killed = True
+        if busy is None and elapsed > args.seconds / 3:  # a CPU-bound neighbour through the middle third
+            end = time.time() + args.seconds / 3
+            busy = subprocess.Popen([sys.executable, "-c", f"import time\nwhile time.time() < {end}: pass"])
         threading.Event().wait(5)
+    if busy is not None:
+        busy.kill()
+        busy.wait()
     for t in threads:
         t.join()
     server.sample_rss()
@@ -385,26 +438,32 @@ def main() -> int:
             growth.append((warm[-1] - warm[0]) / 2**20)
     c = soak.counts
     rss_growth = max(growth) if growth else float("nan")
+    peak_mb = max(r for samples in server.rss for _, r in samples) / 2**20
     ok = (
         c["errors_5xx"] == 0 and c["mismatches"] == 0 and c["bad_request_not_4xx"] == 0 and before == after
-        and rss_growth < 50 and stopped and drained and c["hostile_not_400"] == 0
+        and peak_mb <= bound_mb and stopped and drained and c["hostile_not_400"] == 0
     )  # fmt: skip
     lines = [
         f"$ python benchmarks/soak.py {' '.join(sys.argv[1:])}",
         f"fanlora serve (subprocess, loopback), embedded backbone, setting of {setting.n_modules} modules, "
-        f"{len(TENANTS)} random tenants + base; {args.clients} checking clients, 1 leaving, 1 churning, "
-        f"1 bad; {args.seconds:.0f} s, SIGKILL mid-load + restart half-way; greedy, {args.max_tokens} tokens",
+        f"{len(TENANTS)} random tenants + base + {len(ZIPF)} Zipf adapters; {args.clients} checking clients, 1 "
+        f"leaving, 1 churning, 1 bad, 1 hostile, 1 bursting, 1 Zipf; a neighbour in the middle third; "
+        f"{args.seconds:.0f} s, SIGKILL mid-load + restart half-way; greedy, {args.max_tokens} tokens",
         "counts: " + json.dumps(c),
         "RSS per process (MB, every 5 s): "
         + " | ".join(" ".join(f"{r / 2**20:.0f}" for _, r in s) for s in server.rss),
         f"RSS growth after each process's first minute (MB): {', '.join(f'{g:.1f}' for g in growth)}",
+        f"RSS peak {peak_mb:.0f} MiB; bound {bound_mb:.0f} MiB = 1.10 × (warm {warm_mb:.0f} + --kv-cache-mb {KV_MB} "
+        f"+ --prefix-cache-mb {PREFIX_MB} + {CPU_LORAS + MAX_LORAS + 2} adapters × {adapter_mb:.1f})",
         f"adapter directories unchanged: {before == after}; SIGTERM mid-stream: exit 0 {stopped}, "
         f"stream ended with [DONE] {drained}",
         *(f"failure: {f}" for f in soak.failures),
         f"RESULT requests={c['requests']} errors_5xx={c['errors_5xx']} mismatches={c['mismatches']} "
         f"disconnects={c['disconnects']} reloads={c['reloads']} restarts={c['restarts']} "
         f"hostile_adapters={c['hostile_adapters']} hostile_not_400={c['hostile_not_400']} "
-        f"tiny_temperature={c['tiny_temperature']} clean_drain={stopped and drained} rss_growth_mb={rss_growth:.1f}",
+        f"tiny_temperature={c['tiny_temperature']} long_prompts={c['long_prompts']} zipf_requests={c['zipf_requests']} "
+        f"clean_drain={stopped and drained} rss_peak_mb={peak_mb:.0f} rss_bound_mb={bound_mb:.0f} "
+        f"rss_growth_mb={rss_growth:.1f}",
     ]
     print("\n".join(lines))
     if args.out:
