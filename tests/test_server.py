@@ -303,3 +303,24 @@ def test_ready_says_overloaded_while_a_request_waits_past_the_limit_and_metrics_
         assert f"fanlora_requests_late_total {late + 1}.0" in metrics.read().decode()
     finally:
         scheduler.wait_limit = limit
+
+
+def test_serve_defaults_are_defined_once():
+    """The flags, Limits and the schedulers agree (before: the continuous scheduler's prefix cache defaulted to
+    0 MiB where the flag and Limits said 64)."""
+    import inspect
+
+    from fanlora.cli import build_parser
+    from fanlora.serving.continuous import ContinuousScheduler
+
+    args = build_parser().parse_args(["serve", "--setting", "s.json"])
+    limits = Limits()
+    for field in Limits.model_fields:
+        if hasattr(args, field):
+            assert getattr(args, field) == getattr(limits, field), field
+    for name, p in inspect.signature(ContinuousScheduler).parameters.items():
+        if name in Limits.model_fields:
+            assert p.default == getattr(limits, name), name
+    for name, p in inspect.signature(BatchScheduler).parameters.items():
+        if name in Limits.model_fields:
+            assert p.default == getattr(limits, name), name

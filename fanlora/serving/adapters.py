@@ -17,6 +17,7 @@ import torch
 
 from fanlora.atomic import read_json
 from fanlora.errors import UserError
+from fanlora.serving.flags import DEFAULTS
 
 PREFIX = "base_model.model."
 
@@ -30,7 +31,7 @@ class LoadedAdapter:
 
 
 MAX_CONFIG_BYTES = 1_000_000  # an adapter_config.json is a few hundred bytes
-DEFAULT_MAX_RANK = 64  # as vLLM's --max-lora-rank: one huge-rank adapter would widen every tenant's stacks
+DEFAULT_MAX_RANK = DEFAULTS["max_lora_rank"]
 
 
 def _config(path: Path) -> dict:

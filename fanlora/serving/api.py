@@ -11,22 +11,23 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fanlora.errors import UserError
-from fanlora.serving.jobs import WAIT_LIMIT
+from fanlora.serving.flags import DEFAULTS
 
 
 class Limits(BaseModel):
-    max_tokens: int = 512  # per request
-    max_body_bytes: int = 1_000_000
-    max_queue: int = 64
-    max_batch: int = 16
-    scheduler: str = "continuous"  # or "batch": one generate() call per batch (the old path)
-    max_batched_tokens: int = 256  # continuous only: tokens per forward (decoding rows first, then fair prefill)
-    prefix_cache_mb: float = 64.0  # continuous only: prompt-prefix KV kept per adapter load (0: off)
-    max_lora_rank: int = 64  # adapters of a higher rank are refused (400)
-    max_loras: int = 16  # adapters resident in the engine's slots; the least recently used idle one is evicted
-    max_cpu_loras: int = 32  # parsed adapters kept in host memory (0: none), least recently used out
-    drain_seconds: float = 30.0  # on SIGTERM: how long running requests may take to finish
-    overload_seconds: float = WAIT_LIMIT  # a request waiting longer for a row: late (metrics), /ready 503
+    # one field per `fanlora serve` flag (serving/flags.py says what each does); defaults defined there once
+    max_tokens: int = DEFAULTS["max_tokens"]
+    max_body_bytes: int = DEFAULTS["max_body_bytes"]
+    max_queue: int = DEFAULTS["max_queue"]
+    max_batch: int = DEFAULTS["max_batch"]
+    scheduler: str = DEFAULTS["scheduler"]  # or "batch": one generate() call per batch (the old path)
+    max_batched_tokens: int = DEFAULTS["max_batched_tokens"]  # continuous only: tokens per forward
+    prefix_cache_mb: float = DEFAULTS["prefix_cache_mb"]  # continuous only (0: off)
+    max_lora_rank: int = DEFAULTS["max_lora_rank"]
+    max_loras: int = DEFAULTS["max_loras"]  # resident in the engine's slots, least recently used idle one out
+    max_cpu_loras: int = DEFAULTS["max_cpu_loras"]  # parsed adapters kept in host memory (0: none)
+    drain_seconds: float = DEFAULTS["drain_seconds"]  # on SIGTERM: how long running requests may take
+    overload_seconds: float = DEFAULTS["overload_seconds"]  # waiting longer for a row: late, /ready 503
     kv_cache_mb: float | None = None  # continuous only: the paged KV pool's bound; None: an eighth of the RAM
     threads: int | Literal["auto"] | None = None  # torch's team; None: FANLORA_THREADS, OMP_NUM_THREADS, else auto
 

@@ -42,6 +42,7 @@ import torch
 
 from fanlora.serving import fairness
 from fanlora.serving.engine import Engine
+from fanlora.serving.flags import DEFAULTS
 from fanlora.serving.jobs import Admission, Job, QueueFull, flush
 from fanlora.serving.paged import INITIAL_BLOCKS, PagedKV, give_back_memory
 from fanlora.serving.prefix import PrefixCache
@@ -75,11 +76,11 @@ class ContinuousScheduler(Admission):
     def __init__(
         self,
         engine: Engine,
-        max_queue: int = 64,
-        max_batch: int = 16,
-        max_batched_tokens: int = 256,
+        max_queue: int = DEFAULTS["max_queue"],
+        max_batch: int = DEFAULTS["max_batch"],
+        max_batched_tokens: int = DEFAULTS["max_batched_tokens"],
         start: bool = True,
-        prefix_cache_mb: float = 0.0,
+        prefix_cache_mb: float = DEFAULTS["prefix_cache_mb"],
         kv_blocks: int | None = None,
     ) -> None:
         """``start=False`` leaves the worker thread unstarted: the caller runs :meth:`iterate` itself (tests).

@@ -6,12 +6,31 @@ from __future__ import annotations
 
 import argparse
 
+#: serve's defaults, defined once: these flags, :class:`fanlora.serving.api.Limits`, the schedulers and the
+#: adapter reader take them from here.
+DEFAULTS = {
+    "max_tokens": 512,  # per request
+    "max_body_bytes": 1_000_000,
+    "max_queue": 64,
+    "max_batch": 16,
+    "scheduler": "continuous",
+    "max_batched_tokens": 256,
+    "prefix_cache_mb": 64.0,
+    "max_lora_rank": 64,  # as vLLM's --max-lora-rank: one huge-rank adapter would widen every tenant's stacks
+    "max_loras": 16,
+    "max_cpu_loras": 32,
+    "drain_seconds": 30.0,
+    "overload_seconds": 30.0,
+}
+
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
     """The limits a request meets and the engine's adapter slots."""
-    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 503")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument(
+        "--max-tokens", type=int, default=DEFAULTS["max_tokens"], help="largest max_tokens a request may ask for"
+    )
+    p.add_argument("--max-queue", type=int, default=DEFAULTS["max_queue"], help="queued requests before answering 503")
+    p.add_argument("--max-batch", type=int, default=DEFAULTS["max_batch"], help="requests decoded together")
     p.add_argument(
         "--threads",
         type=_threads,
@@ -21,23 +40,23 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-lora-rank",
         type=int,
-        default=64,
+        default=DEFAULTS["max_lora_rank"],
         help="largest LoRA rank an adapter may have (as vLLM's flag): every module's stacks are as wide as the "
         "largest loaded rank, so one huge-rank adapter would slow every tenant",
     )
     p.add_argument(
         "--max-loras",
         type=int,
-        default=16,
+        default=DEFAULTS["max_loras"],
         help="adapters resident in the engine's slots at once (as vLLM's); a request for another waits for the "
-        "least recently used idle one to be evicted (default 16)",
+        "least recently used idle one to be evicted (default %(default)s)",
     )
     p.add_argument(
         "--max-cpu-loras",
         type=int,
-        default=32,
+        default=DEFAULTS["max_cpu_loras"],
         help="parsed adapters kept in host memory, least recently used out, so an evicted adapter comes back "
-        "without reading its folder again (as vLLM's; default 32, 0: none)",
+        "without reading its folder again (as vLLM's; default %(default)s, 0: none)",
     )
     _operation_flags(p)
 
@@ -47,29 +66,29 @@ def _operation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--drain-seconds",
         type=float,
-        default=30.0,
+        default=DEFAULTS["drain_seconds"],
         help="on SIGTERM: stop admitting (503) and let running requests finish for at most this long",
     )
     p.add_argument(
         "--overload-seconds",
         type=float,
-        default=30.0,
+        default=DEFAULTS["overload_seconds"],
         help="a request that waits longer than this for a row counts as late (/metrics) and makes GET /ready "
-        "answer 503 overloaded until the queue drains (default 30)",
+        "answer 503 overloaded until the queue drains (default %(default)s)",
     )
     p.add_argument(
         "--scheduler",
         choices=["continuous", "batch"],
-        default="continuous",
+        default=DEFAULTS["scheduler"],
         help="continuous (default): requests join and leave the batch at every decoding step; batch: one "
         "generate() call per batch, later requests wait for all of it",
     )
     p.add_argument(
         "--prefix-cache-mb",
         type=float,
-        default=64.0,
+        default=DEFAULTS["prefix_cache_mb"],
         help="continuous: MiB of prompt-prefix KV kept per adapter load and reused by later prompts that start "
-        "with the same 16-token blocks (least recently used first out; default 64, 0: off)",
+        "with the same 16-token blocks (least recently used first out; default %(default)s, 0: off)",
     )
     p.add_argument(
         "--kv-cache-mb",
@@ -83,7 +102,7 @@ def _operation_flags(p: argparse.ArgumentParser) -> None:
         "--prefill-chunk",
         dest="max_batched_tokens",
         type=int,
-        default=256,
+        default=DEFAULTS["max_batched_tokens"],
         help="continuous: tokens per forward (vLLM's name; --prefill-chunk is the old one): each decoding row's "
         "next token, then prompt tokens shared fairly across tenants (adapters) and their prompts",
     )

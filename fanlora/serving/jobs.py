@@ -21,6 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 from fanlora.generate import Decoding, cut
 from fanlora.serving.engine import Engine
+from fanlora.serving.flags import DEFAULTS
 
 
 class QueueFull(Exception):
@@ -124,7 +125,7 @@ def flush(job: Job, tokenizer: Any) -> None:
 
 
 T = TypeVar("T")
-WAIT_LIMIT = 30.0  # seconds: a request that waits longer for a row is late (metrics), and the server overloaded
+WAIT_LIMIT = DEFAULTS["overload_seconds"]  # a request that waits longer for a row is late; the server overloaded
 
 
 class Admission:

@@ -27,6 +27,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from fanlora.generate import cut
 from fanlora.serving.engine import Engine
+from fanlora.serving.flags import DEFAULTS
 from fanlora.serving.jobs import Admission, Extras, Job, accept, flush
 from fanlora.serving.logprobs import entry
 from fanlora.serving.sampling import Recorder, chain
@@ -68,7 +69,9 @@ class _RowsDone(StoppingCriteria):
 class BatchScheduler(Admission):
     """``--scheduler batch``: one ``generate`` call per batch of requests with equal sampling settings."""
 
-    def __init__(self, engine: Engine, max_queue: int = 64, max_batch: int = 16) -> None:
+    def __init__(
+        self, engine: Engine, max_queue: int = DEFAULTS["max_queue"], max_batch: int = DEFAULTS["max_batch"]
+    ) -> None:
         if max_queue < 1 or max_batch < 1:
             raise ValueError(f"max_queue ({max_queue}) and max_batch ({max_batch}) must be ≥ 1")
         self._admission(engine, max_queue)
