@@ -56,7 +56,8 @@ from fanlora import atomic
 from fanlora.backbone import load_backbone
 from fanlora.latency.timing import save_random_adapter
 from fanlora.scoring import ScoreTable
-from fanlora.setting import Setting, select
+from fanlora.setting import Setting
+from fanlora.stages.selection import select
 
 KEY = "soak-key"
 KV_MB, PREFIX_MB, MAX_LORAS, CPU_LORAS = 512, 64, 16, 32  # the bounds RSS is checked against

@@ -11,6 +11,7 @@ user — a separate serving account, a reviewer — can read what a run wrote.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -143,3 +144,8 @@ def read_weights(directory: str | Path, weights_name: str, config_name: str, wha
     if not (directory / config_name).is_file():
         raise UserError(f"{directory} holds no {what} adapter ({config_name} missing)")
     return json.loads((directory / config_name).read_text()), load_file(str(directory / weights_name))
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (run identity: a run records the digests of its inputs)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -41,7 +41,7 @@ def table_for(backbone, scores: dict[tuple[str, int], float]):
 
 def setting_for(backbone, kinds=("V", "O")):
     """The K_max = 2 setting that keeps ``kinds`` in every layer."""
-    from fanlora.setting import select
+    from fanlora.stages.selection import select
 
     return select(table_for(backbone, {(k, n): 1.0 for k, n in backbone.layout.all_modules() if k in kinds}), 2)
 

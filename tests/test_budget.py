@@ -11,8 +11,8 @@ from conftest import fail
 
 from fanlora.errors import UserError
 from fanlora.scoring.table import ScoreTable
-from fanlora.setting import select
 from fanlora.stages import budget as fb
+from fanlora.stages.selection import select
 
 KINDS = ["Q", "K", "V"]
 

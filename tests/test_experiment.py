@@ -297,7 +297,8 @@ def test_budget_variants_from_another_scorer_are_sized_to_the_experiments_own_bu
     from fanlora.backbone import from_config
     from fanlora.config import load_config
     from fanlora.scoring import ScoreTable
-    from fanlora.setting import Setting, select
+    from fanlora.setting import Setting
+    from fanlora.stages.selection import select
 
     run = tmp_path / "run"
     assert main(["search", "--config", str(recipe_file), "--run-dir", str(run)]) == 0

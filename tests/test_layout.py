@@ -74,6 +74,7 @@ FORBIDDEN = [
     ("fanlora.scoring", "fanlora.serving", "stage b has nothing to serve"),
     ("fanlora.stages", "fanlora.experiments", "stages are what grids run"),
     ("fanlora.tasks", "fanlora.experiments", "tasks are what grids and stages use"),
+    ("fanlora.setting", "fanlora.scoring", "the setting is an artifact; choosing one from scores is stage c's"),
 ]
 
 

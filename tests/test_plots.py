@@ -6,8 +6,8 @@ import numpy as np
 from matplotlib import image
 
 from fanlora.scoring.table import ScoreTable
-from fanlora.setting import select
 from fanlora.stages.plots import write_all
+from fanlora.stages.selection import select
 
 KINDS = ["Q", "K", "V", "O", "G", "U", "D"]
 PATHS = {

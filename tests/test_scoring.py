@@ -227,7 +227,7 @@ def test_shapley_budget_below_one_is_refused(setup):
 
 
 def test_every_method_feeds_select_and_round_trips(setup, tmp_path):
-    from fanlora.setting import select
+    from fanlora.stages.selection import select
 
     gated, batches, _ = setup
     for method, kw in [

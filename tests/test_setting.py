@@ -9,7 +9,8 @@ from peft.tuners.lora import LoraLayer
 
 from fanlora.backbone import KINDS, load_backbone
 from fanlora.errors import UserError
-from fanlora.setting import Setting, select
+from fanlora.setting import Setting
+from fanlora.stages.selection import select
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,16 @@ def test_lora_config_wraps_exactly_the_setting_and_round_trips(tiny_llama, tmp_p
         n.removeprefix("base_model.model.") for n, m in again.named_modules() if isinstance(m, LoraLayer)
     ) == sorted(s.modules)
     assert len(KINDS) * 2 > len(wrapped)
+
+
+def test_reading_a_setting_needs_neither_peft_nor_the_scores():
+    """The server reads settings: before, importing fanlora.setting loaded PEFT and the scoring package."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fanlora.setting; "
+        "print('peft' in sys.modules, any(m.startswith('fanlora.scoring') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]

@@ -12,7 +12,7 @@ from fanlora import methods
 from fanlora.config import R1, Config, load_config, read_yaml
 from fanlora.errors import UserError
 from fanlora.scoring import scorers
-from fanlora.setting import check_rule
+from fanlora.stages.selection import check_rule
 from fanlora.tasks import get_task, known_tasks
 
 FORMAT = "fanlora-experiment/1"

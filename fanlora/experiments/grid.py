@@ -37,11 +37,12 @@ from fanlora.experiments import plots
 from fanlora.experiments import report as report_
 from fanlora.experiments.config import FORMAT, Cell, Experiment, Variant, cell_config, cells
 from fanlora.scoring import ScoreTable, scorers, stage
-from fanlora.setting import Setting, select, select_by_rule
+from fanlora.setting import Setting
 from fanlora.stages import rundir
 from fanlora.stages.adapt import run_evaluate, task_training_data
 from fanlora.stages.search import run_search
 from fanlora.stages.select import run_select
+from fanlora.stages.selection import select, select_by_rule
 from fanlora.tasks import get_task
 from fanlora.train import train_adapter
 

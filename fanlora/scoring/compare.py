@@ -14,7 +14,7 @@ from scipy import stats
 
 from fanlora.errors import UserError
 from fanlora.scoring.table import ScoreTable
-from fanlora.setting import select
+from fanlora.stages.selection import select
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fanlora import atomic, dist
+from fanlora.atomic import file_sha256
 from fanlora.backbone import Backbone, from_config
 from fanlora.config import Config
 from fanlora.data.instruct import InstructionData, for_search
@@ -25,7 +26,6 @@ from fanlora.gates import GatedLoRA
 from fanlora.scoring import ScoreTable, make_batches, memory, scorers
 from fanlora.scoring.journal import Journal
 from fanlora.scoring.study import SHARD_FORMAT, BareModel, Study, assemble, compute
-from fanlora.setting import file_sha256
 
 
 def scores_path(cfg: Config, run_dir: str | Path) -> Path:

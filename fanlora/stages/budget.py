@@ -3,7 +3,7 @@
 The paper keeps "at most K_max modules per layer"; users think in budgets — "at most 1 M trainable parameters
 per task", "at most 2 % slower decoding". :func:`select_within` is a 0/1 knapsack over the (kind, layer)
 modules with an optional per-layer cap (a group knapsack: per layer, one subset of at most K_max kinds), and,
-like :func:`fanlora.setting.select`, it never keeps a module with a negative score.
+like :func:`fanlora.stages.selection.select`, it never keeps a module with a negative score.
 
 Costs of a module:
 
@@ -33,7 +33,8 @@ import numpy as np
 from fanlora.config import R1
 from fanlora.errors import UserError
 from fanlora.scoring.table import ScoreTable
-from fanlora.setting import Setting, from_table, select
+from fanlora.setting import Setting
+from fanlora.stages.selection import from_table, select
 
 UNITS = {
     "params": "trainable parameters, e.g. params=1000000 or params=1M",
@@ -198,8 +199,8 @@ def costs_for(
         shapes = module_shapes(table.backbone.get("source", "embedded"), table_module_map(table))
         costs = param_costs(table, shapes, r1)
         return costs, {"r1": r1, "cost": "r1 * (in + out) per module"}
+    from fanlora.atomic import file_sha256
     from fanlora.latency import profile as latency
-    from fanlora.setting import file_sha256
 
     where, prof = latency.find_profile(table.backbone, profile_path)
     record = {"profile": str(where), "profile_sha256_16": file_sha256(where)[:16], "profile_r": prof["r"]}
@@ -279,8 +280,8 @@ def vllm_budget_setting(
     table: ScoreTable, budget: Budget, k_max: int | None, profile_path: str | None, source: dict[str, Any] | None
 ) -> Setting:
     """``select --budget latency=P% --engine vllm``: the best setting at what stock vLLM charges."""
+    from fanlora.atomic import file_sha256
     from fanlora.latency import vllm_profile
-    from fanlora.setting import file_sha256
 
     if budget.unit != "latency":
         raise UserError("--engine vllm costs latency, not parameters: use --budget latency=P% (or drop --engine)")

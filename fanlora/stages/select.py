@@ -7,12 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fanlora.atomic import file_sha256
 from fanlora.config import R1
 from fanlora.dist import say
 from fanlora.errors import UserError
 from fanlora.scoring.table import ScoreTable
-from fanlora.setting import Setting, file_sha256, select
+from fanlora.setting import Setting
 from fanlora.stages import plots
+from fanlora.stages.selection import select
 
 
 def run_select(
