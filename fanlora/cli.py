@@ -55,7 +55,13 @@ def _deprecated(old: str, new: str) -> type[argparse.Action]:
 
 
 def _score_options(p: argparse.ArgumentParser) -> None:
+    """score's flags; --scorer's help lists the registered scorers (the CLI adds them: config stays static)."""
+    from fanlora.scoring import scorers  # declarations only: no torch
+
     _config_flags(p, "score")
+    for action in p._actions:
+        if "--scorer" in action.option_strings:
+            action.help = action.help.replace("stage-b scorer", f"stage-b scorer — {scorers.described()}", 1)
 
 
 def _tasks() -> str:

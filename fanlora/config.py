@@ -23,12 +23,6 @@ MC_FORMATS = ("clean", "lm-eval")  # evaluate.mc_format
 DECODINGS = ("greedy", "sampling", "beam")  # evaluate.decoding
 
 
-def _scorer_help() -> str:
-    from fanlora.scoring import scorers  # declarations only: no torch
-
-    return f"stage-b scorer — {scorers.described()}"
-
-
 def flag(
     name: str,
     help: str | Callable[[], str],
@@ -97,7 +91,7 @@ class SearchConfig:
 
 @dataclass
 class ScoreConfig:
-    method: str = field(default="ab-exact", metadata=flag("--scorer", lambda: _scorer_help(), deprecated=("--method",)))
+    method: str = field(default="ab-exact", metadata=flag("--scorer", "stage-b scorer", deprecated=("--method",)))
     max_val_examples: Any = None  # int or null: score on the first N val examples (after val_start)
     val_start: int = 0  # skip the first val examples: two disjoint halves give a split-half stability check
     batch_size: int = 8

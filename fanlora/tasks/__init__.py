@@ -4,9 +4,17 @@ registers its class (``@register``), so a new task is one new file."""
 import importlib
 import pkgutil
 
-from fanlora.tasks.base import GenExample, GenTask, MCExample, MCTask, Task, get_task, known_tasks
+from fanlora.tasks.base import REGISTRY, GenExample, GenTask, MCExample, MCTask, Task
 
 __all__ = ["GenExample", "GenTask", "MCExample", "MCTask", "Task", "get_task", "known_tasks"]
 
 for _info in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_info.name}")
+
+
+def known_tasks() -> list[str]:
+    return REGISTRY.names()
+
+
+def get_task(name: str, data: dict[str, str] | None = None) -> Task:
+    return REGISTRY.get(name)(data)

@@ -190,23 +190,13 @@ class GenTask(Task):
         raise NotImplementedError
 
 
-_REGISTRY: Registry[type[Task]] = Registry("task", "unknown task {name}: known tasks are {known}")
+#: the tasks by name; :func:`fanlora.tasks.get_task` reads it once the package has imported every task file
+REGISTRY: Registry[type[Task]] = Registry("task", "unknown task {name}: known tasks are {known}")
 
 
 def register(cls: type[Task]) -> type[Task]:
     """Class decorator: the task is known by ``cls.name``."""
-    return _REGISTRY.register(cls.name, cls)
-
-
-def known_tasks() -> list[str]:
-    from fanlora import tasks  # noqa: F401 - importing the package registers the bundled tasks
-
-    return _REGISTRY.names()
-
-
-def get_task(name: str, data: dict[str, str] | None = None) -> Task:
-    known_tasks()
-    return _REGISTRY.get(name)(data)
+    return REGISTRY.register(cls.name, cls)
 
 
 def halve(rows: list[Any], split: str) -> list[Any]:
