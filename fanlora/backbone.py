@@ -30,6 +30,13 @@ from fanlora.errors import UserError
 
 #: The paper's seven module kinds, in the order used everywhere (tables, plots, settings).
 KINDS: tuple[str, ...] = ("Q", "K", "V", "O", "G", "U", "D")
+
+
+def module_key(kind: str, layer: int) -> str:
+    """The key of a (kind, layer) module in scores, journals and setting tables: ``"V.3"``."""
+    return f"{kind}.{layer}"
+
+
 KIND_NAMES: dict[str, str] = {
     "Q": "query",
     "K": "key",

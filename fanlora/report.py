@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fanlora import atomic
+from fanlora.backbone import module_key
 from fanlora.config import R1
 from fanlora.errors import UserError
 from fanlora.scoring.table import ScoreTable
@@ -82,7 +83,7 @@ def heatmap(table: ScoreTable, setting: Setting | None) -> str:
             cls = ' class="kept"' if kind in kept else ""
             cells.append(
                 f'<td{cls} style="background:{_color(v, bound)}" title="{esc(kind)}.{layer}: {v:.6g}" '
-                f'data-score="{v:.6g}" data-module="{esc(table.module_names[f"{kind}.{layer}"])}"></td>'
+                f'data-score="{v:.6g}" data-module="{esc(table.module_names[module_key(kind, layer)])}"></td>'
             )
         rows.append(f"<tr><th>{layer}</th>{''.join(cells)}</tr>")
     return (

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fanlora.backbone import module_key
 from fanlora.errors import UserError
 from fanlora.gates import GatedLoRA
 from fanlora.scoring import memory
@@ -65,7 +66,7 @@ def run(
         for chunk in chunks:
             part = batches[chunk[0] : chunk[1]]
             todo = {
-                layer: [k for k in layout.kinds if entry_id(chunk, f"{k}.{layer}") not in progress.done]
+                layer: [k for k in layout.kinds if entry_id(chunk, module_key(k, layer)) not in progress.done]
                 for layer in layers
             }
             todo = {layer: kinds for layer, kinds in todo.items() if kinds}
@@ -89,7 +90,11 @@ def run(
                     sums = _ablate(gates, replayer, part, caches, layer, group, device, dtype)
                     for j, kind in enumerate(group):
                         progress.record(
-                            {"id": entry_id(chunk, f"{kind}.{layer}"), "without": sums[j], "only": sums[len(group) + j]}
+                            {
+                                "id": entry_id(chunk, module_key(kind, layer)),
+                                "without": sums[j],
+                                "only": sums[len(group) + j],
+                            }
                         )
                     tick(2 * len(group))
             del caches

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fanlora.backbone import module_key
 from fanlora.errors import UserError
 from fanlora.gates import GatedLoRA
 from fanlora.scoring.journal import Journal
@@ -61,7 +62,7 @@ def run(
                 progress.record(
                     {
                         "id": entry_id(i, at),
-                        "grad": {f"{k}.{n}": float(g) for (k, n), g in zip(keys, grads, strict=True)},
+                        "grad": {module_key(k, n): float(g) for (k, n), g in zip(keys, grads, strict=True)},
                     }
                 )
                 tick(1)

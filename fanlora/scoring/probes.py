@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fanlora.backbone import module_key
 from fanlora.data.instruct import IGNORE
 from fanlora.errors import UserError
 from fanlora.scoring.journal import Journal
@@ -45,7 +46,7 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 
 
 def _modules(model: nn.Module, layout: Any) -> dict[str, nn.Module]:
-    return {f"{k}.{n}": model.get_submodule(layout.module_name(k, n)) for k, n in layout.all_modules()}
+    return {module_key(k, n): model.get_submodule(layout.module_name(k, n)) for k, n in layout.all_modules()}
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from fanlora.backbone import module_key
 from fanlora.errors import UserError
 from fanlora.gates import GatedLoRA, Key
 from fanlora.scoring import memory
@@ -103,12 +104,12 @@ def assemble(
             f"the scores are incomplete: permutation(s) {', '.join(map(str, missing[:4]))} missing — give every "
             "shard (or re-run `fanlora score` to finish)"
         )
-    samples: dict[str, list[float]] = {f"{k}.{n}": [] for k, n in players}
+    samples: dict[str, list[float]] = {module_key(k, n): [] for k, n in players}
     for p in range(budget):
         curves = [by_perm[p][t] for t in tile_ranges(list(by_perm[p]), n_batches)]
         v = [-sum(c[j] for c in curves) / n_tokens for j in range(len(players) + 1)]
         for j, (kind, layer) in enumerate(permutation(players, seed, p)):
-            samples[f"{kind}.{layer}"].append(v[j + 1] - v[j])
+            samples[module_key(kind, layer)].append(v[j + 1] - v[j])
     values, columns = {}, {}
     for key, xs in samples.items():
         mean = sum(xs) / len(xs)
@@ -148,5 +149,5 @@ def exact_values(gated: GatedLoRA, batches: Sequence[Batch], players: Sequence[K
             s = len(coalition)
             weight = math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n)
             acc += weight * (value[coalition | {m}] - v)
-        phi[f"{kind}.{layer}"] = acc
+        phi[module_key(kind, layer)] = acc
     return phi

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from fanlora import atomic, dist
 from fanlora.atomic import file_sha256
-from fanlora.backbone import Backbone, from_config
+from fanlora.backbone import Backbone, from_config, module_key
 from fanlora.config import Config
 from fanlora.data.instruct import InstructionData, for_search
 from fanlora.dist import say
@@ -86,7 +86,7 @@ def _prepare_scoring(cfg: Config, run_dir: Path, options: dict[str, Any], rank: 
         method=sc.method,
         kinds=layout.kinds,
         num_layers=layout.num_layers,
-        module_names={f"{k}.{n}": layout.module_name(k, n) for k, n in layout.all_modules()},
+        module_names={module_key(k, n): layout.module_name(k, n) for k, n in layout.all_modules()},
         n_batches=len(batches),
         n_tokens=n_tokens,
         options=options,

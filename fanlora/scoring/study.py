@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from fanlora.backbone import ModuleLayout
+from fanlora.backbone import ModuleLayout, module_key
 from fanlora.gates import GatedLoRA
 from fanlora.scoring import scorers
 from fanlora.scoring.journal import Journal
@@ -55,7 +55,7 @@ class Study:
 
     @property
     def keys(self) -> list[str]:
-        return [f"{k}.{layer}" for layer in range(self.num_layers) for k in self.kinds]
+        return [module_key(k, layer) for layer in range(self.num_layers) for k in self.kinds]
 
     @property
     def players(self) -> list[tuple[str, int]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fanlora import atomic
+from fanlora.backbone import module_key
 from fanlora.errors import UserError
 
 SCORES_FORMAT = "fanlora-scores/1"
@@ -38,18 +39,18 @@ class ScoreTable:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def score(self, kind: str, layer: int) -> float:
-        return self.values[f"{kind}.{layer}"]
+        return self.values[module_key(kind, layer)]
 
     @property
     def keys(self) -> list[str]:
         """Layer-major "kind.layer" keys: one fixed order for every comparison between tables."""
-        return [f"{k}.{layer}" for layer in range(self.num_layers) for k in self.kinds]
+        return [module_key(k, layer) for layer in range(self.num_layers) for k in self.kinds]
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
         for layer in range(self.num_layers):
             for kind in self.kinds:
-                key = f"{kind}.{layer}"
+                key = module_key(kind, layer)
                 out.append(
                     {
                         "kind": kind,

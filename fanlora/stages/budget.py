@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from fanlora.backbone import module_key
 from fanlora.config import R1
 from fanlora.errors import UserError
 from fanlora.scoring.table import ScoreTable
@@ -82,7 +83,7 @@ def param_costs(table: ScoreTable, shapes: dict[str, tuple[int, int]], r1: int) 
     costs = {}
     for kind in table.kinds:
         for layer in range(table.num_layers):
-            name = table.module_names[f"{kind}.{layer}"]
+            name = table.module_names[module_key(kind, layer)]
             if name not in shapes:
                 raise UserError(f"the backbone has no linear module {name}: these scores belong to another backbone")
             fan_in, fan_out = shapes[name]

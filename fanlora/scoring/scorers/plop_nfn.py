@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fanlora.backbone import module_key
 from fanlora.scoring.scorers.registry import Assembled, Scorer, register
 
 
@@ -35,7 +36,9 @@ class PlopNFN(Scorer):
         from fanlora.scoring import probes
 
         nfn = probes.mean_per_token(entries, study.keys, study.n_batches)
-        by_kind = {k: sum(nfn[f"{k}.{n}"] for n in range(study.num_layers)) / study.num_layers for k in study.kinds}
+        by_kind = {
+            k: sum(nfn[module_key(k, n)] for n in range(study.num_layers)) / study.num_layers for k in study.kinds
+        }
         values = {key: 1.0 / by_kind[key.split(".")[0]] for key in study.keys}
         columns = {key: {"nfn": nfn[key], "nfn_kind": by_kind[key.split(".")[0]]} for key in study.keys}
         return values, columns, None, None
