@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fanlora.errors import UserError
 from fanlora.serving.flags import DEFAULTS
+from fanlora.serving.jobs import Extras
 
 
 class Limits(BaseModel):
@@ -129,8 +130,18 @@ class SamplingRequest(BaseModel):
         return self
 
     def extras_asked(self) -> bool:
-        return (self.n, self.presence_penalty, self.frequency_penalty, self.top_k, self.min_p) != (1, 0, 0, 0, 0) or (
-            self.repetition_penalty != 1.0 or self.min_tokens > 0 or self.logprob_count() is not None
+        return self.n > 1 or self.extras() != Extras()
+
+    def extras(self) -> Extras:
+        """What the request asks beyond the decoding strategy (the defaults ask for nothing)."""
+        return Extras(
+            top_k=max(self.top_k, 0),
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            min_tokens=self.min_tokens,
+            logprobs=self.logprob_count(),
         )
 
     def logprob_count(self) -> int | None:

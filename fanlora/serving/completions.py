@@ -22,7 +22,7 @@ from fanlora.generate import Decoding, prompt_ids
 from fanlora.serving.answers import Answer, Choice, stream_answer, whole_answer
 from fanlora.serving.api import ApiError, ChatMessage, ChatRequest, CompletionRequest, Limits, SamplingRequest
 from fanlora.serving.engine import Engine
-from fanlora.serving.jobs import Closing, Extras, Job, QueueFull
+from fanlora.serving.jobs import Closing, Job, QueueFull
 from fanlora.serving.logprobs import prompt_entries
 from fanlora.serving.tenants import Tenants
 
@@ -37,18 +37,6 @@ def _decoding(req: SamplingRequest, sample: int = 0) -> Decoding:
         return Decoding("greedy")
     seed = ((req.seed or 0) + sample) % 2**63
     return Decoding("sampling", temperature=req.temperature, top_p=req.top_p, seed=seed)
-
-
-def _extras(req: SamplingRequest) -> Extras:
-    return Extras(
-        top_k=max(req.top_k, 0),
-        min_p=req.min_p,
-        repetition_penalty=req.repetition_penalty,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        min_tokens=req.min_tokens,
-        logprobs=req.logprob_count(),
-    )
 
 
 FULL = "at capacity (request queue full): retry later"
@@ -118,7 +106,7 @@ class Completions:
                       slot: int) -> list[Choice]:  # fmt: skip
         """One choice per prompt and sample: its job on ``slot`` (none at max_tokens 0), for echo the prompt's text
         and (with logprobs) its entries, computed by one forward per prompt between two steps."""
-        loop, k, stop = asyncio.get_running_loop(), req.logprob_count(), list(req.stop or [])
+        loop, k, stop, extras = asyncio.get_running_loop(), req.logprob_count(), list(req.stop or []), req.extras()
         choices = []
         for p, ids in enumerate(prompts):
             entries = []
@@ -129,7 +117,7 @@ class Completions:
                 job = None
                 if req.max_tokens:
                     job = Job(ids, adapter, _decoding(req, i), req.max_tokens, stop, loop, slot=slot,
-                              ignore_eos=req.ignore_eos, extras=_extras(req))  # fmt: skip
+                              ignore_eos=req.ignore_eos, extras=extras)  # fmt: skip
                 choices.append(Choice(p * req.n + i, job, echo[p] if echo else "", entries))
         return choices
 

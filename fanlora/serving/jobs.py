@@ -125,7 +125,6 @@ def flush(job: Job, tokenizer: Any) -> None:
 
 
 T = TypeVar("T")
-WAIT_LIMIT = DEFAULTS["overload_seconds"]  # a request that waits longer for a row is late; the server overloaded
 
 
 class Admission:
@@ -149,7 +148,9 @@ class Admission:
         self.lock = threading.Lock()  # held for a step: adapter loads and forwards never overlap
         self._since: dict[int, float] = {}  # id of each job admitted, not yet decoding (≤ max_queue) → since when
         self._count = threading.Lock()  # guards _since and closed
-        self.wait_limit = WAIT_LIMIT  # a job that waits longer for a row counts as late; /ready says overloaded
+        self.wait_limit = DEFAULTS[
+            "overload_seconds"
+        ]  # a job that waits longer for a row counts as late; /ready says overloaded
         self.late = 0  # jobs that waited longer than wait_limit before they got a row
         self.running = True
         self.batches = 0  # forwards (continuous) or generate calls (batch) run
