@@ -14,9 +14,14 @@ set one unit of work (computed by rank 0).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from fanlora.scoring.scorers.registry import Assembled, Scorer, register
+from fanlora.scoring.scorers.registry import Assembled, Scorer, Study, register
+
+if TYPE_CHECKING:  # annotations only (torch)
+    from fanlora.gates import GatedLoRA
+    from fanlora.scoring.journal import Journal
 
 
 class GradNorm(Scorer):
@@ -24,20 +29,20 @@ class GradNorm(Scorer):
     summary = "normalised weight-gradient norm (Layer Card), bare backbone, 1 backward per batch"
     needs_stage_a = False
 
-    def units(self, study: Any, rank: int, world: int) -> list[int]:
+    def units(self, study: Study, rank: int, world: int) -> list[int]:
         return [0] if rank == 0 else []
 
-    def cost(self, study: Any) -> int:
+    def cost(self, study: Study) -> int:
         return study.n_batches
 
-    def compute(self, study: Any, gated: Any, batches: Any, progress: Any, units: Any, memory_limit: int,
-                tick: Any) -> None:  # fmt: skip
+    def compute(self, study: Study, gated: GatedLoRA, batches: Sequence[Any], progress: Journal,
+                units: Sequence[int], memory_limit: int, tick: Callable[[int], None]) -> None:  # fmt: skip
         from fanlora.scoring import probes
 
         if units:
             probes.run_grad_norm(gated.model, gated.layout, batches, progress, study.n_tokens, tick)
 
-    def assemble(self, study: Any, entries: dict[str, dict[str, Any]]) -> Assembled:
+    def assemble(self, study: Study, entries: dict[str, dict[str, Any]]) -> Assembled:
         from fanlora.errors import UserError
 
         if "all" not in entries:

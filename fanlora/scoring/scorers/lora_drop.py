@@ -9,26 +9,31 @@ importance is used here, per (kind, layer), so ``fanlora select`` and budgets tr
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from fanlora.scoring.scorers.registry import Assembled, Scorer, register
+from fanlora.scoring.scorers.registry import Assembled, Scorer, Study, register
+
+if TYPE_CHECKING:  # annotations only (torch)
+    from fanlora.gates import GatedLoRA
+    from fanlora.scoring.journal import Journal
 
 
 class LoraDrop(Scorer):
     name = "lora-drop"
     summary = "LoRA-drop: stage a's LoRA output norm, 1 forward per batch"
 
-    def cost(self, study: Any) -> int:
+    def cost(self, study: Study) -> int:
         return study.n_batches
 
-    def compute(self, study: Any, gated: Any, batches: Any, progress: Any, units: Any, memory_limit: int,
-                tick: Any) -> None:  # fmt: skip
+    def compute(self, study: Study, gated: GatedLoRA, batches: Sequence[Any], progress: Journal,
+                units: Sequence[int], memory_limit: int, tick: Callable[[int], None]) -> None:  # fmt: skip
         from fanlora.scoring import probes
 
         gated.set_all(True)
         probes.run_lora_out(gated.model.get_base_model(), gated.layout, batches, progress, units, tick)
 
-    def assemble(self, study: Any, entries: dict[str, dict[str, Any]]) -> Assembled:
+    def assemble(self, study: Study, entries: dict[str, dict[str, Any]]) -> Assembled:
         from fanlora.scoring import probes
 
         out = probes.mean_per_token(entries, study.keys, study.n_batches)

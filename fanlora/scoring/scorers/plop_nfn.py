@@ -12,10 +12,15 @@ every layer; each layer's own NFN is in the ``nfn`` column.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from fanlora.backbone import module_key
-from fanlora.scoring.scorers.registry import Assembled, Scorer, register
+from fanlora.scoring.scorers.registry import Assembled, Scorer, Study, register
+
+if TYPE_CHECKING:  # annotations only (torch)
+    from fanlora.gates import GatedLoRA
+    from fanlora.scoring.journal import Journal
 
 
 class PlopNFN(Scorer):
@@ -23,16 +28,16 @@ class PlopNFN(Scorer):
     summary = "PLoP's feature-norm score per module type, bare backbone, 1 forward per batch"
     needs_stage_a = False
 
-    def cost(self, study: Any) -> int:
+    def cost(self, study: Study) -> int:
         return study.n_batches
 
-    def compute(self, study: Any, gated: Any, batches: Any, progress: Any, units: Any, memory_limit: int,
-                tick: Any) -> None:  # fmt: skip
+    def compute(self, study: Study, gated: GatedLoRA, batches: Sequence[Any], progress: Journal,
+                units: Sequence[int], memory_limit: int, tick: Callable[[int], None]) -> None:  # fmt: skip
         from fanlora.scoring import probes
 
         probes.run_nfn(gated.model, gated.layout, batches, progress, units, tick)
 
-    def assemble(self, study: Any, entries: dict[str, dict[str, Any]]) -> Assembled:
+    def assemble(self, study: Study, entries: dict[str, dict[str, Any]]) -> Assembled:
         from fanlora.scoring import probes
 
         nfn = probes.mean_per_token(entries, study.keys, study.n_batches)

@@ -4,9 +4,9 @@ A scorer declares its work *units* (what one process computes and journals at a 
 batches, permutations), their *cost* (for the progress bar), how to *compute* a process's units and how to
 *assemble* the table from everyone's entries, and which ``score.*`` config values it reads (its *options*,
 recorded with the scores so a re-run with other options is refused). ``fanlora.scoring.study`` and
-``stage`` run any scorer through this protocol and never test a scorer's name.
+``fanlora.stages.score`` run any scorer through this protocol and never test a scorer's name.
 
-Declarations are light (no torch at import): the CLI builds ``--method``'s choices and help from
+Declarations are light (no torch at import): the CLI builds ``--scorer``'s choices and help from
 :func:`names` and each scorer's ``summary``; the engines are imported inside ``compute``/``assemble``.
 Adding a scorer is one file in ``fanlora/scoring/scorers/`` that calls :func:`register`.
 """
@@ -14,15 +14,37 @@ Adding a scorer is one file in ``fanlora/scoring/scorers/`` that calls :func:`re
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from fanlora.registry import Registry
 
-if TYPE_CHECKING:  # annotations only: importing these needs torch
+if TYPE_CHECKING:  # annotations only: importing these needs torch (none of them imports the scorers back)
     from fanlora.config import ScoreConfig
     from fanlora.gates import GatedLoRA
     from fanlora.scoring.journal import Journal
-    from fanlora.scoring.study import Study
+
+
+class Study(Protocol):
+    """The contract between stage b and a scorer: what a scorer may read of the study it runs in. The study
+    itself (:class:`fanlora.scoring.study.Study`) satisfies it; defining it here keeps the registry free of an
+    import of the study, which imports the registry."""
+
+    method: str
+    kinds: list[str]
+    num_layers: int
+    module_names: dict[str, str]  # kind → path inside a layer
+    n_batches: int  # validation batches
+    n_tokens: int  # scored response tokens over all batches
+    options: dict[str, Any]  # the scorer's own (shapley: budget, seed)
+
+    @property
+    def keys(self) -> list[str]:  # "V.3", layer-major
+        ...
+
+    @property
+    def players(self) -> list[tuple[str, int]]:  # (kind, layer), layer-major
+        ...
+
 
 #: What assemble returns: (values, columns, S_all, S_null) — the last two only for eq. 3's exact scorer.
 Assembled = tuple[dict[str, float], dict[str, dict[str, float]], float | None, float | None]

@@ -3,25 +3,30 @@ which direction; one gradient pass per batch (engine: :mod:`fanlora.scoring.grad
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from fanlora.scoring.scorers.registry import Assembled, Scorer, register
+from fanlora.scoring.scorers.registry import Assembled, Scorer, Study, register
+
+if TYPE_CHECKING:  # annotations only (torch)
+    from fanlora.gates import GatedLoRA
+    from fanlora.scoring.journal import Journal
 
 
 class Sensitivity(Scorer):
     name = "sensitivity"
     summary = "|gate gradient|, 1 pass per batch"
 
-    def cost(self, study: Any) -> int:
+    def cost(self, study: Study) -> int:
         return study.n_batches
 
-    def compute(self, study: Any, gated: Any, batches: Any, progress: Any, units: Any, memory_limit: int,
-                tick: Any) -> None:  # fmt: skip
+    def compute(self, study: Study, gated: GatedLoRA, batches: Sequence[Any], progress: Journal,
+                units: Sequence[int], memory_limit: int, tick: Callable[[int], None]) -> None:  # fmt: skip
         from fanlora.scoring import gradient
 
         gradient.run(gradient.SENSITIVITY_PASSES, True, gated, batches, progress, units, study.n_tokens, tick)
 
-    def assemble(self, study: Any, entries: dict[str, dict[str, Any]]) -> Assembled:
+    def assemble(self, study: Study, entries: dict[str, dict[str, Any]]) -> Assembled:
         from fanlora.scoring import gradient
 
         return (*gradient.assemble_sensitivity(entries, study.keys, study.n_batches), None, None)

@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from fanlora.errors import UserError
-from fanlora.scoring.scorers.registry import Assembled, Scorer, register
+from fanlora.scoring.scorers.registry import Assembled, Scorer, Study, register
+
+if TYPE_CHECKING:  # annotations only (torch)
+    from fanlora.gates import GatedLoRA
+    from fanlora.scoring.journal import Journal
 
 
 class Shapley(Scorer):
@@ -23,19 +28,19 @@ class Shapley(Scorer):
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
             raise UserError(f"the Shapley budget must be at least 1 permutation, got {budget!r}: e.g. --budget 8")
 
-    def units(self, study: Any, rank: int, world: int) -> list[int]:
+    def units(self, study: Study, rank: int, world: int) -> list[int]:
         return [u for u in range(study.options["budget"]) if u % world == rank]
 
-    def cost(self, study: Any) -> int:
+    def cost(self, study: Study) -> int:
         return study.options["budget"]
 
-    def compute(self, study: Any, gated: Any, batches: Any, progress: Any, units: Any, memory_limit: int,
-                tick: Any) -> None:  # fmt: skip
+    def compute(self, study: Study, gated: GatedLoRA, batches: Sequence[Any], progress: Journal,
+                units: Sequence[int], memory_limit: int, tick: Callable[[int], None]) -> None:  # fmt: skip
         from fanlora.scoring import shapley
 
         shapley.run(gated, batches, progress, units, study.options["seed"], memory_limit, study.players, tick)
 
-    def assemble(self, study: Any, entries: dict[str, dict[str, Any]]) -> Assembled:
+    def assemble(self, study: Study, entries: dict[str, dict[str, Any]]) -> Assembled:
         from fanlora.scoring import shapley
 
         o = study.options
