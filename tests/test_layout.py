@@ -18,23 +18,12 @@ def modules() -> dict[str, Path]:
     return out
 
 
-def _runtime_nodes(tree: ast.Module):
-    """Every node that runs: all of them but ``if TYPE_CHECKING:`` blocks (annotations only)."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        yield node
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
-            stack.extend(node.orelse)
-            continue
-        stack.extend(ast.iter_child_nodes(node))
-
-
 def imports(tree: ast.Module, known: dict[str, Path], everywhere: bool = False) -> set[str]:
     """The package's modules this one imports at module level (what runs at import time), or with
-    ``everywhere`` also inside functions — lazy imports — but not under ``if TYPE_CHECKING:``."""
+    ``everywhere`` anywhere: inside functions (lazy imports) and under ``if TYPE_CHECKING:`` (annotations) too —
+    an arrow is an arrow, whenever it is followed."""
     deps = set()
-    for node in _runtime_nodes(tree) if everywhere else tree.body:
+    for node in ast.walk(tree) if everywhere else tree.body:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fanlora"):
             for alias in node.names:
                 name = f"{node.module}.{alias.name}"
@@ -45,8 +34,9 @@ def imports(tree: ast.Module, known: dict[str, Path], everywhere: bool = False) 
 
 
 def test_no_import_cycles():
-    """No circle, lazy imports inside functions counted (before, this check read module level only and missed
-    tasks.base importing the tasks package inside known_tasks while the package imports tasks.base)."""
+    """No circle, lazy and TYPE_CHECKING imports counted (before, this check read module level only and missed
+    tasks.base importing the tasks package inside known_tasks while the package imports tasks.base, and the
+    scorer registry importing the study under TYPE_CHECKING while the study imports the registry)."""
     known = modules()
     graph = {
         name: imports(ast.parse(path.read_text()), known, everywhere=True) & set(known) - {name}
@@ -125,3 +115,15 @@ def test_extensions_register_from_their_own_file():
     assert {n.replace("-", "_") for n in scorers.names()} == scorer_files
     task_files = {p.stem for p in (PACKAGE / "tasks").glob("*.py")} - {"__init__", "base"}
     assert set(known_tasks()) == task_files
+
+
+def test_no_handler_branches_on_the_command_name():
+    """What differs between commands is said where the parser binds them (set_defaults) or passed as an
+    argument, never by testing ``args.command`` in shared code."""
+    found = [
+        f"{name}:{node.lineno}"
+        for name, path in modules().items()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr == "command" and getattr(node.value, "id", "") == "args"
+    ]
+    assert not found, found

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import copy_run
+from helpers import copy_run
 
 from fanlora.cli import build_parser, main
 from fanlora.errors import UserError
@@ -45,6 +45,7 @@ def update_norm():
     scorers.unregister(scorer.name)
 
 
+@pytest.mark.e2e
 def test_registered_scorer_scores_and_feeds_select(searched_run, tmp_path, update_norm):
     run = copy_run(searched_run[1], tmp_path / "run")
     assert main(["score", "--run-dir", str(run), "--scorer", "update-norm"]) == 0
@@ -66,3 +67,18 @@ def test_score_help_lists_every_registered_scorer(update_norm, capsys):
 def test_unknown_scorer_is_one_line(update_norm):
     with pytest.raises(UserError, match=r"unknown scoring method 'magic': choose one of ab-exact, .*update-norm"):
         scorers.get("magic")
+
+
+def test_the_study_meets_the_contract_scorers_are_typed_against():
+    """The registry's Study protocol names what a scorer may read; the real study must offer all of it."""
+    from dataclasses import fields
+
+    from fanlora.scoring.scorers.registry import Study as Contract
+    from fanlora.scoring.study import Study
+
+    def members(cls):
+        return set(getattr(cls, "__annotations__", {})) | {n for n, v in vars(cls).items() if isinstance(v, property)}
+
+    offered = {f.name for f in fields(Study)} | members(Study)
+    assert members(Contract) - {"__module__"} <= offered
+    assert {"keys", "players", "n_batches", "options"} <= members(Contract)
