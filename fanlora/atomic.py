@@ -27,11 +27,16 @@ MAX_ARTIFACT_BYTES = 256 * 1024 * 1024  # far above any artifact fanlora writes
 def read_json(path: str | Path, fix: str, max_bytes: int = MAX_ARTIFACT_BYTES) -> Any:
     """The JSON value in ``path``; a file that is too large, not UTF-8, not JSON or nested too deeply is one
     UserError naming the file and ``fix`` (what the user should do)."""
-    path = Path(path)
+    return _read_json(Path(path), fix, max_bytes)[0]
+
+
+def _read_json(path: Path, fix: str, max_bytes: int) -> tuple[Any, bytes]:
+    """:func:`read_json`'s value and the bytes it was parsed from (one read: a digest of them names the file)."""
     if path.stat().st_size > max_bytes:
         raise UserError(f"{path} is over {max_bytes:,} bytes, too large for what it should hold: {fix}")
+    raw = path.read_bytes()
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(raw.decode("utf-8")), raw
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text: {fix}") from None
     except json.JSONDecodeError as exc:
@@ -42,13 +47,18 @@ def read_json(path: str | Path, fix: str, max_bytes: int = MAX_ARTIFACT_BYTES) -
 
 def read_artifact(path: str | Path, fmt: str, what: str, command: str) -> dict[str, Any]:
     """Read a fanlora JSON artifact of format ``fmt``; every way it can be wrong is one clear UserError."""
+    return read_artifact_digest(path, fmt, what, command)[0]
+
+
+def read_artifact_digest(path: str | Path, fmt: str, what: str, command: str) -> tuple[dict[str, Any], str]:
+    """:func:`read_artifact` and the SHA-256 of the bytes it read (a run records its inputs' digests)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist: run `{command}` first or fix the path")
-    data = read_json(path, f"re-run `{command}`")
+    data, raw = _read_json(path, f"re-run `{command}`", MAX_ARTIFACT_BYTES)
     if not isinstance(data, dict) or data.get("format") != fmt:
         raise UserError(f"{path} is not a fanlora {what} file (format {fmt} expected)")
-    return data
+    return data, hashlib.sha256(raw).hexdigest()
 
 
 _UMASK_LOCK = threading.Lock()

@@ -30,6 +30,8 @@ class Setting:
     k_max: int
     kept: dict[int, list[str]]  # layer → kinds kept, best first
     source: dict[str, Any] = field(default_factory=dict)
+    # SHA-256 of the file it was read from ("" when made in memory): runs record it, so the file is read once
+    sha256: str = field(default="", compare=False, repr=False)
 
     @property
     def kinds(self) -> list[str]:
@@ -68,7 +70,7 @@ class Setting:
 
     @classmethod
     def read(cls, path: str | Path) -> Setting:
-        data = atomic.read_artifact(path, SETTING_FORMAT, "setting", "fanlora select")
+        data, digest = atomic.read_artifact_digest(path, SETTING_FORMAT, "setting", "fanlora select")
         try:
             paths = dict(data["module_paths"])
             kept: dict[int, list[str]] = {}
@@ -88,6 +90,7 @@ class Setting:
                 k_max=int(data["k_max"]),
                 kept=kept,
                 source=data.get("source", {}),
+                sha256=digest,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UserError(f"{path} is a damaged setting file ({exc!r}): re-run `fanlora select`") from None

@@ -20,14 +20,10 @@ import contextlib
 import fcntl
 import fnmatch
 import json
-import math
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from fanlora import atomic, methods
 from fanlora.backbone import from_config
@@ -36,15 +32,15 @@ from fanlora.errors import UserError
 from fanlora.experiments import plots
 from fanlora.experiments import report as report_
 from fanlora.experiments.config import FORMAT, Cell, Experiment, Variant, cell_config, cells
-from fanlora.scoring import ScoreTable, scorers, stage
+from fanlora.scoring import ScoreTable, scorers
 from fanlora.setting import Setting
 from fanlora.stages import rundir
-from fanlora.stages.adapt import run_evaluate, task_training_data
+from fanlora.stages import score as stage
+from fanlora.stages.finetune import Plan, finetune
 from fanlora.stages.search import run_search
 from fanlora.stages.select import run_select
 from fanlora.stages.selection import select, select_by_rule
 from fanlora.tasks import get_task
-from fanlora.train import train_adapter
 
 
 # --- settings ----------------------------------------------------------------------------------------------
@@ -130,63 +126,44 @@ def prepare_setting(exp: Experiment, variant: Variant) -> tuple[Path, int]:
 
 
 # --- one cell ----------------------------------------------------------------------------------------------
-def total_steps(train_params: Any, n_train: int) -> int:
-    per_step = train_params.batch_size * train_params.grad_accum
-    if train_params.max_steps > 0:
-        return train_params.max_steps
-    return math.ceil(train_params.epochs * math.ceil(n_train / per_step))
-
-
 def run_cell(exp: Experiment, cell: Cell, progress: bool = False) -> dict[str, Any]:
-    """Train and evaluate one cell; its ``cell.json`` marks it done (and is returned on later calls)."""
+    """Stage d (:func:`fanlora.stages.finetune.finetune`) for one cell; its ``cell.json`` marks it done (and is
+    returned on later calls). The grid only decides what the cell trains: its setting, rank and budget."""
 
     directory = Path(exp.out) / "cells" / cell.id
     done = directory / "cell.json"
     if done.is_file():
         return json.loads(done.read_text())
     cfg = cell_config(exp, cell)
-    options = dict(exp.method_options.get(cell.method, {}))
-    setting = None
+    plan = Plan(cell.method, dict(exp.method_options.get(cell.method, {})))
     if methods.get(cell.method).needs_setting:
         setting_path, rank = prepare_setting(exp, exp.variants[cell.variant])
-        setting = Setting.read(setting_path)
-        options.setdefault("r", rank)
-        options.setdefault("alpha", 2 * options["r"])
-    ft = cfg.finetune
+        plan.setting, plan.setting_path = Setting.read(setting_path), str(setting_path)
+        plan.options.setdefault("r", rank)
+        plan.options.setdefault("alpha", 2 * plan.options["r"])
     backbone = from_config(cfg.backbone)
-    tok = backbone.tokenizer
-    if methods.get(cell.method).searched and not options.get("budget"):  # FanLoRA's trainable parameters
+    if methods.get(cell.method).searched and not plan.options.get("budget"):  # FanLoRA's trainable parameters
         reference, rank = prepare_setting(exp, exp.variants[exp.reference or next(iter(exp.variants))])
-        options["budget"] = methods.lora_params(backbone, Setting.read(reference).modules, rank)
-    train, dev = task_training_data(cfg, backbone)
-    torch.manual_seed(cell.seed)
-    steps = total_steps(ft.train, len(train))
-    built = methods.build(cell.method, backbone, options, setting, steps, ft.lora.dropout)
-    if built.search is not None:  # ssp, learned-adapter: the search phase, timed apart from the retraining
-        built = built.search(train, dev, ft.train, directory, tok.pad_token_id)
-    started = time.time()
-    result = train_adapter(
-        built.model, train, dev, ft.train, directory, tok.pad_token_id, built.callbacks, built.custom_save
-    )
-    trained = time.time()
-    metrics = run_evaluate(cfg, cell.task, directory, backbone=backbone, model=built.model.eval(), progress=progress)
+        plan.options["budget"] = methods.lora_params(backbone, Setting.read(reference).modules, rank)
+    fitted = finetune(cfg, plan, directory, backbone, progress=progress)
+    trained = fitted.training
     metric = get_task(cell.task).metric
     record = {
         **asdict(cell),
         "id": cell.id,
-        "trainable_parameters": built.trainable,
-        "options": options,
-        "steps": result.steps,
-        "best_dev_loss": result.best_eval_loss,
-        "train_minutes": round((trained - started) / 60, 2),
-        "eval_minutes": round((time.time() - trained) / 60, 2),
+        "trainable_parameters": trained["trainable_parameters"],
+        "options": trained["options"],
+        "steps": trained["steps"],
+        "best_dev_loss": trained["best_dev_loss"],
+        "train_minutes": trained["train_minutes"],
+        "eval_minutes": trained["eval_minutes"],
         "metric": metric,
-        "value": metrics.get(metric),
-        "n_test": metrics["n"],
-        "gold_nll": metrics.get("gold_nll"),
-        "n_loss": metrics.get("gold_nll_n", 0),
-        "resumed": result.resumed_from is not None,
-        **({"search_minutes": round(built.search_minutes, 2), "structure": built.structure} if built.structure else {}),
+        "value": fitted.metrics.get(metric),
+        "n_test": fitted.metrics["n"],
+        "gold_nll": fitted.metrics.get("gold_nll"),
+        "n_loss": fitted.metrics.get("gold_nll_n", 0),
+        "resumed": trained["resumed"],
+        **{k: trained[k] for k in ("search_minutes", "structure") if k in trained},
         "config": cfg.to_dict(),
     }
     atomic.write_json(done, record)

@@ -2,8 +2,9 @@
 
 A method says, in one place, everything the rest of fanlora asks of it — its defaults, how it wraps a
 backbone for ``train.train_adapter``, how what it trained is saved, recognised, loaded back and counted, and
-how an element of a searched structure reads in a report. ``build``, ``adapt``'s loader, the experiment grid,
-its report and the benchmarks go through :func:`get` and never test a method's name.
+how an element of a searched structure reads in a report. ``build``, stage d (:mod:`fanlora.stages.finetune`),
+the evaluation loader, the grid, its report and the benchmarks go through :func:`get` and never test a method's
+name.
 
 Adding a method is one file that subclasses :class:`Method` (or :class:`PeftMethod` for a PEFT tuner) and
 calls :func:`register` at import; files in ``fanlora/methods/`` are imported by the package, and a method
@@ -110,7 +111,7 @@ _REGISTRY: Registry[Method] = Registry(
 
 
 def register(method: Method, replace: bool = False) -> Method:
-    """Make ``method`` available under ``method.name`` (to grids, ``adapt``, reports, benchmarks)."""
+    """Make ``method`` available under ``method.name`` (to stage d, grids, reports, benchmarks)."""
     return _REGISTRY.register(method.name, method, replace)
 
 

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from fanlora import atomic
+from fanlora.backbone import from_config
 from fanlora.config import Config
-from fanlora.scoring.stage import run_score
-from fanlora.stages.adapt import run_evaluate, run_finetune
+from fanlora.stages.evaluate import run_evaluate
+from fanlora.stages.finetune import Plan, finetune
+from fanlora.stages.score import run_score
 from fanlora.stages.search import run_search
 from fanlora.stages.select import run_select
 from fanlora.train import environment
@@ -34,9 +36,10 @@ def run_demo(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     setting = run_select(run_dir / "scores.json", cfg.select.k_max, run_dir / "setting.json", run_dir / "plots")
     task = cfg.finetune.task
     base_dir, tuned_dir = run_dir / task / "base", run_dir / task / "fanlora"
-    base = _cached_metrics(base_dir) or run_evaluate(cfg, task, base_dir)
-    adapter = run_finetune(cfg, run_dir / "setting.json", tuned_dir)
-    tuned = _cached_metrics(tuned_dir) or run_evaluate(cfg, task, tuned_dir, adapter=adapter)
+    backbone = from_config(cfg.backbone)  # one load: the bare model's evaluation, then stage d wraps it
+    base = _cached_metrics(base_dir) or run_evaluate(cfg, task, base_dir, backbone=backbone)
+    plan = Plan("fanlora", setting=setting, setting_path=str(run_dir / "setting.json"))
+    tuned = _cached_metrics(tuned_dir) or finetune(cfg, plan, tuned_dir, backbone).metrics
     summary = {
         "run_dir": str(run_dir),
         "minutes": round((time.time() - start) / 60, 2),

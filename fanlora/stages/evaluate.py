@@ -1,4 +1,4 @@
-"""Stage d and evaluation as library calls: train a task adapter on a setting, evaluate a model on a task.
+"""Evaluation as a library call: a model (the bare backbone, a saved adapter, or one trained in memory) on a task.
 
 ``run_evaluate`` writes, per task and split, ``metrics.json``, ``predictions.jsonl`` (the task's metric on the
 first ``evaluate.limit`` examples) and ``items.jsonl`` (per example: its score and, with
@@ -11,12 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fanlora import atomic, methods
 from fanlora.backbone import Backbone, from_config
 from fanlora.config import MODES, Config
-from fanlora.dist import is_main, say
+from fanlora.dist import say
 from fanlora.errors import UserError
 from fanlora.evaluation.evaluate import (
     evaluate_generation,
@@ -24,12 +22,9 @@ from fanlora.evaluation.evaluate import (
     evaluate_mc_generate,
     gold_losses,
     gold_losses_from_choices,
-    training_examples,
 )
 from fanlora.generate import Decoding
-from fanlora.setting import Setting
 from fanlora.tasks import get_task
-from fanlora.train import train_adapter
 
 
 def decoding_of(cfg: Config) -> Decoding:
@@ -175,51 +170,3 @@ def run_evaluate_many(
         run_evaluate(cfg, name, out, adapter=adapter, backbone=backbone, model=model, checked=True)
         for name, out in zip(tasks, outs, strict=True)
     ]
-
-
-def task_training_data(cfg: Config, backbone: Backbone) -> tuple[list[Any], list[Any]]:
-    """Stage d's train and dev examples of ``cfg.finetune.task`` (shared by `fanlora finetune` and the grids)."""
-    ft = cfg.finetune
-    task = get_task(ft.task, ft.data)
-    tok = backbone.tokenizer
-    train = training_examples(tok, task, task.examples("train", ft.max_train_examples), ft.max_length)
-    dev = training_examples(tok, task, task.examples("dev", ft.max_dev_examples), ft.max_length)
-    return train, dev
-
-
-def run_finetune(cfg: Config, setting_path: str | Path, out_dir: str | Path) -> Path:
-    """Stage d: fresh LoRA (rank r1) on exactly the setting's modules, trained on the task's train split."""
-    out = Path(out_dir)
-    adapter = out / "adapter"
-    if (adapter / "adapter_config.json").is_file():
-        say(f"stage d: done before, adapter at {adapter}")
-        return adapter
-    setting = Setting.read(setting_path)
-    backbone = from_config(cfg.backbone)
-    setting.validate(backbone)
-    ft = cfg.finetune
-    tok = backbone.tokenizer
-    train, dev = task_training_data(cfg, backbone)
-    torch.manual_seed(ft.train.seed)
-    options = {"r": ft.lora.r, "alpha": ft.lora.alpha}
-    model = methods.build("fanlora", backbone, options, setting, dropout=ft.lora.dropout).model
-    say(
-        f"stage d: {ft.task}: {len(train)} train / {len(dev)} dev; LoRA r={ft.lora.r} on {setting.n_modules} modules "
-        f"({model.get_nb_trainable_parameters()[0]} trainable parameters)"
-    )
-    result = train_adapter(model, train, dev, ft.train, out, tok.pad_token_id)
-    if is_main():
-        setting.write(result.adapter_dir / "setting.json")  # travels with the adapter: serving checks it
-        atomic.write_json(
-            out / "train_metrics.json",
-            {
-                "task": ft.task,
-                "steps": result.steps,
-                "best_dev_loss": result.best_eval_loss,
-                "train_loss": result.train_loss,
-                "trainable_parameters": model.get_nb_trainable_parameters()[0],
-                "setting": str(setting_path),
-            },
-        )
-    say(f"stage d: adapter at {result.adapter_dir}")
-    return result.adapter_dir
