@@ -35,7 +35,7 @@ from fanlora.cli import main as fanlora_main
 from fanlora.data.records import BUNDLED_PREFIX, read_source
 from fanlora.evaluation.lm_eval_tasks import write_tasks
 from fanlora.latency.timing import save_random_adapter
-from fanlora.serving.vllm import VllmServer, free_port, vllm_python
+from fanlora.latency.vllm_server import VllmServer, free_port, vllm_python
 from fanlora.setting import Setting
 from fanlora.tasks.base import halve
 

@@ -39,7 +39,7 @@ from peer import start  # the peer benchmark's server start (benchmarks/ is on s
 from fanlora.backbone import resolve_source
 from fanlora.latency.loadgen import closed_loop as load
 from fanlora.latency.timing import save_random_adapter
-from fanlora.serving.vllm import VllmServer, free_port
+from fanlora.latency.vllm_server import VllmServer, free_port
 from fanlora.setting import Setting
 
 FANLORA = [f"fan-{i}" for i in range(4)]

@@ -6,9 +6,7 @@ Bad input surfaces as :class:`fanlora.errors.UserError`: one line on stderr, exi
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-from pathlib import Path
 from typing import Any
 
 from fanlora import __version__, commands, dist
@@ -30,6 +28,7 @@ def _common(p: argparse.ArgumentParser, run_dir: str | None) -> None:
     p.add_argument("--backbone", help="shortcut for --set backbone.name=...: 'embedded', HF id, directory or .gguf")
     p.add_argument("--module-map", help="kind→path map for unrecognised architectures: 'Q=self_attn.q_proj,...'")
     if run_dir is not None:
+        p.set_defaults(writes_run=True)
         p.add_argument("--run-dir", default=run_dir, help=f"run directory (default {run_dir})")
         p.add_argument("--resume", action="store_true", help="continue a run with its stored config")
         p.add_argument("--overwrite", action="store_true", help="delete the run directory's previous run first")
@@ -68,6 +67,12 @@ def _tasks() -> str:
     from fanlora.tasks import known_tasks  # light: a task's torch work is imported when it runs
 
     return ", ".join(known_tasks())
+
+
+def _methods() -> str:
+    from fanlora.methods import registry  # the package imports every method file: names only, no training
+
+    return ", ".join(registry.names())
 
 
 def _data_option(p: argparse.ArgumentParser) -> None:
@@ -156,10 +161,13 @@ def _method_parsers(sub: Any) -> None:
 
 def _task_parsers(sub: Any) -> None:
     """Stage d, evaluation and MT-Bench judging."""
-    p = sub.add_parser("finetune", help="stage d: fresh LoRA on the setting's modules, trained on a task")
-    p.set_defaults(func=commands.finetune)
+    p = sub.add_parser("finetune", help="stage d: fresh LoRA on the setting's modules (or a baseline), on a task")
+    p.set_defaults(func=commands.finetune, writes_run=True)
     _common(p, None)
-    p.add_argument("--setting", required=True, help="setting.json from `fanlora select`")
+    p.add_argument("--setting", help="setting.json from `fanlora select` (needed by fanlora; sizes ssp's budget)")
+    p.add_argument("--method", default="fanlora", help=f"training method ({_methods()}; default fanlora)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. --option r=8 (repeatable; values are JSON or text)")  # fmt: skip
     p.add_argument("--task", help=f"task name ({_tasks()}); default from the config")
     p.add_argument("--run-dir", help="output directory (default runs/<task>)")
     p.add_argument("--resume", action="store_true")
@@ -197,7 +205,7 @@ def _task_parsers(sub: Any) -> None:
 
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible server: one backbone, many FanLoRA adapters, mixed batches")
-    p.set_defaults(func=commands.serve)
+    p.set_defaults(func=commands.serve, own_threads=True)
     p.add_argument("--setting", required=True, help="the backbone's setting.json (every adapter must match it)")
     p.add_argument("--adapter-dir", help="folder with one PEFT adapter folder per name (loaded on first use)")
     p.add_argument("--backbone", help="default: the backbone the setting was made for")
@@ -279,25 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _discard_if_fresh(run_dir: Path) -> None:
-    """After bad input on a new run, leave no directory behind that holds only our run.json."""
-    if run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == ["run.json"]:
-        shutil.rmtree(run_dir)
-
-
 def run(args: argparse.Namespace) -> int:
-    run_dir = (
-        Path(args.run_dir)
-        if getattr(args, "run_dir", None) and args.command not in ("select", "scores", "report")
-        else None
-    )
-    fresh = run_dir is not None and not (run_dir / "run.json").exists()
-    try:
+    """The command's handler; a command that writes a run directory (``writes_run``) leaves none behind that
+    it made and failed in."""
+    from fanlora.stages.rundir import discarded_if_fresh
+
+    with discarded_if_fresh(args.run_dir if getattr(args, "writes_run", False) else None):
         return args.func(args)
-    except BaseException:  # bad input, a full disk, a crash or Ctrl-C: no half-made run folder stays behind
-        if fresh and dist.is_main():
-            _discard_if_fresh(run_dir)
-        raise
 
 
 def _quiet_libraries() -> None:
@@ -317,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     _quiet_libraries()
     try:
-        if args.command != "serve":  # serve sizes its team itself, after checking its flags
+        if not getattr(args, "own_threads", False):  # serve sizes its team itself, after checking its flags
             dist.configure_threads()
         return run(args)
     except UserError as exc:

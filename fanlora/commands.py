@@ -10,42 +10,38 @@ and ``fanlora --help`` or a bad flag should answer at once.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
-from fanlora import atomic, dist
+from fanlora import atomic
 from fanlora.config import Config, check_values, flag_overrides, load_config
 from fanlora.errors import UserError
 
-SECTIONS = {
-    "search": ["backbone", "search"],
-    "score": ["backbone", "search", "score"],
-    "stability": ["backbone", "search", "score", "select"],
-    "finetune": ["backbone", "finetune", "evaluate"],
-    "demo": ["backbone", "search", "score", "select", "finetune", "evaluate"],
-}
 
-
-def apply_eval_options(args: argparse.Namespace, cfg: Config) -> None:
-    """--data on top of the config (the evaluate.* flags are config overrides already, see config_for)."""
-    ev = cfg.evaluate
+def eval_data(args: argparse.Namespace) -> dict[str, str]:
+    """--data SPLIT=SOURCE pairs (replacing a task split's data)."""
     data = {}
     for item in getattr(args, "data", []):
         split, sep, source = item.partition("=")
         if not sep or not split or not source:
             raise UserError(f"--data {item!r}: expected SPLIT=SOURCE, e.g. --data train=my_train.jsonl")
         data[split] = source
+    return data
+
+
+def apply_eval_options(args: argparse.Namespace, cfg: Config) -> dict[str, str]:
+    """--data on top of the config's evaluate.data (the evaluate.* flags are config overrides already, see
+    config_for); returns the pairs, which finetune applies to its training data too."""
+    data = eval_data(args)
     if data:
-        ev.data = {**(ev.data or {}), **data}
-        if args.command == "finetune":
-            cfg.finetune.data = {**(cfg.finetune.data or {}), **data}
+        cfg.evaluate.data = {**(cfg.evaluate.data or {}), **data}
     check_values(cfg)  # the flags above are held to the same ranges as the recipe
+    return data
 
 
-def _setting_backbone(args: argparse.Namespace) -> str | None:
+def setting_backbone(args: argparse.Namespace) -> str | None:
     """The backbone a setting (or an adapter's copy of it) was made for: the default for finetune/evaluate."""
     path = getattr(args, "setting", None) or (
         Path(args.adapter) / "setting.json" if getattr(args, "adapter", None) else None
@@ -58,55 +54,34 @@ def _setting_backbone(args: argparse.Namespace) -> str | None:
         return None  # Setting.read() reports a broken file properly later
 
 
-def config_for(args: argparse.Namespace, stored_dir: Path | None = None) -> Config:
+def config_for(
+    args: argparse.Namespace,
+    stored_dir: Path | None = None,
+    default_source: str | None = None,
+    default_backbone: str | None = None,
+) -> Config:
+    """The command's config: --config (else the run's stored config, else ``default_source``), then --backbone
+    (else ``default_backbone`` when no recipe is named), --module-map, the config flags and --set."""
+    from fanlora.stages import rundir
+
     overrides = list(args.overrides)
-    backbone = getattr(args, "backbone", None)
-    if backbone is None and args.config is None and args.command in ("finetune", "evaluate"):
-        backbone = _setting_backbone(args)
+    backbone = getattr(args, "backbone", None) or (default_backbone if args.config is None else None)
     if backbone:
         overrides.insert(0, f"backbone.name={json.dumps(backbone)}")
     if getattr(args, "module_map", None):
         overrides.insert(0, f"backbone.module_map={json.dumps(args.module_map)}")
-    overrides += flag_overrides(vars(args))  # --method, --num-beams, …: generated from the config's fields
-    source = args.config
-    if source is None and args.command == "demo":
-        source = "demo"
-    elif source is None and stored_dir is not None and not getattr(args, "overwrite", False):
-        # later stages of a run reuse the config its first stage stored
-        meta = stored_dir / "run.json"
-        if meta.is_file():
-            stored = atomic.read_json(meta, "pass --overwrite to start this run again")
-            source = stored.get("config") if isinstance(stored, dict) else None
-            if isinstance(source, dict):
-                from fanlora.stages.rundir import PER_COMMAND
-
-                # which scorer the last command ran is not part of the run: --method etc. default afresh
-                for key in PER_COMMAND:
-                    section, name = key.split(".")
-                    source.get(section, {}).pop(name, None)
+    overrides += flag_overrides(vars(args))  # --scorer, --num-beams, …: generated from the config's fields
+    source = args.config or default_source
+    if source is None and stored_dir is not None and not getattr(args, "overwrite", False):
+        source = rundir.stored_config(stored_dir)  # later stages of a run reuse the config its first stage stored
     return load_config(source, overrides)
 
 
-def prepared(
-    args: argparse.Namespace, cfg: Config, run_dir: Path, sections: list[str], inputs: dict[str, str] | None = None
-) -> Config:
+def prepared(args: argparse.Namespace, cfg: Config, command: str, inputs: dict[str, str] | None = None) -> Config:
+    """The run directory of ``command`` opened (:func:`fanlora.stages.rundir.open_run`) with ``args``' flags."""
     from fanlora.stages import rundir
 
-    def prep() -> dict:
-        return rundir.prepare(run_dir, cfg.to_dict(), sections, args.resume, args.overwrite, inputs)
-
-    if dist.world_size() > 1:
-        import torch
-        from accelerate import PartialState
-
-        # without cpu=True accelerate sees no distributed setup on a CPU-only machine and every rank is "main"
-        state = PartialState(cpu=not torch.cuda.is_available())
-        with state.main_process_first():
-            # rank 0 checks and writes run.json; the others read the config it settled on
-            data = prep() if state.is_main_process else json.loads((run_dir / "run.json").read_text())["config"]
-    else:
-        data = prep()
-    return load_config(data)
+    return rundir.open_run(args.run_dir, cfg, command, args.resume, args.overwrite, inputs)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -136,11 +111,11 @@ def _intended_backbone(args: argparse.Namespace, scores: Path) -> dict | None:
     return None
 
 
-def _stage_config(args: argparse.Namespace) -> Config:
+def _stage_config(args: argparse.Namespace, default_source: str | None = None) -> Config:
     """Config of a stage-a/b command: stored with the run, the scoring method checked before any directory."""
     from fanlora.scoring import scorers
 
-    cfg = config_for(args, Path(args.run_dir))
+    cfg = config_for(args, Path(args.run_dir), default_source)
     scorers.get(cfg.score.method).options(cfg.score)
     return cfg
 
@@ -148,17 +123,17 @@ def _stage_config(args: argparse.Namespace) -> Config:
 def search(args: argparse.Namespace) -> int:
     from fanlora.stages.search import run_search
 
-    cfg = prepared(args, _stage_config(args), Path(args.run_dir), SECTIONS["search"])
+    cfg = prepared(args, _stage_config(args), "search")
     run_search(cfg, Path(args.run_dir))
     return 0
 
 
 def score(args: argparse.Namespace) -> int:
-    from fanlora.scoring import stage
+    from fanlora.stages import score as stage
 
     cfg = _stage_config(args)
     shard = parse_shard(args.shard) if args.shard else None
-    cfg = prepared(args, cfg, Path(args.run_dir), SECTIONS["score"])
+    cfg = prepared(args, cfg, "score")
     if shard is None:
         stage.run_score(cfg, Path(args.run_dir))
     else:
@@ -170,7 +145,7 @@ def demo(args: argparse.Namespace) -> int:
     from fanlora import report
     from fanlora.stages.demo import run_demo
 
-    cfg = prepared(args, _stage_config(args), Path(args.run_dir), SECTIONS["demo"])
+    cfg = prepared(args, _stage_config(args, "demo"), "demo")
     s = run_demo(cfg, Path(args.run_dir))
     t = s["task"]
     print(f"report: {report.write_report(args.run_dir)}", flush=True)
@@ -200,7 +175,7 @@ def select(args: argparse.Namespace) -> int:
 
 
 def scores_merge(args: argparse.Namespace) -> int:
-    from fanlora.scoring import stage
+    from fanlora.stages import score as stage
 
     stage.merge_shards(args.files, args.out)
     return 0
@@ -226,7 +201,7 @@ def compare(args: argparse.Namespace) -> int:
 def stability(args: argparse.Namespace) -> int:
     from fanlora.stages import stability as study
 
-    cfg = prepared(args, _stage_config(args), Path(args.run_dir), SECTIONS["stability"])
+    cfg = prepared(args, _stage_config(args), "stability")
     if args.split_half:
         result = study.run_split_half(cfg, Path(args.run_dir), args.seeds[0])
         print(result.markdown())
@@ -240,37 +215,68 @@ def stability(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_options(items: list[str]) -> dict:
+    """--option KEY=VALUE pairs; a value is read as JSON when it parses (8, 0.1, ["O","D"]), else as text."""
+    options = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option {item!r}: expected KEY=VALUE, e.g. --option r=8")
+        try:
+            options[key] = json.loads(text)
+        except ValueError:
+            options[key] = text
+    return options
+
+
+def _finetune_plan(args: argparse.Namespace):
+    """The method, its options and the setting `finetune` trains on: all checked before any directory exists."""
+    from fanlora import methods
+    from fanlora.setting import Setting
+    from fanlora.stages.finetune import Plan
+
+    method = methods.get(args.method)  # an unknown method: one line listing the registered ones
+    options = _method_options(args.option)
+    methods.check_options(args.method, options)
+    if args.setting is None and method.needs_setting:
+        raise UserError(f"method {args.method} trains on a setting's modules: pass --setting setting.json")
+    setting = Setting.read(args.setting) if args.setting else None
+    return Plan(args.method, options, setting, args.setting)
+
+
 def finetune(args: argparse.Namespace) -> int:
-    from fanlora.stages import adapt
+    from fanlora.stages import evaluate
+    from fanlora.stages.finetune import finetune as run_finetune
     from fanlora.tasks import get_task
 
-    cfg = config_for(args)
+    cfg = config_for(args, default_backbone=setting_backbone(args))
     if args.task:
         cfg.finetune.task = args.task
-    apply_eval_options(args, cfg)
-    adapt.decoding_of(cfg)
+    data = apply_eval_options(args, cfg)
+    if data:  # --data replaces the task's training splits too
+        cfg.finetune.data = {**(cfg.finetune.data or {}), **data}
+    evaluate.decoding_of(cfg)
     get_task(cfg.finetune.task, cfg.finetune.data)  # unknown task or split: say so before any work
-    run_dir = Path(args.run_dir or f"runs/{cfg.finetune.task}")
-    setting = Path(args.setting)
-    if not setting.is_file():
-        raise UserError(f"setting file {setting} does not exist: run `fanlora select` first or fix the path")
-    digest = hashlib.sha256(setting.read_bytes()).hexdigest()
-    cfg = prepared(args, cfg, run_dir, SECTIONS["finetune"], {"setting_sha256": digest})
-    adapter = adapt.run_finetune(cfg, args.setting, run_dir)
-    adapt.run_evaluate(cfg, cfg.finetune.task, run_dir, adapter=adapter)
+    plan = _finetune_plan(args)
+    args.run_dir = args.run_dir or f"runs/{cfg.finetune.task}"
+    inputs = {"setting_sha256": plan.setting.sha256} if plan.setting else {}
+    if plan.method != "fanlora":  # runs made before --method existed are FanLoRA's and record no method
+        inputs["method"] = plan.method
+    cfg = prepared(args, cfg, "finetune", inputs)
+    run_finetune(cfg, plan, args.run_dir)
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from fanlora.stages import adapt
+    from fanlora.stages import evaluate as stage
 
-    cfg = config_for(args)
+    cfg = config_for(args, default_backbone=setting_backbone(args))
     if args.split:
         cfg.evaluate.split = args.split
     if args.limit is not None:
         cfg.evaluate.limit = args.limit
     apply_eval_options(args, cfg)
-    adapt.decoding_of(cfg)
+    stage.decoding_of(cfg)
     tasks = list(dict.fromkeys(args.task))
     outs = []
     for name in tasks:
@@ -278,7 +284,7 @@ def evaluate(args: argparse.Namespace) -> int:
             outs.append(Path(args.out) / name if len(tasks) > 1 else Path(args.out))
         else:
             outs.append(Path(args.adapter).parent / f"eval-{name}" if args.adapter else Path(f"runs/eval-{name}-base"))
-    adapt.run_evaluate_many(cfg, tasks, outs, adapter=args.adapter)
+    stage.run_evaluate_many(cfg, tasks, outs, adapter=args.adapter)
     return 0
 
 
@@ -308,7 +314,7 @@ def profile(args: argparse.Namespace) -> int:
         raise UserError("--r, --rounds, --prompt-tokens and --steps must be ≥ 1")
     if args.engine == "vllm":
         from fanlora.latency import vllm_profile
-        from fanlora.serving.vllm import vllm_python
+        from fanlora.latency.vllm_server import vllm_python
 
         if vllm_python() is None:
             raise UserError("--engine vllm profiles through vLLM's server: run `bash scripts/setup-vllm.sh` first")

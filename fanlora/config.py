@@ -29,11 +29,25 @@ def flag(
     type: Any = None,
     choices: tuple[str, ...] | None = None,
     deprecated: tuple[str, ...] = (),
+    per_command: bool = False,
 ) -> dict:
     """Field metadata: this config value is also a command-line flag. Its default, range and config key are
     the field's own; the CLI's option and help text are generated from them (:func:`cli_flags`). ``deprecated``:
-    old spellings still accepted, each with a warning naming the new one."""
-    return {"flag": name, "help": help, "type": type, "choices": choices, "deprecated": deprecated}
+    old spellings still accepted, each with a warning naming the new one. ``per_command``: the value chooses
+    which output one command writes, not what the run is (another scorer on the same run is the same run)."""
+    return {"flag": name, "help": help, "type": type, "choices": choices, "deprecated": deprecated,
+            "per_command": per_command}  # fmt: skip
+
+
+def per_command_keys() -> tuple[str, ...]:
+    """``section.key`` of every field flagged ``per_command`` (:mod:`fanlora.stages.rundir` ignores them when it
+    compares a run's stored config with a new command's)."""
+    return tuple(
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(Config)
+        for f in dataclasses.fields(get_type_hints(Config)[section.name])
+        if f.metadata.get("per_command")
+    )
 
 
 @dataclass
@@ -91,16 +105,18 @@ class SearchConfig:
 
 @dataclass
 class ScoreConfig:
-    method: str = field(default="ab-exact", metadata=flag("--scorer", "stage-b scorer", deprecated=("--method",)))
+    method: str = field(
+        default="ab-exact", metadata=flag("--scorer", "stage-b scorer", deprecated=("--method",), per_command=True)
+    )
     max_val_examples: Any = None  # int or null: score on the first N val examples (after val_start)
     val_start: int = 0  # skip the first val examples: two disjoint halves give a split-half stability check
     batch_size: int = 8
     shapley_budget: int = field(default=8, metadata=flag("--budget", "shapley: permutations sampled (each ≈ N·L/2 "
-                                                                     "passes' work)"))  # fmt: skip
-    seed: int = field(default=0, metadata=flag("--seed", "shapley: seed of the sampled permutations"))
+                                                                     "passes' work)", per_command=True))  # fmt: skip
+    seed: int = field(default=0, metadata=flag("--seed", "shapley: seed of the sampled permutations", per_command=True))
     memory_limit_gb: Any = field(
         default=None, metadata=flag("--memory-limit-gb", "cache budget in GiB (null: a quarter of RAM / GPU memory)",
-                                    float),
+                                    float, per_command=True),
     )  # fmt: skip
 
 

@@ -6,7 +6,7 @@ does: ``--lora-target-modules`` wraps a projection kind in *every* layer, throug
 ``o_proj`` (O), ``gate_up_proj`` (G, U), ``down_proj`` (D) on Llama-family models — paid once a setting uses
 any of the group's kinds in any layer.
 
-The profile measures it through vLLM's own server (the vLLM venv, :mod:`fanlora.serving.vllm`): a server without
+The profile measures it through vLLM's own server (the vLLM venv, :mod:`fanlora.latency.vllm_server`): a server without
 LoRA, and one per group started with ``--lora-target-modules <group>`` serving four random rank-``r`` adapters on
 that group's kinds in every layer. Each is timed closed loop (``clients`` chat clients, 16 greedy tokens, the
 other SIGSTOPped), base-group-group-base per round against the one base server; a group's cost is the median
@@ -65,7 +65,7 @@ def read_vllm_profile(identity: dict[str, Any], path: str | Path | None = None) 
 
 
 def _servers(backbone_name: str, r: int, work: Path) -> tuple[dict, dict[str, list[str]], Any]:
-    from fanlora.serving.vllm import VllmServer
+    from fanlora.latency.vllm_server import VllmServer
 
     backbone = load_backbone(backbone_name)
     groups = groups_of(dict(backbone.layout.paths))

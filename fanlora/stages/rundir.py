@@ -1,17 +1,23 @@
-"""A run directory is the unit of output; ``run.json`` records the config that made it.
+"""A run directory is the unit of output; ``run.json`` records the config that made it. This module is the one
+place that knows what a run directory holds and when a command may write into one.
 
 Re-running a command on a directory whose relevant config sections match continues the run (finished stages
 are skipped, training resumes from its last checkpoint). A directory holding a *different* run is refused
-unless ``--resume`` (continue with the stored config) or ``--overwrite`` (start again) is given.
+unless ``--resume`` (continue with the stored config) or ``--overwrite`` (start again) is given. A command
+that fails on a fresh directory leaves nothing behind (:func:`discarded_if_fresh`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fanlora import __version__, atomic
+from fanlora import __version__, atomic, dist
+from fanlora.config import Config, load_config, per_command_keys
 from fanlora.errors import UserError
 
 RUN_FORMAT = "fanlora-run/1"
@@ -27,7 +33,16 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 # Choices of *which* output a command writes, not what the run is: another scorer on the same run is fine.
-PER_COMMAND = ("score.method", "score.shapley_budget", "score.seed", "score.memory_limit_gb")
+PER_COMMAND = per_command_keys()
+
+#: The config sections each command's run is keyed on: a change in any other section is not another run.
+SECTIONS = {
+    "search": ["backbone", "search"],
+    "score": ["backbone", "search", "score"],
+    "stability": ["backbone", "search", "score", "select"],
+    "finetune": ["backbone", "finetune", "evaluate"],
+    "demo": ["backbone", "search", "score", "select", "finetune", "evaluate"],
+}
 
 
 def _pick(config: dict[str, Any], section: str, keys: set[str]) -> dict[str, Any]:
@@ -88,3 +103,56 @@ def prepare(
         meta["inputs"] = inputs
     atomic.write_json(meta_path, meta)
     return config
+
+
+def stored_config(path: str | Path) -> dict[str, Any] | None:
+    """The config a run's first command stored (later stages reuse it), without the per-command choices (which
+    scorer the last command ran is not part of the run: they default afresh); ``None`` if there is no run."""
+    meta = Path(path) / "run.json"
+    if not meta.is_file():
+        return None
+    stored = atomic.read_json(meta, "pass --overwrite to start this run again")
+    config = stored.get("config") if isinstance(stored, dict) else None
+    if not isinstance(config, dict):
+        return None
+    for key in PER_COMMAND:
+        section, name = key.split(".")
+        config.get(section, {}).pop(name, None)
+    return config
+
+
+def open_run(
+    path: str | Path, cfg: Config, command: str, resume: bool, overwrite: bool, inputs: dict[str, str] | None = None
+) -> Config:
+    """:func:`prepare` for ``command`` (its :data:`SECTIONS`); under torchrun rank 0 checks and writes run.json
+    and the other ranks read the config it settled on."""
+    path = Path(path)
+
+    def prep() -> dict:
+        return prepare(path, cfg.to_dict(), SECTIONS[command], resume, overwrite, inputs)
+
+    if dist.world_size() > 1:
+        import torch
+        from accelerate import PartialState
+
+        # without cpu=True accelerate sees no distributed setup on a CPU-only machine and every rank is "main"
+        state = PartialState(cpu=not torch.cuda.is_available())
+        with state.main_process_first():
+            data = prep() if state.is_main_process else json.loads((path / "run.json").read_text())["config"]
+    else:
+        data = prep()
+    return load_config(data)
+
+
+@contextlib.contextmanager
+def discarded_if_fresh(path: str | Path | None) -> Iterator[None]:
+    """After bad input, a full disk, a crash or Ctrl-C on a new run, leave no directory behind that holds only
+    our run.json (a run that existed before is never touched)."""
+    where = Path(path) if path is not None else None
+    fresh = where is not None and not (where / "run.json").exists()
+    try:
+        yield
+    except BaseException:
+        if fresh and dist.is_main() and where.is_dir() and [p.name for p in where.iterdir()] == ["run.json"]:
+            shutil.rmtree(where)
+        raise

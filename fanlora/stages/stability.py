@@ -12,8 +12,8 @@ from fanlora.config import Config, load_config
 from fanlora.dist import say
 from fanlora.errors import UserError
 from fanlora.scoring.compare import compare
-from fanlora.scoring.stage import run_score
 from fanlora.stages import rundir
+from fanlora.stages.score import run_score
 from fanlora.stages.search import run_search
 
 

@@ -1,4 +1,5 @@
-"""Starting vLLM's OpenAI server from fanlora (tests, `benchmarks/vllm.py`, `fanlora profile --engine vllm`).
+"""Starting vLLM's OpenAI server from fanlora, to measure it (`fanlora profile --engine vllm`, `benchmarks/vllm.py`,
+the vLLM tests): a peer that fanlora's serving is timed against, so it lives with the measurements, not the server.
 
 vLLM lives in its own venv (``.venv-vllm``, built by ``scripts/setup-vllm.sh``: it pins an older transformers
 than fanlora needs), so fanlora never imports it: it runs ``python -m vllm.entrypoints.openai.api_server`` from
@@ -21,15 +22,18 @@ from pathlib import Path
 
 from fanlora.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[2]
+CHECKOUT = Path(__file__).resolve().parents[2]  # a source checkout's root (an installed package has no venv there)
 STARTUP_S = 600.0  # a cold CPU start beside other jobs takes 1-2 min; give up well after that
 
 
 def vllm_python() -> Path | None:
-    """The vLLM venv's interpreter: ``$FANLORA_VLLM_PYTHON``, else ``.venv-vllm`` in the checkout."""
+    """The vLLM venv's interpreter: ``$FANLORA_VLLM_PYTHON``, else ``.venv-vllm`` in the working directory, else
+    in the source checkout fanlora runs from (an installed fanlora has none: set the variable)."""
     chosen = os.environ.get("FANLORA_VLLM_PYTHON")
-    path = Path(chosen) if chosen else ROOT / ".venv-vllm" / "bin" / "python"
-    return path if path.is_file() else None
+    if chosen:
+        return Path(chosen) if Path(chosen).is_file() else None
+    found = [where / ".venv-vllm" / "bin" / "python" for where in (Path.cwd(), CHECKOUT)]
+    return next((path for path in found if path.is_file()), None)
 
 
 def free_port() -> int:
