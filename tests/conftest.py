@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models (same architectures as the real ones) and a tiny recipe."""
+"""Shared fixtures only: tiny random models (same architectures as the real ones), a tiny recipe, a searched run.
+Every helper function is in ``helpers.py``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers import tiny_recipe
 from tiny import make_tiny
 
 
@@ -26,42 +28,6 @@ def tiny_llama_other(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_3layers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory.mktemp("tiny") / "llama-3", "llama", layers=3)
-
-
-def fail(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
-    """Run the CLI expecting bad input: exit 2, one line on stderr, no traceback; returns that line."""
-    from fanlora.cli import main
-
-    capsys.readouterr()  # drop earlier commands' output (progress bars)
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
-def tiny_recipe(model: Path) -> dict:
-    """A recipe that runs every stage on the tiny model in seconds."""
-    return {
-        "backbone": {"name": str(model)},
-        "search": {
-            "data": {"max_length": 96, "max_train_examples": 24},
-            "train": {
-                "batch_size": 4,
-                "max_steps": 4,
-                "eval_steps": 2,
-                "eval_batch_size": 16,
-                "learning_rate": 1e-2,
-                "logging_steps": 1,
-            },
-        },
-        "score": {"max_val_examples": 4, "batch_size": 2},
-        "finetune": {
-            "max_length": 48,
-            "max_train_examples": 16,
-            "train": {"batch_size": 8, "epochs": 1, "eval_steps": 2, "eval_batch_size": 25, "learning_rate": 1e-2},
-        },
-        "evaluate": {"limit": 8, "batch_size": 8},
-    }
 
 
 @pytest.fixture
@@ -92,8 +58,31 @@ def searched_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> 
     return recipe, run
 
 
-def copy_run(run: Path, where: Path) -> Path:
-    import shutil
+_running: list[pytest.Item] = []  # the test whose setup, call or teardown runs now
 
-    shutil.copytree(run, where)
-    return where
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _running[:] = [item]
+    yield
+    _running.clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _training_is_marked():
+    """A test that trains (transformers' Trainer, which every fanlora training goes through) — in its own body
+    or in a fixture it sets up — must carry the ``e2e`` or ``slow`` marker, so ``scripts/test.sh --fast`` can
+    leave it out; an unmarked one fails at the moment it starts training."""
+    from transformers import Trainer
+
+    real = Trainer.train
+
+    def train(self, *args, **kwargs):
+        item = _running[0] if _running else None
+        if item is not None and not (item.get_closest_marker("e2e") or item.get_closest_marker("slow")):
+            raise AssertionError(f"{item.nodeid} trains: mark it @pytest.mark.e2e (scripts/test.sh --fast skips it)")
+        return real(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "train", train)
+        yield

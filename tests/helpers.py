@@ -1,15 +1,18 @@
-"""Helpers shared by the tests: score tables and settings on a backbone's layout, random adapters, a server
-in a thread. One definition each (tests import them from here, never from another test file)."""
+"""Every helper the tests share (fixtures are in ``conftest.py``): the CLI's bad-input check, the tiny recipe, score
+tables and settings on a backbone's layout, random adapters, a server in a thread. One definition each (tests import
+them from here, never from conftest or another test file)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import torch
 import uvicorn
 
@@ -25,6 +28,47 @@ from fanlora.serving.jobs import Job
 
 WAIT = 30  # seconds: an upper bound on any wait, never a sleep
 KEY = "secret-key"  # the API key the server tests start their servers with
+
+
+def fail(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Run the CLI expecting bad input: exit 2, one line on stderr, no traceback; returns that line."""
+    from fanlora.cli import main
+
+    capsys.readouterr()  # drop earlier commands' output (progress bars)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def tiny_recipe(model: Path) -> dict:
+    """A recipe that runs every stage on the tiny model in seconds."""
+    return {
+        "backbone": {"name": str(model)},
+        "search": {
+            "data": {"max_length": 96, "max_train_examples": 24},
+            "train": {
+                "batch_size": 4,
+                "max_steps": 4,
+                "eval_steps": 2,
+                "eval_batch_size": 16,
+                "learning_rate": 1e-2,
+                "logging_steps": 1,
+            },
+        },
+        "score": {"max_val_examples": 4, "batch_size": 2},
+        "finetune": {
+            "max_length": 48,
+            "max_train_examples": 16,
+            "train": {"batch_size": 8, "epochs": 1, "eval_steps": 2, "eval_batch_size": 25, "learning_rate": 1e-2},
+        },
+        "evaluate": {"limit": 8, "batch_size": 8},
+    }
+
+
+def copy_run(run: Path, where: Path) -> Path:
+    shutil.copytree(run, where)
+    return where
 
 
 def table_for(backbone, scores: dict[tuple[str, int], float]):
@@ -209,7 +253,7 @@ def retrains_from_the_backbone_and_round_trips(method, model, before, params, tm
     """Shared by the searched methods: the retrained model starts as the backbone, moves when trained, and
     loads back (through the method's ``load`` and through the evaluator's loader) to the same logits."""
     from fanlora.backbone import load_backbone
-    from fanlora.stages.adapt import load_for_eval
+    from fanlora.stages.evaluate import load_for_eval
     from fanlora.train import train_adapter
 
     with torch.no_grad():

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from helpers import setting_for
 
 from fanlora.backbone import load_backbone
 
 
+@pytest.mark.e2e
 def test_bench_runs_every_configuration_and_prints_the_result_line(tmp_path, tiny_llama, capsys):
     from fanlora.cli import main
 

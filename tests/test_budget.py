@@ -7,7 +7,7 @@ import json
 import random
 
 import pytest
-from conftest import fail
+from helpers import fail
 
 from fanlora.errors import UserError
 from fanlora.scoring.table import ScoreTable
@@ -128,6 +128,7 @@ def test_budget_below_the_cheapest_module_is_refused():
         fb.select_within(table, fb.Budget("params", 1), {(k, 0): 2.0 for k in KINDS}, None)
 
 
+@pytest.mark.e2e
 def test_select_budget_cli_records_budget_and_predicted_cost(searched_run, tmp_path, capsys):
     from fanlora.cli import main
 
@@ -151,6 +152,7 @@ def test_select_budget_cli_records_budget_and_predicted_cost(searched_run, tmp_p
         assert not target.exists()
 
 
+@pytest.mark.e2e
 def test_latency_budget_without_a_profile_names_the_command(searched_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FANLORA_CACHE", str(tmp_path / "cache"))
     _, run = searched_run

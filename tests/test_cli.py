@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import copy_run, fail
+from helpers import copy_run, fail
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
@@ -52,6 +52,7 @@ def pipeline_run(tmp_path_factory, searched_run):
     return recipe, run
 
 
+@pytest.mark.e2e
 def test_pipeline_writes_every_artifact(pipeline_run, tiny_llama):
     _, run = pipeline_run
     scores = json.loads((run / "scores.json").read_text())
@@ -70,6 +71,7 @@ def test_pipeline_writes_every_artifact(pipeline_run, tiny_llama):
     assert wrapped == sorted(setting["modules"])
 
 
+@pytest.mark.e2e
 def test_evaluate_base_and_adapter(pipeline_run, tmp_path, tiny_llama, capsys):
     _, run = pipeline_run
     assert (
@@ -113,6 +115,7 @@ def test_evaluate_base_and_adapter(pipeline_run, tmp_path, tiny_llama, capsys):
     assert json.loads((tmp_path / "a" / "metrics.json").read_text())["adapter"].endswith("adapter")
 
 
+@pytest.mark.e2e
 def test_finished_stage_is_skipped_and_search_resumes_from_checkpoint(pipeline_run, capsys):
     _, run = pipeline_run
     assert main(["search", "--run-dir", str(run)]) == 0
@@ -152,6 +155,7 @@ def test_empty_dataset(tmp_path, recipe_file, capsys):
     )
 
 
+@pytest.mark.e2e
 def test_k_max_below_one_writes_nothing(pipeline_run, tmp_path, capsys):
     _, run = pipeline_run
     out = tmp_path / "s.json"
@@ -161,6 +165,7 @@ def test_k_max_below_one_writes_nothing(pipeline_run, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_setting_for_another_backbone(pipeline_run, tmp_path, tiny_llama_other, tiny_llama_3layers, capsys):
     recipe, run = pipeline_run
     for other, needle in ((tiny_llama_other, "weights_digest"), (tiny_llama_3layers, "for 2 layers")):
@@ -198,6 +203,7 @@ def test_unknown_module_kind(recipe_file, tmp_path, capsys):
     assert "unknown module kind 'Z'" in msg
 
 
+@pytest.mark.e2e
 def test_run_dir_with_a_different_run(pipeline_run, capsys):
     recipe, run = pipeline_run
     msg = fail(capsys, ["search", "--config", str(recipe), "--run-dir", str(run), "--set", "search.train.max_steps=5"])
@@ -216,6 +222,7 @@ def test_missing_model_path_and_gguf(tmp_path, recipe_file, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.e2e
 def test_console_script_exit_status_without_traceback(tmp_path):
     """The installed entry point, as a user runs it, on a missing GGUF file."""
     proc = subprocess.run(
@@ -239,6 +246,7 @@ def test_console_script_exit_status_without_traceback(tmp_path):
     assert Path(tmp_path / "x.gguf").exists() is False
 
 
+@pytest.mark.e2e
 def test_overwrite_starts_a_new_run_with_the_new_config(recipe_file, tmp_path):
     run = tmp_path / "run"
     assert main(["search", "--config", str(recipe_file), "--run-dir", str(run)]) == 0
@@ -261,6 +269,7 @@ def test_overwrite_starts_a_new_run_with_the_new_config(recipe_file, tmp_path):
     assert json.loads((run / "search" / "metrics.json").read_text())["steps"] == 2
 
 
+@pytest.mark.e2e
 def test_demo_prints_a_machine_readable_result(recipe_file, tmp_path, capsys):
     run = tmp_path / "demo"
     assert main(["demo", "--config", str(recipe_file), "--run-dir", str(run)]) == 0

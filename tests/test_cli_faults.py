@@ -11,7 +11,7 @@ import errno
 import json
 
 import pytest
-from conftest import fail
+from helpers import fail
 
 from fanlora import atomic
 
@@ -41,6 +41,7 @@ def test_malformed_scores_and_settings_are_one_line(tmp_path, capsys, content, r
     assert not (tmp_path / "s.json").exists()
 
 
+@pytest.mark.e2e
 def test_a_setting_with_a_key_missing_is_one_line(searched_run, tmp_path, capsys):
     from fanlora.setting import Setting
 
@@ -57,6 +58,7 @@ def test_a_setting_with_a_key_missing_is_one_line(searched_run, tmp_path, capsys
     assert "damaged setting file" in str(info.value) and "KeyError" in str(info.value)
 
 
+@pytest.mark.e2e
 def test_a_corrupt_run_json_is_one_line(searched_run, tmp_path, capsys):
     recipe, _ = searched_run
     broken = tmp_path / "run"
@@ -66,6 +68,7 @@ def test_a_corrupt_run_json_is_one_line(searched_run, tmp_path, capsys):
     assert "run.json is not UTF-8 text" in err and "--overwrite" in err
 
 
+@pytest.mark.e2e
 def test_a_full_disk_is_one_line_naming_the_path(searched_run, tmp_path, capsys, monkeypatch):
     _, run = searched_run
     out = tmp_path / "setting.json"
@@ -82,7 +85,7 @@ def test_a_finetune_that_fails_leaves_no_run_folder(tiny_llama, tmp_path, capsys
     from helpers import setting_for
 
     from fanlora.backbone import load_backbone
-    from fanlora.stages import adapt
+    from fanlora.stages import finetune as adapt
 
     setting = tmp_path / "setting.json"
     setting_for(load_backbone(str(tiny_llama))).write(setting)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import fail
+from helpers import fail
 
 from fanlora.config import load_config
 from fanlora.errors import UserError

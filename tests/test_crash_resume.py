@@ -70,6 +70,7 @@ def reference(tmp_path_factory, tiny_llama):
     return setting, load_file(str(root / "whole" / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("point", ["between-steps", "mid-checkpoint", "mid-final-save"])
 def test_a_run_killed_mid_save_resumes_to_the_same_adapter(point, reference, tiny_llama, tmp_path):
     setting, whole = reference

@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
-from conftest import tiny_recipe
+from helpers import tiny_recipe
 from peft import PeftModel
 
 from fanlora.backbone import load_backbone
+
+pytestmark = pytest.mark.e2e  # both run stage a under torchrun
 
 
 def test_search_under_torchrun_two_processes(tmp_path, tiny_llama):

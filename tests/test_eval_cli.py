@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import fail
+from helpers import fail
 
 from fanlora.backbone import load_backbone
 from fanlora.cli import main
@@ -73,6 +73,7 @@ def test_evaluate_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_llama, cap
     assert not out.exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("task", ALL_TASKS)
 def test_finetune_works_for_every_task(task, setting, tmp_path, tiny_llama):
     run = tmp_path / task
@@ -111,6 +112,7 @@ def test_finetune_works_for_every_task(task, setting, tmp_path, tiny_llama):
     assert metrics["task"] == task and metrics["n"] == 2 and metrics["adapter"] == str(run / "adapter")
 
 
+@pytest.mark.e2e
 def test_finetune_refuses_a_run_dir_made_from_another_setting_and_publishes_portable_files(
     setting, tmp_path, tiny_llama, capsys
 ):

@@ -111,7 +111,7 @@ def test_gold_losses_are_read_from_the_choices_scores_when_they_hold_them(tiny_l
 def test_mc_accuracy_and_gold_loss_take_one_pass_in_the_clean_format(tiny_llama, tmp_path, monkeypatch):
     import json
 
-    import fanlora.stages.adapt as adapt
+    import fanlora.stages.evaluate as adapt
     from fanlora.cli import main
 
     calls, real = [], adapt.gold_losses

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import fail
-from helpers import grid_config
+from helpers import fail, grid_config
 
 from fanlora.cli import main
 
 
+@pytest.mark.e2e
 def test_grid_runs_resumes_cell_by_cell_and_aggregates(tmp_path, recipe_file, capsys):
     exp = grid_config(tmp_path, recipe_file)
     assert main(["experiment", str(exp), "--shard", "0/2"]) == 0  # half the cells, as if killed midway
@@ -47,6 +47,7 @@ def test_grid_runs_resumes_cell_by_cell_and_aggregates(tmp_path, recipe_file, ca
     assert "another config" in fail(capsys, ["experiment", str(changed), "--resume"])
 
 
+@pytest.mark.e2e
 def test_a_config_that_only_adds_a_variant_resumes_the_grid_and_one_that_changes_a_variant_does_not(
     tmp_path, recipe_file, capsys
 ):
@@ -64,6 +65,7 @@ def test_a_config_that_only_adds_a_variant_resumes_the_grid_and_one_that_changes
     assert "another config" in fail(capsys, ["experiment", str(changed), "--resume"])
 
 
+@pytest.mark.e2e
 def test_kmax_variants_share_a_budget_and_plot(tmp_path, recipe_file):
     exp = grid_config(
         tmp_path,
@@ -116,6 +118,7 @@ def test_source_row_ranges_split_one_file():
         read_source("bundled:boolq/val[5000:]")
 
 
+@pytest.mark.e2e
 def test_setting_rules_and_paired_gold_losses(tmp_path, recipe_file):
     from fanlora.scoring import ScoreTable
     from fanlora.setting import Setting
@@ -291,6 +294,7 @@ def test_results_table_rounds_summed_train_minutes():
     assert "| 49.81 |" in line and "49.8099" not in line
 
 
+@pytest.mark.e2e
 def test_budget_variants_from_another_scorer_are_sized_to_the_experiments_own_budget(tmp_path, recipe_file):
     """A variant scored another way was once sized to its own table's top setting, not to the shared budget."""
     from fanlora import methods

@@ -10,8 +10,7 @@ import urllib.request
 import pytest
 import torch
 import yaml
-from conftest import tiny_recipe
-from helpers import serve_in_thread
+from helpers import serve_in_thread, tiny_recipe
 from tiny import make_tiny
 
 from fanlora import methods
@@ -45,6 +44,7 @@ def test_layout_gives_conv1d_shapes(gpt2):
     assert bb.layout.shape("U", 0) == (32, 64) and bb.layout.shape("D", 0) == (64, 32)
 
 
+@pytest.mark.e2e
 def test_every_stage_and_the_engine_on_conv1d(gpt2, capsys):
     model, recipe, root = gpt2
     run = root / "run"

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import fail
+from helpers import fail
 
 from fanlora.cli import main
 from fanlora.evaluation.judge import rating, verdict

@@ -41,6 +41,7 @@ def test_derive_keeps_edges_whose_best_activation_beats_zero_within_the_budget()
     assert len(kept) == 1  # never an empty architecture
 
 
+@pytest.mark.e2e
 def test_search_moves_the_architecture_then_the_retrained_model_starts_as_the_backbone(tiny_llama, tmp_path):
     from fanlora.train import train_adapter
 
@@ -78,6 +79,7 @@ def test_a_budget_that_is_not_a_count_is_refused(tiny_llama):
     assert methods.build("learned-adapter", bb).search is not None  # no budget: the DARTS rule alone
 
 
+@pytest.mark.e2e
 def test_learned_adapter_runs_in_a_grid_at_fanloras_budget(tmp_path, recipe_file):
     extra = {"methods": ["fanlora", "learned-adapter"], "seeds": [0], "budget": {"k_max": 2, "r": 4}}
     path = grid_config(tmp_path, recipe_file, **extra)

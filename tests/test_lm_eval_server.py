@@ -74,6 +74,7 @@ def theirs(world, model: str, tasks: list[str], **args) -> dict:
     )
 
 
+@pytest.mark.e2e
 def test_lm_eval_local_completions_equals_fanlora_evaluate_item_for_item(world):
     (world["root"] / "tasks").mkdir(exist_ok=True)
     tasks = write_tasks(world["root"] / "tasks", world["files"])
@@ -88,6 +89,7 @@ def test_lm_eval_local_completions_equals_fanlora_evaluate_item_for_item(world):
             assert (p["pred"] == p["label"]) == bool(s["acc"]) and (p["pred_norm"] == p["label"]) == bool(s["acc_norm"])
 
 
+@pytest.mark.e2e
 def test_lm_eval_local_chat_completions_runs_a_generation_task(world):
     (world["root"] / "tasks").mkdir(exist_ok=True)
     data = world["root"] / "echo.jsonl"

@@ -16,7 +16,7 @@ from fanlora import atomic, methods
 from fanlora.backbone import Backbone, load_backbone
 from fanlora.cli import main
 from fanlora.errors import UserError
-from fanlora.stages.adapt import load_for_eval
+from fanlora.stages.evaluate import load_for_eval
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2]])
 
@@ -52,6 +52,7 @@ def norm_tuning():
     methods.unregister(method.name)
 
 
+@pytest.mark.e2e
 def test_registered_method_runs_in_a_grid_and_loads_back(tmp_path, recipe_file, tiny_llama, norm_tuning):
     assert "norm-tuning" in methods.names()
     path = grid_config(tmp_path, recipe_file, methods=["norm-tuning"], seeds=[0], set=[

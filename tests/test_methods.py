@@ -65,13 +65,14 @@ def test_houlsby_starts_as_identity_trains_only_itself_and_round_trips(tiny_llam
     houlsby.save(built.model, tmp_path / "a")
     assert {p.name for p in (tmp_path / "a").iterdir()} == {houlsby.CONFIG, houlsby.WEIGHTS}
     from fanlora.config import load_config
-    from fanlora.stages.adapt import load_for_eval  # `fanlora evaluate --adapter DIR` loads it the same way
+    from fanlora.stages.evaluate import load_for_eval  # `fanlora evaluate --adapter DIR` loads it the same way
 
     loaded, _ = load_for_eval(load_config(None, [f"backbone.name={tiny_llama}"]), tmp_path / "a")
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, after, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_adalora_reallocates_its_budget_during_training(tiny_llama, tmp_path):
     from fanlora.config import TrainParams
     from fanlora.data.instruct import Example

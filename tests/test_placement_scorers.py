@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import fail
-from helpers import gated_model, run_study, study_for, val_set
+from helpers import fail, gated_model, run_study, study_for, val_set
 
 from fanlora.backbone import load_backbone
 from fanlora.cli import main

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import fail
-from helpers import setting_for
+from helpers import fail, setting_for
 
 from fanlora.backbone import load_backbone
 from fanlora.latency import profile as latency
@@ -48,6 +47,7 @@ def test_profile_has_every_kind_and_predicts_a_sum(profiled, tiny_llama):
     assert latency.predict(setting, prof) == pytest.approx(want)
 
 
+@pytest.mark.e2e
 def test_latency_budget_uses_the_cached_profile(profiled, searched_run, tmp_path, monkeypatch):
     from fanlora.cli import main
 
@@ -72,6 +72,7 @@ def test_profile_of_another_backbone_is_refused(profiled, tiny_llama_other, tmp_
     assert "must be ≥ 1" in fail(capsys, ["profile", "--backbone", str(tiny_llama_other), "--rounds", "0"])
 
 
+@pytest.mark.e2e
 def test_bench_puts_the_prediction_beside_the_measurement(profiled, tiny_llama, tmp_path, monkeypatch):
     from fanlora.cli import main
 

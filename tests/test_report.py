@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import copy_run, fail
+from helpers import copy_run, fail
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -31,6 +31,7 @@ def run_with_metrics(searched_run, tmp_path_factory):
     return run
 
 
+@pytest.mark.e2e
 def test_report_holds_heatmap_setting_and_metrics(run_with_metrics, capsys):
     from fanlora.cli import main
     from fanlora.setting import Setting
@@ -65,6 +66,7 @@ def _browser_or_skip():
     return sync_playwright
 
 
+@pytest.mark.e2e
 def test_report_renders_in_chromium_without_console_errors(run_with_metrics):
     from fanlora.report import write_report
 
@@ -92,6 +94,7 @@ def test_report_renders_in_chromium_without_console_errors(run_with_metrics):
     assert problems == []
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["run.json", "search/metrics.json", "copa/fanlora/metrics.json"])
 def test_report_refuses_a_cut_or_junk_run_file_with_one_line(run_with_metrics, tmp_path, capsys, name):
     run = copy_run(run_with_metrics, tmp_path / "run")

@@ -40,3 +40,12 @@ def test_foreign_directory_is_never_touched(tmp_path):
     with pytest.raises(UserError, match="not a fanlora run"):
         rundir.prepare(tmp_path, A, ["search"], overwrite=True)
     assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_which_values_are_per_command_comes_from_the_config_fields():
+    """PER_COMMAND is read from the fields' flag metadata, not a hand list beside them."""
+    from fanlora.config import per_command_keys
+
+    assert set(rundir.PER_COMMAND) == set(per_command_keys())
+    assert {"score.method", "score.seed"} <= set(rundir.PER_COMMAND)
+    assert not [k for k in rundir.PER_COMMAND if not k.startswith("score.")]  # a task or recipe value never is

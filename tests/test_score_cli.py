@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import yaml
-from conftest import copy_run, fail, tiny_recipe
+from helpers import copy_run, fail, tiny_recipe
 
 from fanlora.cli import main
 from fanlora.config import load_config
 from fanlora.errors import UserError
-from fanlora.scoring.stage import run_score
+from fanlora.stages.score import run_score
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,7 @@ def scores(path) -> dict[str, float]:
     return {f"{r['kind']}.{r['layer']}": r["score"] for r in json.loads(path.read_text())["scores"]}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["sensitivity", "ab-first-order", "shapley"])
 def test_other_methods_write_their_own_file_and_feed_select(searched, method, capsys):
     _, run = searched
@@ -40,6 +41,7 @@ def test_other_methods_write_their_own_file_and_feed_select(searched, method, ca
     assert scores(run / "scores.json")  # the AB-score of the same run is untouched
 
 
+@pytest.mark.e2e
 def test_shards_merge_to_the_single_process_scores(searched, tmp_path, capsys):
     _, run = searched
     copy = tmp_path / "run"
@@ -62,6 +64,7 @@ def test_shards_merge_to_the_single_process_scores(searched, tmp_path, capsys):
     assert "another study" in err and not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.e2e
 def test_bad_scoring_options(searched, capsys):
     _, run = searched
     assert "at least 1 permutation" in fail(
@@ -72,6 +75,7 @@ def test_bad_scoring_options(searched, capsys):
     assert not list(run.glob("scores*.partial.*")) and not list(run.glob("scores-magic*"))
 
 
+@pytest.mark.e2e
 def test_no_response_tokens_is_refused(searched, tmp_path):
     recipe, run = searched
     copy = tmp_path / "run"
@@ -83,6 +87,7 @@ def test_no_response_tokens_is_refused(searched, tmp_path):
     assert not (copy / "scores.json").exists() and not list(copy.glob("scores.partial.*"))
 
 
+@pytest.mark.e2e
 def test_compare_prints_the_matrices(searched, tmp_path, capsys):
     _, run = searched
     assert main(["score", "--run-dir", str(run), "--scorer", "sensitivity"]) == 0
@@ -98,6 +103,7 @@ def test_compare_prints_the_matrices(searched, tmp_path, capsys):
     assert result["spearman"][0][0] == 1.0 and -1.0 <= result["spearman"][0][1] <= 1.0
 
 
+@pytest.mark.e2e
 def test_select_refuses_scores_of_another_backbone(searched, tmp_path, tiny_llama_other, capsys):
     _, run = searched
     out = tmp_path / "setting.json"
@@ -106,6 +112,7 @@ def test_select_refuses_scores_of_another_backbone(searched, tmp_path, tiny_llam
     assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_stability_over_two_seeds(tmp_path, tiny_llama, capsys):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_llama)))
@@ -121,6 +128,7 @@ def test_stability_over_two_seeds(tmp_path, tiny_llama, capsys):
     assert "at least two different seeds" in err and not (tmp_path / "s2").exists()
 
 
+@pytest.mark.e2e
 def test_tiny_memory_limit_chunks_with_the_same_scores(searched, tmp_path):
     _, run = searched
     copy = tmp_path / "run"
@@ -131,6 +139,7 @@ def test_tiny_memory_limit_chunks_with_the_same_scores(searched, tmp_path):
     assert max(abs(chunked[k] - whole[k]) for k in whole) < 1e-6
 
 
+@pytest.mark.e2e
 def test_split_half_scores_one_adapter_on_two_disjoint_val_halves(tmp_path, tiny_llama, capsys):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_llama)))
@@ -150,6 +159,7 @@ def test_split_half_scores_one_adapter_on_two_disjoint_val_halves(tmp_path, tiny
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.e2e
 def test_a_val_start_past_the_val_set_is_refused(searched, tmp_path):
     recipe, run = searched
     copy = tmp_path / "run"

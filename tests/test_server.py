@@ -162,6 +162,7 @@ def test_a_cancelled_row_stops_at_the_next_step_and_the_others_continue(server):
     assert len(staying.tokens) == 30 and staying.finished == "length"
 
 
+@pytest.mark.e2e
 def test_fanlora_serve_binds_loopback_and_answers(tmp_path, tiny_llama):
     import subprocess
     import sys

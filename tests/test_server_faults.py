@@ -13,8 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import fail
-from helpers import WAIT, Gate, call, in_thread, make_adapter, serve_in_thread, setting_for
+from helpers import WAIT, Gate, call, fail, in_thread, make_adapter, serve_in_thread, setting_for
 
 from fanlora.backbone import load_backbone
 from fanlora.errors import UserError

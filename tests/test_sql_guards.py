@@ -6,10 +6,10 @@ import json
 import sqlite3
 
 import pytest
-from conftest import fail
+from helpers import fail
 
 from fanlora.metrics import sql
-from fanlora.stages import adapt
+from fanlora.stages import evaluate as adapt
 from fanlora.tasks import get_task
 from fanlora.tasks.base import GenExample
 

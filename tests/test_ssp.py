@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from helpers import IDS, examples, grid_config, retrains_from_the_backbone_and_round_trips
 
@@ -38,6 +39,7 @@ def test_choose_keeps_the_best_logits_that_fit():
     assert sum(c.params for c in chosen) <= 160
 
 
+@pytest.mark.e2e
 def test_search_trains_the_gates_then_the_retrained_structure_starts_as_the_backbone(tiny_llama, tmp_path):
     from fanlora.train import train_adapter
 
@@ -65,6 +67,7 @@ def test_search_trains_the_gates_then_the_retrained_structure_starts_as_the_back
     retrains_from_the_backbone_and_round_trips(ssp, model, before, params, tmp_path, tiny_llama)
 
 
+@pytest.mark.e2e
 def test_ssp_runs_in_a_grid_at_fanloras_budget(tmp_path, recipe_file):
     extra = {"methods": ["fanlora", "ssp"], "seeds": [0], "budget": {"k_max": 2, "r": 4}}
     path = grid_config(tmp_path, recipe_file, **extra)

@@ -83,7 +83,7 @@ def test_a_rule_pool_is_a_random_effect():
 def test_fanlora_compare_pairs_two_evaluations_item_by_item(tmp_path, capsys):
     import json
 
-    from conftest import fail
+    from helpers import fail
 
     from fanlora.cli import main
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import fail
+from helpers import fail
 
 from fanlora import dist as threads
 from fanlora.errors import UserError

@@ -20,9 +20,9 @@ from helpers import serve_in_thread, setting_for
 
 from fanlora.backbone import load_backbone, resolve_source
 from fanlora.latency.timing import save_random_adapter
+from fanlora.latency.vllm_server import VllmServer, vllm_python
 from fanlora.serving.engine import Engine
 from fanlora.serving.server import Limits, create_app
-from fanlora.serving.vllm import VllmServer, vllm_python
 
 pytestmark = pytest.mark.slow
 if vllm_python() is None:

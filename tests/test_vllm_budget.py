@@ -6,7 +6,7 @@ import itertools
 import json
 
 import pytest
-from conftest import fail
+from helpers import fail
 from test_budget import KINDS, small_table
 
 from fanlora.errors import UserError
@@ -52,6 +52,7 @@ def test_a_budget_below_every_group_names_the_plugin():
         fb.select_by_groups(table, fb.Budget("latency", 0.05), GROUPS, 2)
 
 
+@pytest.mark.e2e
 def test_select_engine_vllm_cli_records_the_target_modules(searched_run, tmp_path, capsys):
     from fanlora.cli import main
     from fanlora.scoring.table import ScoreTable
