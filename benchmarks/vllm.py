@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument(
         "--no-all-modules", action="store_true", help="leave out the all-module adapters (one vLLM server fewer)"
     )
+    parser.add_argument(
+        "--dtype", default="float32", help="vLLM's --dtype: float32 on the CPU build, bfloat16 or float16 on a GPU"
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     setting = Setting.read(args.setting)
@@ -95,9 +98,9 @@ def main() -> None:
         report.append(text)
 
     vllm = {
-        "stock": VllmServer(model_dir, None, {**fan, **full}, log=str(work / "stock.log")),
-        "plugin": VllmServer(model_dir, args.setting, fan, log=str(work / "plugin.log")),
-        "plugin-all": VllmServer(model_dir, str(all_setting), full, log=str(work / "plugin-all.log")),
+        "stock": VllmServer(model_dir, None, {**fan, **full}, log=str(work / "stock.log"), dtype=args.dtype),
+        "plugin": VllmServer(model_dir, args.setting, fan, log=str(work / "plugin.log"), dtype=args.dtype),
+        "plugin-all": VllmServer(model_dir, str(all_setting), full, log=str(work / "plugin-all.log"), dtype=args.dtype),
     }
     if args.no_all_modules:
         vllm.pop("plugin-all")

@@ -44,7 +44,10 @@ def free_port() -> int:
 
 @dataclass
 class VllmServer:
-    """One vLLM server on loopback over ``model_dir`` (float32, LoRA on), with or without the plugin."""
+    """One vLLM server on loopback over ``model_dir`` (LoRA on), with or without the plugin.
+
+    ``dtype``: float32 on vLLM's CPU build (what the tests and benchmarks here run); on a GPU pass bfloat16 or
+    float16 — vLLM's GPU LoRA kernels take only those."""
 
     model_dir: str
     setting: str | None  # the plugin's FANLORA_SETTING; None: stock vLLM (the plugin stays out)
@@ -55,6 +58,7 @@ class VllmServer:
     lora: bool = True  # False: vLLM without --enable-lora (the base a LoRA cost is measured against)
     target_modules: list[str] | None = None  # vLLM's --lora-target-modules (by kind, in every layer)
     log: str | None = None
+    dtype: str = "float32"
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
@@ -67,7 +71,7 @@ class VllmServer:
         if python is None:
             raise UserError("no vLLM venv: run `bash scripts/setup-vllm.sh` (or set FANLORA_VLLM_PYTHON)")
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir]
-        cmd += ["--served-model-name", "base", "--dtype", "float32", "--max-model-len", "2048"]
+        cmd += ["--served-model-name", "base", "--dtype", self.dtype, "--max-model-len", "2048"]
         if self.lora:
             cmd += ["--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", str(self.max_lora_rank)]
         if self.target_modules:

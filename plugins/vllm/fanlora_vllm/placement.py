@@ -12,6 +12,7 @@ at that layer, and only those parts' LoRA slices are computed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -55,6 +56,11 @@ class Placement:
         if not isinstance(modules, list) or not modules or not all(isinstance(m, str) for m in modules):
             raise PlacementError(f"{path} has no 'modules' list: write it with `fanlora select`")
         return cls(set(modules), str(path))
+
+    @property
+    def digest(self) -> str:
+        """What the setting changes in the model graph — its modules, not its file path — as a short hash."""
+        return hashlib.sha256("\n".join(sorted(self.modules)).encode()).hexdigest()[:16]
 
     def parts(self, name: str, packed: dict[str, list[str]]) -> list[str]:
         """The Hugging Face module names behind vLLM's module ``name`` (one, or a packed projection's parts)."""
