@@ -12,6 +12,7 @@ from typing import Any
 from fanlora import __version__, commands, dist
 from fanlora.config import R1, cli_flags
 from fanlora.errors import UserError
+from fanlora.serving import export
 from fanlora.serving.flags import add_serve_flags
 
 
@@ -221,6 +222,14 @@ def _serve_parser(sub: Any) -> None:
 
 def _serving_parsers(sub: Any) -> None:
     _serve_parser(sub)
+
+    p = sub.add_parser("export", help="the setting for engines without fanlora: vLLM/SGLang flags, a PEFT LoraConfig")
+    p.set_defaults(func=export.command)
+    p.add_argument("--setting", required=True, help="setting.json from `fanlora select`")
+    p.add_argument("--engine", required=True, choices=export.ENGINES)
+    p.add_argument("--r", type=int, default=R1, help=f"LoRA rank of the PEFT config (default {R1}, stage d's)")
+    p.add_argument("--alpha", type=float, default=2 * R1, help=f"its lora_alpha (default {2 * R1})")
+    p.add_argument("--out", help="write it to this file (default: print it)")
 
     p = sub.add_parser("bench", help="Table 3 on this machine: decode speed and memory of FanLoRA vs baselines")
     p.set_defaults(func=commands.bench)

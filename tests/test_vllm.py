@@ -22,6 +22,7 @@ from fanlora.backbone import load_backbone, resolve_source
 from fanlora.latency.timing import save_random_adapter
 from fanlora.latency.vllm_server import VllmServer, vllm_python
 from fanlora.serving.engine import Engine
+from fanlora.serving.export import vllm_target_modules
 from fanlora.serving.server import Limits, create_app
 
 pytestmark = pytest.mark.slow
@@ -53,6 +54,9 @@ def world(tmp_path_factory):
     servers = {
         "plugin": VllmServer(model_dir, str(root / "setting.json"), static, report=str(root / "plugin.json")),
         "stock": VllmServer(model_dir, None, static, report=str(root / "stock.json")),
+        "listed": VllmServer(  # stock vLLM told the setting by `fanlora export --engine vllm`'s list
+            model_dir, None, static, report=str(root / "listed.json"), target_modules=vllm_target_modules(setting)
+        ),
     }
     for name, server in servers.items():
         server.log = str(root / f"{name}.log")
@@ -119,6 +123,18 @@ def test_greedy_text_is_the_same_with_and_without_the_plugin_and_in_fanlora_serv
             assert chat(world["plugin"].url, model, prompt) == ours, (model, prompt)
             assert chat(world["stock"].url, model, prompt) == ours, (model, prompt)
     assert chat(world["fanlora"], "alpha", PROMPTS[0]) != chat(world["fanlora"], "base", PROMPTS[0])
+
+
+def test_stock_vllm_with_the_exported_list_wraps_the_plugins_modules_and_answers_the_same(world):
+    """No plugin, no patch: vLLM matches --lora-target-modules against full names, so the exported list places
+    LoRA per layer (every slice of a packed projection is computed; the plugin computes only the active ones)."""
+    plugin = json.loads((world["root"] / "plugin.json").read_text())["wrapped"]
+    listed = json.loads((world["root"] / "listed.json").read_text())["wrapped"]
+    assert set(listed) == set(plugin)
+    assert all(all(active) for active in listed.values())
+    for model in ("base", "alpha", "beta"):
+        for prompt in PROMPTS[:2]:
+            assert chat(world["listed"].url, model, prompt) == chat(world["plugin"].url, model, prompt), (model, prompt)
 
 
 def test_mixed_adapter_batches_answer_each_request_on_its_own_adapter(world):
