@@ -189,3 +189,37 @@ def test_the_engine_refuses_an_adapter_outside_the_setting_too():
     inside, outside = run.stdout.strip().splitlines()[-2:]
     assert inside == "served"
     assert outside.startswith("refused: adapter /a puts LoRA on 1 module(s) outside")
+
+
+OFFLINE = """
+import sys
+from vllm import LLM, SamplingParams
+from vllm.lora.request import LoRARequest
+model, inside, outside = sys.argv[1:4]
+llm = LLM(model=model, dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=16, max_model_len=512)
+greedy = SamplingParams(temperature=0, max_tokens=4)
+try:
+    llm.generate(["Name a colour."], greedy, lora_request=LoRARequest("outside", 1, outside))
+    print("outside: served")
+except Exception as exc:
+    print("outside: refused:", type(exc).__name__, str(exc).splitlines()[0])
+for name, request in (("inside", LoRARequest("inside", 2, inside)), ("base", None)):
+    out = llm.generate(["Name a colour."], greedy, lora_request=request)
+    print(f"{name}: served", len(out[0].outputs[0].token_ids))
+"""
+
+
+def test_the_offline_llm_refuses_an_outside_adapter_for_that_request_and_keeps_serving(world):
+    """The offline ``LLM`` API has no API-server check: the frontend's refusal must come before the engine core,
+    where a load error inside a model step would end the engine for every later request."""
+    import subprocess
+
+    server = world["plugin"]
+    env = {**server.environment(), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    args = [server.model_dir, str(world["root"] / "adapters" / "alpha"), str(world["root"] / "outside")]
+    run = subprocess.run([str(vllm_python()), "-c", OFFLINE, *args], capture_output=True, text=True, env=env,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in run.stdout.splitlines() if line.split(":")[0] in ("outside", "inside", "base")]
+    assert lines[0].startswith("outside: refused:") and "outside the FanLoRA setting" in lines[0], lines
+    assert lines[1:] == ["inside: served 4", "base: served 4"], lines

@@ -21,7 +21,14 @@ def register() -> None:
 
     import vllm
 
-    from fanlora_vllm.patch import carry_to_ray, check_version, patch_api_server, patch_config_hash, patch_manager
+    from fanlora_vllm.patch import (
+        carry_to_ray,
+        check_version,
+        patch_api_server,
+        patch_config_hash,
+        patch_input_processor,
+        patch_manager,
+    )
     from fanlora_vllm.placement import find_placement
 
     check_version(vllm.__version__)
@@ -33,5 +40,6 @@ def register() -> None:
     os.environ["FANLORA_SETTING"] = placement.source  # engine and worker processes read the same one
     carry_to_ray(os.environ)  # Ray workers get only what vLLM is asked to copy
     patch_config_hash(placement)  # a compiled graph of another placement is never reused
+    patch_input_processor(placement)
     patch_api_server(placement)
     log.info("fanlora-vllm: LoRA only on the %d modules of %s", len(placement.modules), placement.source)

@@ -15,8 +15,10 @@ patches, in every vLLM process:
    (``fullgraph=True`` on CUDA) traces it like vLLM's own. The fully sharded variants of
    ``--fully-sharded-loras`` and CUDA's dual-stream path keep every slice. ``FANLORA_VLLM_REPORT`` (a path)
    gets the engine's own module tree: which modules are LoRA wrappers and their active slices;
-3. ``WorkerLoRAManager._load_adapter`` — an adapter with factors outside the setting is refused with a
-   ``ValueError`` instead of being served partly as the base (vLLM skips weights for unwrapped modules);
+3. ``InputProcessor._validate_lora`` (the frontend, offline ``LLM`` and API server alike) and, last,
+   ``WorkerLoRAManager._load_adapter`` — an adapter with factors outside the setting is refused instead of being
+   served partly as the base (vLLM skips weights for unwrapped modules); the frontend check raises for that
+   request only, before the engine core would meet it inside a model step;
 4. in the API server, ``OpenAIServingModels._check_load_lora_adapter_request`` — the same check before the
    engine sees the adapter, so ``/v1/load_lora_adapter`` answers 400 naming the modules (vLLM turns engine
    load errors into 500).
@@ -165,6 +167,38 @@ def patch_manager(placement: Placement | None) -> None:
         return lora
 
     worker_manager.WorkerLoRAManager._load_adapter = load
+
+
+def patch_input_processor(placement: Placement) -> None:
+    """Refuse an adapter outside the setting in the frontend, where vLLM validates a request's LoRA — before the
+    engine core, whose load error inside a model step would take the engine down — so the offline ``LLM``
+    API raises for that request only and keeps serving."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine import input_processor
+
+    processor = input_processor.InputProcessor
+    if getattr(processor, "fanlora_patched", False):
+        return
+    processor.fanlora_patched = True
+    original = processor._validate_lora
+    checked: dict[tuple[str, float], str | None] = {}  # (folder, mtime) → refusal, read once per adapter version
+
+    def validate(self, lora_request):
+        original(self, lora_request)
+        if lora_request is None:
+            return
+        folder = lora_request.lora_path
+        key = (folder, os.stat(folder).st_mtime if os.path.exists(folder) else 0.0)
+        if key not in checked:
+            try:
+                outside = placement.outside(adapter_modules(folder))
+                checked[key] = refusal(placement, folder, outside) if outside else None
+            except PlacementError as exc:
+                checked[key] = str(exc)
+        if checked[key] is not None:
+            raise VLLMValidationError(checked[key])
+
+    processor._validate_lora = validate
 
 
 def patch_api_server(placement: Placement) -> None:
