@@ -40,7 +40,7 @@ def plot(exp: Any, rows: list[dict[str, Any]], report: Path) -> None:
         ax.set_ylabel(f"{task_rows[0]['metric']} (median, min–max over seeds)")
         ax.set_title(f"{exp.name}: {task}")
         ax.legend(fontsize=8)
-        _save(fig, report / f"{task}.png")
+        save_png(fig, report / f"{task}.png")
 
 
 def loss_plot(exp: Any, records: list[dict[str, Any]], report: Path) -> None:
@@ -73,10 +73,10 @@ def loss_plot(exp: Any, records: list[dict[str, Any]], report: Path) -> None:
         ax.set_yticks(range(len(points)), [p[0] for p in points])
         ax.set_xlabel(f"{task}: held-out gold loss (mean NLL per token; 95 % clustered interval)")
         ax.set_title(f"{exp.name}: red star = FanLoRA/{reference}, grey = random settings")
-        _save(fig, report / f"{task}_gold_loss.png")
+        save_png(fig, report / f"{task}_gold_loss.png")
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_png(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()

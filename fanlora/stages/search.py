@@ -37,7 +37,7 @@ def run_search(cfg: Config, run_dir: str | Path) -> Path:
     )
     lora = cfg.search.lora
     gated = GatedLoRA.create(backbone.model, backbone.layout, lora.r, lora.alpha, lora.dropout)
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     result = train_adapter(gated.model, data.train, data.val, cfg.search.train, out, backbone.tokenizer.pad_token_id)
     if is_main():
         atomic.write_json(
@@ -47,6 +47,7 @@ def run_search(cfg: Config, run_dir: str | Path) -> Path:
                 "best_eval_loss": result.best_eval_loss,
                 "train_loss": result.train_loss,
                 "minutes": (time.time() - start) / 60,
+                "cpu_seconds": time.process_time() - cpu,  # this process's, like scores.json's cost
                 "n_train": len(data.train),
                 "n_val": len(data.val),
                 "resumed_from": result.resumed_from,
