@@ -2,13 +2,15 @@
 
     python benchmarks/vllm.py --setting runs/demo/setting.json --out benchmarks/results/vllm.txt
 
-Needs the vLLM venv (``bash scripts/setup-vllm.sh``). Four servers on loopback over the embedded backbone's
+Needs the vLLM venv (``bash scripts/setup-vllm.sh``). Five servers on loopback over the embedded backbone's
 de-quantised weights (float32): stock vLLM (``FANLORA_SETTING=off``), vLLM with the plugin on the setting,
-vLLM with the plugin on the all-modules setting, and `fanlora serve`. Every adapter is a random r=12 PEFT
+stock vLLM given the setting as ``fanlora export --engine vllm``'s per-layer ``--lora-target-modules`` list (no
+plugin: what the plugin's slice skipping adds on top of the list), vLLM with the plugin on the all-modules
+setting, and `fanlora serve`. Every adapter is a random r=12 PEFT
 adapter: four on the setting ("FanLoRA") and four on all 210 modules ("all-module"). Each measurement:
 ``--clients`` closed-loop chat clients for ``--seconds`` (greedy, 16 tokens, the load test's six prompts;
 client i cycles through the four adapters). While one server is measured the others are stopped (SIGSTOP on
-their process groups), so an idle engine's polling cannot take CPU from it. Order per round: the seven
+their process groups), so an idle engine's polling cannot take CPU from it. Order per round: the eight
 measurements shuffled, then the same in reverse (A-B-B-A); a ratio is taken within each half-round, and the
 report gives its median and range. Before timing, the greedy text of every adapter is compared between stock
 vLLM and the plugin. Time it with nothing else running.
@@ -40,6 +42,7 @@ from fanlora.backbone import resolve_source
 from fanlora.latency.loadgen import closed_loop as load
 from fanlora.latency.timing import save_random_adapter
 from fanlora.latency.vllm_server import VllmServer, free_port
+from fanlora.serving.export import vllm_target_modules
 from fanlora.setting import Setting
 
 FANLORA = [f"fan-{i}" for i in range(4)]
@@ -100,6 +103,14 @@ def main() -> None:
     vllm = {
         "stock": VllmServer(model_dir, None, {**fan, **full}, log=str(work / "stock.log"), dtype=args.dtype),
         "plugin": VllmServer(model_dir, args.setting, fan, log=str(work / "plugin.log"), dtype=args.dtype),
+        "listed": VllmServer(  # stock vLLM with `fanlora export --engine vllm`'s per-layer list, no plugin
+            model_dir,
+            None,
+            fan,
+            log=str(work / "listed.log"),
+            dtype=args.dtype,
+            target_modules=vllm_target_modules(setting),
+        ),
         "plugin-all": VllmServer(model_dir, str(all_setting), full, log=str(work / "plugin-all.log"), dtype=args.dtype),
     }
     if args.no_all_modules:
@@ -118,6 +129,7 @@ def main() -> None:
             "vLLM, base": ("stock", ["base"]),
             "vLLM, 4 FanLoRA adapters": ("stock", list(fan)),
             "vLLM + plugin, 4 FanLoRA adapters": ("plugin", list(fan)),
+            "vLLM + exported list, 4 FanLoRA adapters": ("listed", list(fan)),
             "vLLM, 4 all-module adapters": ("stock", list(full)),
             "vLLM + plugin (all-modules setting), 4 all-module adapters": ("plugin-all", list(full)),
             "fanlora serve, base": ("fanlora", ["base"]),
@@ -149,6 +161,10 @@ def measure(runs, urls, procs, args, say, fan) -> None:
     only("plugin")
     same = sum(greedy(urls["plugin"], m) == t for m, t in stock_text.items())
     say(f"greedy text, plugin vs stock vLLM: {same} of {len(fan)} adapters the same")
+    only("listed")
+    listed = sum(greedy(urls["listed"], m) == t for m, t in stock_text.items())
+    say(f"greedy text, stock vLLM with the exported list vs stock vLLM: {listed} of {len(fan)} adapters the same")
+    same = min(same, listed)
     for name, url in urls.items():  # warm-up: every adapter loaded, every server's first batches done
         only(name)
         for server, models in runs.values():
@@ -178,6 +194,8 @@ def summarize(results, say, same: int, n: int) -> None:
 
     pairs = {
         "plugin_vs_stock_fanlora": ("vLLM + plugin, 4 FanLoRA adapters", "vLLM, 4 FanLoRA adapters"),
+        "plugin_vs_listed_fanlora": ("vLLM + plugin, 4 FanLoRA adapters", "vLLM + exported list, 4 FanLoRA adapters"),
+        "listed_vs_stock_fanlora": ("vLLM + exported list, 4 FanLoRA adapters", "vLLM, 4 FanLoRA adapters"),
         "plugin_vs_stock_all": (
             "vLLM + plugin (all-modules setting), 4 all-module adapters",
             "vLLM, 4 all-module adapters",
