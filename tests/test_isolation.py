@@ -32,11 +32,11 @@ from fanlora.serving.server import Limits, create_app
 WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_llama):
-
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def world(request, tmp_path_factory, tiny_llama):
+    """The same hostile-tenant cases in float32 and in bfloat16 (the dtype GPUs serve in)."""
     root = tmp_path_factory.mktemp("isolation")
-    backbone = load_backbone(str(tiny_llama))
+    backbone = load_backbone(str(tiny_llama), dtype=request.param)
     setting = setting_for(backbone)
     for i, name in enumerate(["alpha", "beta"]):
         make_adapter(root / "adapters" / name, tiny_llama, setting, 4, 8, i)
@@ -50,7 +50,7 @@ def world(tmp_path_factory, tiny_llama):
 
     srv, thread, port = serve_in_thread(app, http=TimedH11)
     yield {"port": port, "app": app, "engine": engine, "gate": gate, "root": root, "setting": setting,
-           "tiny": tiny_llama}  # fmt: skip
+           "tiny": tiny_llama, "dtype": getattr(torch, request.param)}  # fmt: skip
     gate.open()
     srv.should_exit = True
     thread.join(timeout=10)
@@ -81,6 +81,13 @@ def text_of(port: int, model: str) -> str:
 
 
 # --- sampling -------------------------------------------------------------------------------------------
+def test_the_cases_run_in_the_dtype_they_say(world):
+    engine = world["engine"]
+    ids = engine.tokenizer(["Once upon a time"], return_tensors="pt")
+    assert engine.logits(ids["input_ids"], ids["attention_mask"], ["alpha"]).dtype == world["dtype"]
+    assert all(m.A.dtype == world["dtype"] for m in engine.modules.values())  # the adapter stacks too
+
+
 def test_a_tiny_temperature_is_greedy_not_an_overflow(world):
     port = world["port"]
     status, body = complete(world["port"], "alpha", temperature=1e-40, seed=3)
