@@ -20,36 +20,28 @@ from fanlora.config import Config, check_values, flag_overrides, load_config
 from fanlora.errors import UserError
 
 
-def eval_data(args: argparse.Namespace) -> dict[str, str]:
-    """--data SPLIT=SOURCE pairs (replacing a task split's data)."""
+def apply_eval_options(args: argparse.Namespace, cfg: Config) -> dict[str, str]:
+    """--data SPLIT=SOURCE pairs on top of the config's evaluate.data (the evaluate.* flags are config overrides
+    already, see config_for); returns the pairs, which finetune applies to its training data too."""
     data = {}
     for item in getattr(args, "data", []):
         split, sep, source = item.partition("=")
         if not sep or not split or not source:
             raise UserError(f"--data {item!r}: expected SPLIT=SOURCE, e.g. --data train=my_train.jsonl")
         data[split] = source
-    return data
-
-
-def apply_eval_options(args: argparse.Namespace, cfg: Config) -> dict[str, str]:
-    """--data on top of the config's evaluate.data (the evaluate.* flags are config overrides already, see
-    config_for); returns the pairs, which finetune applies to its training data too."""
-    data = eval_data(args)
     if data:
         cfg.evaluate.data = {**(cfg.evaluate.data or {}), **data}
     check_values(cfg)  # the flags above are held to the same ranges as the recipe
     return data
 
 
-def setting_backbone(args: argparse.Namespace) -> str | None:
-    """The backbone a setting (or an adapter's copy of it) was made for: the default for finetune/evaluate."""
-    path = getattr(args, "setting", None) or (
-        Path(args.adapter) / "setting.json" if getattr(args, "adapter", None) else None
-    )
-    if path is None or not Path(path).is_file():
+def adapter_backbone(args: argparse.Namespace) -> str | None:
+    """The backbone an adapter's copy of its setting was made for: `evaluate --adapter`'s default backbone."""
+    path = Path(args.adapter) / "setting.json" if getattr(args, "adapter", None) else None
+    if path is None or not path.is_file():
         return None
     try:
-        return json.loads(Path(path).read_text())["backbone"]["source"]
+        return json.loads(path.read_text())["backbone"]["source"]
     except (ValueError, KeyError, TypeError, RecursionError):
         return None  # Setting.read() reports a broken file properly later
 
@@ -249,7 +241,9 @@ def finetune(args: argparse.Namespace) -> int:
     from fanlora.stages.finetune import finetune as run_finetune
     from fanlora.tasks import get_task
 
-    cfg = config_for(args, default_backbone=setting_backbone(args))
+    plan = _finetune_plan(args)  # reads the setting (once): its backbone is the default one
+    default_backbone = plan.setting.backbone.get("source") if plan.setting else None
+    cfg = config_for(args, default_backbone=default_backbone)
     if args.task:
         cfg.finetune.task = args.task
     data = apply_eval_options(args, cfg)
@@ -257,7 +251,6 @@ def finetune(args: argparse.Namespace) -> int:
         cfg.finetune.data = {**(cfg.finetune.data or {}), **data}
     evaluate.decoding_of(cfg)
     get_task(cfg.finetune.task, cfg.finetune.data)  # unknown task or split: say so before any work
-    plan = _finetune_plan(args)
     args.run_dir = args.run_dir or f"runs/{cfg.finetune.task}"
     inputs = {"setting_sha256": plan.setting.sha256} if plan.setting else {}
     if plan.method != "fanlora":  # runs made before --method existed are FanLoRA's and record no method
@@ -270,7 +263,7 @@ def finetune(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from fanlora.stages import evaluate as stage
 
-    cfg = config_for(args, default_backbone=setting_backbone(args))
+    cfg = config_for(args, default_backbone=adapter_backbone(args))
     if args.split:
         cfg.evaluate.split = args.split
     if args.limit is not None:

@@ -36,10 +36,12 @@ def run_demo(cfg: Config, run_dir: str | Path) -> dict[str, Any]:
     setting = run_select(run_dir / "scores.json", cfg.select.k_max, run_dir / "setting.json", run_dir / "plots")
     task = cfg.finetune.task
     base_dir, tuned_dir = run_dir / task / "base", run_dir / task / "fanlora"
-    backbone = from_config(cfg.backbone)  # one load: the bare model's evaluation, then stage d wraps it
-    base = _cached_metrics(base_dir) or run_evaluate(cfg, task, base_dir, backbone=backbone)
-    plan = Plan("fanlora", setting=setting, setting_path=str(run_dir / "setting.json"))
-    tuned = _cached_metrics(tuned_dir) or finetune(cfg, plan, tuned_dir, backbone).metrics
+    base, tuned = _cached_metrics(base_dir), _cached_metrics(tuned_dir)
+    if base is None or tuned is None:
+        backbone = from_config(cfg.backbone)  # one load: the bare model's evaluation, then stage d wraps it
+        base = base or run_evaluate(cfg, task, base_dir, backbone=backbone)
+        plan = Plan("fanlora", setting=setting, setting_path=str(run_dir / "setting.json"))
+        tuned = tuned or finetune(cfg, plan, tuned_dir, backbone).metrics
     summary = {
         "run_dir": str(run_dir),
         "minutes": round((time.time() - start) / 60, 2),

@@ -52,7 +52,7 @@ class Plan:
 class Finetuned:
     adapter: Path
     training: dict[str, Any]  # train_metrics.json
-    metrics: dict[str, Any]  # the evaluation's metrics.json ({} when not evaluated)
+    metrics: dict[str, Any]  # the evaluation's metrics.json
 
 
 def task_training_data(cfg: Config, backbone: Backbone) -> tuple[list[Any], list[Any]]:
@@ -137,10 +137,9 @@ def finetune(
     plan: Plan,
     out_dir: str | Path,
     backbone: Backbone | None = None,
-    evaluate: bool = True,
     progress: bool = True,
 ) -> Finetuned:
-    """Stage d on ``cfg.finetune.task``, then (``evaluate``) the trained model on the same task's
+    """Stage d on ``cfg.finetune.task``, then the trained model on the same task's
     ``cfg.evaluate.split`` — in memory, on the one ``backbone`` (loaded here if not given)."""
     out = Path(out_dir)
     backbone = backbone or from_config(cfg.backbone)
@@ -151,8 +150,6 @@ def finetune(
         model = methods.load(backbone, adapter)
     else:
         model, record = _train(cfg, plan, backbone, out)
-    if not evaluate:
-        return Finetuned(adapter, record, {})
     started = time.time()
     metrics = run_evaluate(cfg, cfg.finetune.task, out, adapter=adapter, backbone=backbone, model=model.eval(),
                            progress=progress)  # fmt: skip

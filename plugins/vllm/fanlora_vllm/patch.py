@@ -51,6 +51,15 @@ def check_version(version: str) -> None:
         )
 
 
+def adapter_refusal(placement: Placement, folder: str) -> str | None:
+    """Why the adapter in ``folder`` cannot be served on ``placement`` (``None``: it can)."""
+    try:
+        outside = placement.outside(adapter_modules(folder))
+    except PlacementError as exc:
+        return str(exc)
+    return refusal(placement, folder, outside) if outside else None
+
+
 def refusal(placement: Placement, folder: str, outside: list[str]) -> str:
     shown = ", ".join(outside[:4]) + (f" and {len(outside) - 4} more" if len(outside) > 4 else "")
     return (
@@ -190,11 +199,7 @@ def patch_input_processor(placement: Placement) -> None:
         folder = lora_request.lora_path
         key = (folder, os.stat(folder).st_mtime if os.path.exists(folder) else 0.0)
         if key not in checked:
-            try:
-                outside = placement.outside(adapter_modules(folder))
-                checked[key] = refusal(placement, folder, outside) if outside else None
-            except PlacementError as exc:
-                checked[key] = str(exc)
+            checked[key] = adapter_refusal(placement, folder)
         if checked[key] is not None:
             raise VLLMValidationError(checked[key])
 
@@ -217,14 +222,9 @@ def patch_api_server(placement: Placement) -> None:
         error = await original(self, request)
         if error is not None:
             return error
-        try:
-            outside = placement.outside(adapter_modules(request.lora_path))
-        except PlacementError as exc:
-            message = str(exc)
-        else:
-            if not outside:
-                return None
-            message = refusal(placement, request.lora_path, outside)
+        message = adapter_refusal(placement, request.lora_path)
+        if message is None:
+            return None
         return serving.create_error_response(
             message=message, err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST
         )
