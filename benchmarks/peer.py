@@ -66,9 +66,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], port: int, new_session: bool = False, env: dict | None = None) -> subprocess.Popen:
+def start(
+    cmd: list[str], port: int, new_session: bool = False, env: dict | None = None, log: str | None = None
+) -> subprocess.Popen:
+    """Start a server; wait for its /health. ``log``: a file for its stdout and stderr (default: discarded)."""
+    sink = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 (the child holds it for its lifetime)
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+        cmd, stdout=sink, stderr=subprocess.STDOUT if log else subprocess.DEVNULL, env={**os.environ, **(env or {})},
         start_new_session=new_session,
     )  # fmt: skip
     deadline = time.monotonic() + 300
@@ -78,17 +82,18 @@ def start(cmd: list[str], port: int, new_session: bool = False, env: dict | None
                 return proc
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit(f"{cmd[0]} exited with {proc.returncode}: run it by hand to see why") from None
+                why = f"see {log}" if log else "run it by hand to see why"
+                raise SystemExit(f"{cmd[0]} exited with {proc.returncode}: {why}") from None
             time.sleep(0.5)
     proc.kill()
     raise SystemExit(f"{' '.join(cmd[:2])} did not answer /health within 300 s")
 
 
 @contextlib.contextmanager
-def serving(cmd: list[str], env: dict | None = None) -> Iterator[str]:
+def serving(cmd: list[str], env: dict | None = None, log: str | None = None) -> Iterator[str]:
     """Start a server on a free loopback port; yield its OpenAI base URL; stop it."""
     port = free_port()
-    proc = start([*cmd, "--host", "127.0.0.1", "--port", str(port)], port, env=env)
+    proc = start([*cmd, "--host", "127.0.0.1", "--port", str(port)], port, env=env, log=log)
     try:
         yield f"http://127.0.0.1:{port}/v1"
     finally:

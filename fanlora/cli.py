@@ -217,7 +217,14 @@ def _serve_parser(sub: Any) -> None:
         help="require 'Authorization: Bearer KEY' on every route but /health (default: $FANLORA_API_KEY if "
         "set and not empty); an empty key is refused",
     )
+    _placement_flags(p)
     add_serve_flags(p)
+
+
+def _placement_flags(p: argparse.ArgumentParser) -> None:
+    """Where the backbone runs, for the commands that time or serve it (training takes these from its recipe)."""
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--device", default="auto", help="auto (default: the first GPU if any, else CPU), cpu, cuda:N")
 
 
 def _serving_parsers(sub: Any) -> None:
@@ -240,6 +247,7 @@ def _serving_parsers(sub: Any) -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--tenants", type=int, default=16, help="distinct adapters in the multi-tenant batch")
     p.add_argument("--out", help="also write the report to this file (e.g. benchmarks/results/serving.txt)")
+    _placement_flags(p)
 
     p = sub.add_parser("profile", help="decode cost of LoRA on each module kind, for latency budgets (cached)")
     p.set_defaults(func=commands.profile)
@@ -249,6 +257,7 @@ def _serving_parsers(sub: Any) -> None:
     p.add_argument("--prompt-tokens", type=int, default=276, help="the decode steps' position (cache length)")
     p.add_argument("--steps", type=int, default=8, help="decode steps per timed run")
     p.add_argument("--out", help="also write the profile here (it always goes to the cache, where select finds it)")
+    _placement_flags(p)
     p.add_argument(
         "--engine",
         choices=["fanlora", "vllm"],

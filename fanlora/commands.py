@@ -293,7 +293,10 @@ def bench(args: argparse.Namespace) -> int:
         print(line, flush=True)
         lines.append(line)
 
-    serving_bench.run(args.setting, args.backbone, args.prompt_tokens, args.new_tokens, args.rounds, args.tenants, say)
+    serving_bench.run(
+        args.setting, args.backbone, args.prompt_tokens, args.new_tokens, args.rounds, args.tenants, say,
+        dtype=args.dtype, device=args.device,
+    )  # fmt: skip
     if args.out:
         command = "fanlora " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "fanlora bench …"
         atomic.write_text(args.out, f"$ {command}\n" + "\n".join(lines) + "\n")
@@ -321,6 +324,8 @@ def profile(args: argparse.Namespace) -> int:
         args.rounds,
         args.out,
         lambda line: print(line, flush=True),
+        args.dtype,
+        args.device,
     )
     return 0
 
@@ -361,7 +366,8 @@ def serve(args: argparse.Namespace) -> int:
 
     key = args.api_key if args.api_key is not None else (os.environ.get("FANLORA_API_KEY") or None)
     limits = Limits(**{k: getattr(args, k) for k in Limits.model_fields if k != "max_body_bytes"})  # one per flag
-    run_server(args.setting, args.adapter_dir, args.backbone, args.host, args.port, key, limits)
+    where = (args.dtype, args.device)
+    run_server(args.setting, args.adapter_dir, args.backbone, args.host, args.port, key, limits, *where)
     return 0
 
 

@@ -123,6 +123,39 @@ class Setting:
         if missing:
             raise UserError(f"the model has no module {missing[0]}: this setting belongs to another backbone")
 
+    def fitted_to(self, backbone: Backbone) -> Setting:
+        """This setting for ``backbone``: itself, validated — or, when ``backbone`` has random weights
+        (``shape:…``) and the setting was made on another model, the same pattern mapped by layer fraction
+        (layer ``t`` of ``n`` keeps what layer ``t·m // n`` of the setting's ``m`` kept). A setting found on random
+        weights would mean nothing; a real setting's *pattern* on a model of another size is what a timing of
+        that size needs. The mapped setting names its origin in ``source``, so no report can pass it off."""
+        ident = backbone.identity
+        if ident.get("weights") != "random" or self.backbone.get("weights_digest") == ident.get("weights_digest"):
+            self.validate(backbone)
+            return self
+        layout, m = backbone.layout, self.num_layers
+        missing = [k for k in self.kinds if k not in layout.paths]
+        if missing:
+            raise UserError(f"{ident.get('name')} has no module kind {', '.join(missing)} that the setting keeps")
+        n = layout.num_layers
+        mapped = Setting(
+            backbone=dict(ident),
+            layers_path=layout.layers_path,
+            num_layers=n,
+            module_paths={k: layout.paths[k] for k in self.kinds},
+            k_max=self.k_max,
+            kept={t: list(self.kept.get(t * m // n, [])) for t in range(n)},
+            source={
+                "rule": "mapped by layer fraction",
+                "from_backbone": self.backbone.get("public_name") or self.backbone.get("name"),
+                "from_layers": m,
+                "from_modules": self.n_modules,
+                "from_source": self.source,
+            },
+        )
+        mapped.validate(backbone)
+        return mapped
+
     def lora_config(self, r: int, alpha: int, dropout: float = 0.0) -> LoraConfig:
         """A PEFT config whose ``target_modules`` is exactly the selected full module names. (PEFT is imported
         here: reading a setting — the server does — needs neither PEFT nor the scores.)"""

@@ -312,3 +312,43 @@ def run_study(study: Study, gated, batches, tmp_path: Path, limit: int = BIG, wo
         compute(study, gated, batches, progress, study.units(rank, world), limit)
     progress.close()
     return assemble(study, progress.done)
+
+
+#: Reduced precision: how close to the best logit a different greedy pick must be to count as a rounding tie.
+#: Two correct bf16 computations of one logit differ by ~5 ulps at |logit| ≈ 1 (test_bf16.TOLERANCE, 4e-2);
+#: two such logits, 0.1.
+TIE = 0.1
+
+
+def tie_gap(engine, context: list[int], adapter: str | None, token: int) -> float:
+    """How far ``token``'s logit is below the best one after ``context``, computed for the request alone."""
+    ids = torch.tensor([context])
+    with torch.no_grad():
+        logits = engine.logits(ids, torch.ones_like(ids), [adapter])[0, -1].float()
+    return float(logits.max() - logits[token])
+
+
+def assert_same_answer(engine, got, solo) -> None:
+    """A request served in a batch answers as it does alone.
+
+    float32: token for token. bfloat16: token for token up to the first difference, and a greedy row's first
+    difference falls on a rounding tie of the request alone (its pick within :data:`TIE` of the best logit): a
+    bf16 GEMM rounds differently for a different batch shape, so a batch may break a near-tie the other way —
+    no engine is batch-invariant in bf16 by default, vLLM included. A wrong row, position, KV block or adapter
+    would pick a token far below the best (:func:`tie_gap` against another adapter shows it can fail). After a
+    difference the two answers continue from different contexts and are not compared; a seeded sampling row is
+    compared up to its first difference only."""
+    if next(engine.model.parameters()).dtype == torch.float32 or got.tokens == solo.tokens:
+        assert got.tokens == solo.tokens, (got.tokens, solo.tokens)
+        return
+    d = next((i for i, (a, b) in enumerate(zip(got.tokens, solo.tokens, strict=False)) if a != b), None)
+    if d is None:  # one is a prefix of the other: a stop decided by a rounding tie
+        return
+    if got.decoding.strategy == "greedy":
+        gap = tie_gap(engine, solo.prompt_ids + solo.tokens[:d], solo.adapter, got.tokens[d])
+        assert gap < TIE, (d, gap)
+
+
+def exact(engine) -> bool:
+    """Whether answers must match token for token and text for text (float32; see :func:`assert_same_answer`)."""
+    return next(engine.model.parameters()).dtype == torch.float32

@@ -50,9 +50,13 @@ def test_bench_runs_every_configuration_and_prints_the_result_line(tmp_path, tin
     last = report.strip().splitlines()[-1].split()
     assert last[0] == "RESULT"
     result = dict(kv.split("=") for kv in last[1:])
-    keys = ["fanlora_vs_base", "fanlora_vs_adalora", "latency_measured", "mixed_vs_single", "mixed_vs_peft"]
+    keys = ["fanlora_vs_base", "fanlora_vs_adalora", "fanlora_vs_base_beam3", "latency_measured", "mixed_vs_single"]
+    keys.append("mixed_vs_peft")
     assert list(result) == keys
     assert all(math.isfinite(float(v)) and (float(v) > 0 or k == "latency_measured") for k, v in result.items())
     rows = [line for line in report.splitlines() if line.startswith("| ") and "---" not in line]
-    speeds = [float(r.split("|")[3]) for r in rows if r.split("|")[2].strip() in ("1", "3")]
+    cells = [r.split("|") for r in rows if r.split("|")[2].strip() in ("1", "3")]
+    speeds = [float(c[4]) for c in cells]
     assert len(speeds) == 12 and all(v > 0 for v in speeds)  # six configurations × beam 1 and 3
+    params = {c[1].strip(): int(c[3].replace(",", "")) for c in cells}
+    assert params["base"] == 0 and params["ia3 (PEFT)"] < params["fanlora (PEFT)"] < params["lora all (PEFT)"]

@@ -1,4 +1,6 @@
-"""The serving engine in bfloat16 on CPU (the dtype GPUs serve in): the first step of the bf16 path.
+"""bfloat16 on CPU (the dtype GPUs serve and train in): the engine against PEFT, stage b's scores, and PEFT
+training under bf16 autocast. The schedulers, the paged pool and the prefix cache run in bf16 too: their tests
+(test_continuous.py, test_prefix_cache.py, test_isolation.py) are parametrized over float32 and bfloat16.
 
 Tolerance: bf16 keeps 8 bits of mantissa, so two correct computations of the same logits that round in a
 different order differ by a few units in the last place at the logits' scale; 4e-2 is ~5 ulps at |logit| ≈ 1
@@ -6,10 +8,14 @@ and stays well under the adapters' effect (checked)."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
-from helpers import make_adapter, setting_for
+from helpers import make_adapter, setting_for, tiny_recipe
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from fanlora.backbone import load_backbone
 from fanlora.serving.engine import Engine
@@ -48,3 +54,54 @@ def test_bf16_engine_equals_peft_in_bf16_on_single_and_mixed_batches(bf16):
             assert (got[row] - want[name][row])[mask[row]].abs().max() < TOLERANCE, (names, row)
     effect = (want["a"] - want[None])[mask].abs().max()
     assert effect > 10 * TOLERANCE  # the tolerance could not hide an adapter
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("scorer", ["ab-exact", "ab-first-order"])
+def test_scoring_a_bf16_backbone_accumulates_in_fp32_and_ranks_like_fp32(searched_run, tmp_path, scorer):
+    """Stage b on a bfloat16 backbone: every score finite, the losses summed in fp32 (a bf16 sum of a
+    batch's NLL would round away one module's ~1e-4 effect), and the modules' order close to the fp32 one."""
+    import shutil
+
+    from scipy.stats import spearmanr
+
+    from fanlora.config import load_config
+    from fanlora.stages.score import run_score
+
+    recipe, run = searched_run
+    got = {}
+    for dtype in ("float32", "bfloat16"):
+        copy = shutil.copytree(run, tmp_path / dtype)
+        for old in copy.glob("scores*.json"):
+            old.unlink()
+        cfg = load_config(str(recipe), [f"backbone.dtype={dtype}", f"score.method={scorer}"])
+        table = run_score(cfg, copy, progress=False)
+        got[dtype] = table.values
+    keys = sorted(got["float32"])
+    assert all(math.isfinite(got["bfloat16"][k]) for k in keys)
+    rho = spearmanr([got["float32"][k] for k in keys], [got["bfloat16"][k] for k in keys]).statistic
+    assert rho > 0.5, rho
+
+
+@pytest.mark.e2e
+def test_peft_training_under_bf16_autocast_keeps_fp32_weights_and_learns(tmp_path, tiny_llama, monkeypatch):
+    """The GPU's training path on this CPU: bf16 autocast forced on (the hardware check says yes), a few steps
+    of LoRA on the tiny model; the trainable weights stay fp32 (autocast casts the matmuls, not the master
+    weights), the loss is finite and the adapter moved."""
+    from fanlora import train
+    from fanlora.config import load_config
+    from fanlora.stages.finetune import Plan, finetune
+
+    monkeypatch.setattr(train, "native_bf16", lambda: True)
+    made = []
+    arguments = train._arguments
+    monkeypatch.setattr(train, "_arguments", lambda *a: made.append(arguments(*a)) or made[-1])
+    cfg = load_config(tiny_recipe(tiny_llama), ["finetune.train.bf16=true", "finetune.task=copa"])
+    out = tmp_path / "lora"
+    finetune(cfg, Plan("lora", {}, None), out, load_backbone(str(tiny_llama)))
+    assert made and made[0].bf16 is True  # the Trainer ran under bf16 autocast
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["steps"] >= 1 and math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["best_dev_loss"])
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    assert any(w.abs().max() > 0 for k, w in weights.items() if "lora_B" in k)  # B starts at zero: it learned

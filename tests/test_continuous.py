@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import alone, job, make_adapter, run, setting_for
+from helpers import TIE, alone, assert_same_answer, exact, job, make_adapter, run, setting_for, tie_gap
 
 from fanlora.backbone import load_backbone
 from fanlora.generate import Decoding
@@ -24,10 +24,10 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory, tiny_llama):
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def engine(tmp_path_factory, tiny_llama, request):
     root = tmp_path_factory.mktemp("cb")
-    backbone = load_backbone(str(tiny_llama))
+    backbone = load_backbone(str(tiny_llama), dtype=request.param)
     setting = setting_for(backbone)
     eng = Engine.from_backbone(backbone, setting)
     for i, name in enumerate(["alpha", "beta", "gamma"]):
@@ -50,8 +50,10 @@ def test_greedy_rows_joining_and_leaving_equal_each_request_alone_and_hf_generat
     assert scheduler.peak_rows > 1
     for (p, a, m, s), j in zip(specs, jobs, strict=True):
         solo = alone(engine, lambda p=p, a=a, m=m, s=s: job(engine, p, a, max_tokens=m, stop=s))
-        assert j.tokens == solo.tokens and j.text == solo.text and j.reason == solo.reason
-        assert j.text == engine.generate([p], [a], Decoding(), m)[0]  # HF generate on its adapter
+        assert_same_answer(engine, j, solo)
+        if exact(engine):
+            assert j.text == solo.text and j.reason == solo.reason
+            assert j.text == engine.generate([p], [a], Decoding(), m)[0]  # HF generate on its adapter
     assert not any(engine.table.pins.values())  # every pin released
 
 
@@ -257,7 +259,8 @@ def test_a_bounded_kv_pool_preempts_and_recomputes_and_no_answer_changes(engine,
     assert scheduler.preempted > 0 and scheduler.kv.capacity <= 6  # never grown past the bound
     for m, j in zip(make, jobs, strict=True):
         solo = alone(engine, m)  # unbounded pool
-        assert j.tokens == solo.tokens and j.reason == solo.reason and len(j.tokens) == 40
+        assert_same_answer(engine, j, solo)
+        assert len(j.tokens) == 40 and (j.reason == solo.reason or not exact(engine))
     assert scheduler.waiting == 0 and not scheduler.paused and not any(engine.table.pins.values())
 
 
@@ -302,3 +305,13 @@ def test_a_row_preempted_again_while_it_replays_recomputes_its_whole_context(eng
         if mine.reason is not None:
             break
     assert mine.tokens == alone(engine, make).tokens and len(mine.tokens) == 10
+
+
+def test_the_bf16_tie_check_can_fail_another_adapters_answer_is_no_tie(engine):
+    """The control for :func:`helpers.assert_same_answer`'s reduced-precision rule: alpha's greedy answer, read
+    under beta, has picks far below beta's best — a row served on the wrong adapter would fail the check."""
+    if exact(engine):
+        pytest.skip("the rule under test is the bfloat16 one")
+    mine = alone(engine, lambda: job(engine, PROMPTS[0], "alpha", max_tokens=8, ignore_eos=True))
+    gaps = [tie_gap(engine, mine.prompt_ids + mine.tokens[:i], "beta", t) for i, t in enumerate(mine.tokens)]
+    assert max(gaps) > 3 * TIE, gaps

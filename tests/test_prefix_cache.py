@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import alone, job, make_adapter, run, setting_for
+from helpers import alone, assert_same_answer, job, make_adapter, run, setting_for
 
 from fanlora.backbone import load_backbone
 from fanlora.generate import Decoding
@@ -18,10 +18,10 @@ SYSTEM = "You are a helpful assistant. Answer briefly and politely, in one sente
 QUESTIONS = ["What is the capital of France?", "Name a prime number.", "Why is the sky blue?", "Say hi."]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_llama):
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def setup(tmp_path_factory, tiny_llama, request):
     root = tmp_path_factory.mktemp("prefix")
-    backbone = load_backbone(str(tiny_llama))
+    backbone = load_backbone(str(tiny_llama), dtype=request.param)
     setting = setting_for(backbone)
     eng = Engine.from_backbone(backbone, setting)
     paths = {name: make_adapter(root / name, tiny_llama, setting, 4, 8, i) for i, name in enumerate("abc")}
@@ -45,7 +45,7 @@ def test_cached_prefixes_give_the_same_tokens_on_mixed_adapters(setup):
     assert cache.hits >= len(specs) - 3 and cache.tokens_reused >= cache.hits * cache.block
     for (q, a, d), j in zip(specs, jobs, strict=True):
         plain = alone(eng, lambda q=q, a=a, d=d: job(eng, SYSTEM + q, a, d, 8))
-        assert j.tokens == plain.tokens and j.text == plain.text
+        assert_same_answer(eng, j, plain)
 
 
 def test_a_prefix_belongs_to_one_adapter_load(setup):
@@ -85,7 +85,7 @@ def test_small_limit_under_load_gives_the_same_tokens(setup):
     run(scheduler, {i: [j] for i, j in enumerate(jobs)})
     assert scheduler.prefix.bytes <= scheduler.prefix.limit
     for j, (q, a) in zip(jobs, [(q, a) for q in QUESTIONS for a in ("a", "b")], strict=True):
-        assert j.tokens == alone(eng, lambda q=q, a=a: job(eng, SYSTEM + q, a, None, 6)).tokens
+        assert_same_answer(eng, j, alone(eng, lambda q=q, a=a: job(eng, SYSTEM + q, a, None, 6)))
 
 
 def test_the_server_flag_reaches_the_scheduler_and_is_checked(setup):
@@ -121,4 +121,4 @@ def test_hits_that_arrive_together_share_one_forward_of_their_remainders(setup):
     assert reused >= len(jobs) * scheduler.prefix.block  # every one started after a cached block
     assert widths[0] == sum(len(j.prompt_ids) for j in jobs) - reused  # all remainders, one forward, no padding
     for (q, a), j in zip(specs, jobs, strict=True):
-        assert j.tokens == alone(eng, lambda q=q, a=a: job(eng, SYSTEM + q, a, None, 6)).tokens
+        assert_same_answer(eng, j, alone(eng, lambda q=q, a=a: job(eng, SYSTEM + q, a, None, 6)))

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats as sps
 
 from fanlora import atomic
 from fanlora.backbone import Backbone, cache_dir, load_backbone
@@ -35,6 +34,7 @@ from fanlora.latency.timing import (
     per_round_ratios,
     prompt_ids,
     save_random_adapter,
+    sharing,
     spread,
     step_runner,
 )
@@ -60,8 +60,12 @@ def layer_setting(backbone: Backbone, kinds: list[str]) -> Setting:
 
 
 def default_path(identity: dict[str, Any], threads: int | None = None) -> Path:
+    """Where the profile of this backbone is cached: per weights and thread count, and per dtype and device
+    type unless float32 on CPU (a module's cost in bf16 on a GPU says nothing of its cost in fp32 on a CPU)."""
     threads = threads or torch.get_num_threads()
-    return cache_dir() / "profiles" / f"{identity.get('weights_digest', 'unknown')}-t{threads}.json"
+    dtype, device = identity.get("dtype", "float32"), str(identity.get("device", "cpu")).split(":")[0]
+    where = "" if (dtype, device) == ("float32", "cpu") else f"-{dtype}-{device}"
+    return cache_dir() / "profiles" / f"{identity.get('weights_digest', 'unknown')}{where}-t{threads}.json"
 
 
 class Wirings:
@@ -97,7 +101,7 @@ class Wirings:
 
 
 def overheads(
-    backbone_name: str, settings: dict[str, Setting], r: int, prompt_tokens: int, steps: int, rounds: int,
+    backbone: Backbone | str, settings: dict[str, Setting], r: int, prompt_tokens: int, steps: int, rounds: int,
     say: Callable[[str], None] = print,
 ) -> dict[str, list[float]]:  # fmt: skip
     """name → per-round decode-step time ratio of the engine on that setting to the bare backbone (one run).
@@ -105,12 +109,10 @@ def overheads(
     ``"base (again)"`` is the bare backbone timed as a configuration of its own: its ratios are the
     machine's noise floor (an A/A test).
     """
-    backbone = load_backbone(backbone_name)
+    backbone = sharing(backbone) if isinstance(backbone, Backbone) else load_backbone(backbone)
     ids = prompt_ids(backbone.tokenizer, prompt_tokens)
     work = Path(tempfile.mkdtemp(prefix="fanlora-profile-"))
-    adapters = {
-        n: save_random_adapter(backbone_name, s, work / f"a{i}", i, r) for i, (n, s) in enumerate(settings.items())
-    }
+    adapters = {n: save_random_adapter(backbone, s, work / f"a{i}", i, r) for i, (n, s) in enumerate(settings.items())}
     gc.collect()
     wirings = Wirings(backbone, settings, adapters)
     models: dict[str, tuple[Any, Callable[[], None] | None]] = {
@@ -139,18 +141,20 @@ def step_ratios(
 
 def run_profile(
     backbone_name: str, r: int = R1, prompt_tokens: int = 276, steps: int = 8, rounds: int = 30,
-    out: str | Path | None = None, say: Callable[[str], None] = print,
+    out: str | Path | None = None, say: Callable[[str], None] = print, dtype: str = "float32", device: str = "auto",
 ) -> dict[str, Any]:  # fmt: skip
-    """Profile every kind of ``backbone_name``; write it (default: the cache) and return it."""
-    backbone = load_backbone(backbone_name)
+    """Profile every kind of ``backbone_name`` (in ``dtype`` on ``device``; a ``shape:`` backbone too); write it
+    (default: the cache) and return it."""
+    backbone = load_backbone(backbone_name, dtype, device=device, random_ok=True)
     settings = {k: layer_setting(backbone, [k]) for k in backbone.layout.kinds}
     layers = backbone.layout.num_layers
     say(
-        f"profiling {backbone.identity.get('name')}: LoRA r={r} on one kind in all {layers} layers vs the bare "
+        f"profiling {backbone.identity.get('name')} ({dtype} on {backbone.identity['device']}): LoRA r={r} on one "
+        f"kind in all {layers} layers vs the bare "
         f"backbone, decode steps after a {prompt_tokens}-token prompt ({steps} per run), {rounds} balanced rounds, "
         f"{torch.get_num_threads()} threads"
     )
-    ratios = overheads(backbone_name, settings, r, prompt_tokens, steps, rounds, say)
+    ratios = overheads(backbone, settings, r, prompt_tokens, steps, rounds, say)
     kinds = {}
     for kind in settings:
         s = spread(ratios[kind])
@@ -227,6 +231,8 @@ def median_interval(values: list[float], seed: int = 0) -> tuple[float, float]:
     """95 % percentile-bootstrap interval of the median (scipy.stats.bootstrap)."""
     if len(values) < 3 or len(set(values)) == 1:
         return min(values), max(values)
+    from scipy import stats as sps  # here: `fanlora bench` and serving need no scipy
+
     res = sps.bootstrap(
         (np.asarray(values),), np.median, confidence_level=0.95, n_resamples=2000, method="percentile",
         random_state=np.random.default_rng(seed),

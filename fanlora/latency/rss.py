@@ -1,4 +1,5 @@
-"""Peak resident memory of this process above its level at entry, from a sampling thread.
+"""Peak memory above its level at entry: resident memory from a sampling thread on CPU, the CUDA allocator's
+own counters on a GPU (exact and free; the paper's Table 3 reports ``max_memory_allocated``).
 
 Sampling costs CPU: measure memory in a pass of its own, never around a timed run on a small machine.
 """
@@ -10,6 +11,7 @@ import threading
 from typing import Any
 
 import psutil
+import torch
 
 
 class PeakRSS:
@@ -36,3 +38,33 @@ class PeakRSS:
     @property
     def mb(self) -> float:
         return (self.peak - self.start) / 2**20
+
+
+class PeakCUDA:
+    """Peak bytes the CUDA caching allocator handed out on ``device`` above the level at entry."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self) -> PeakCUDA:
+        torch.cuda.synchronize(self.device)
+        self.start = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.cuda.synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device)
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def peak_memory(device: torch.device) -> PeakRSS | PeakCUDA:
+    """The right meter for where the model runs; what it measures is named by :func:`meter_name`."""
+    return PeakCUDA(device) if device.type == "cuda" else PeakRSS()
+
+
+def meter_name(device: torch.device) -> str:
+    return "CUDA max_memory_allocated" if device.type == "cuda" else "RSS"

@@ -9,6 +9,7 @@ while a decode is timed.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import statistics
@@ -19,9 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 
-from fanlora.backbone import load_backbone
+from fanlora.backbone import Backbone, load_backbone
 from fanlora.methods import randomize
 from fanlora.setting import Setting
 
@@ -31,8 +31,32 @@ def prompt_ids(tok: Any, n: int, rows: int = 1) -> torch.Tensor:
     return torch.tensor([tok(text, add_special_tokens=False)["input_ids"][:n]] * rows)
 
 
+def device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a clock read before this times the launch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sharing(backbone: Backbone) -> Backbone:
+    """Another model over the *same* weight tensors, with modules of its own that PEFT or the engine can wrap.
+
+    Every configuration a benchmark compares is one of these: a 7B model fits a GPU once, not six times, and no
+    configuration is faster for sitting on a luckier copy of the weights (two copies of the same weights differed
+    by 5.6 % here, :class:`fanlora.latency.profile.Wirings`)."""
+    model = backbone.model
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return Backbone(copy.deepcopy(model, memo), backbone.tokenizer, backbone.layout, backbone.identity)
+
+
 def decode_seconds(model: Any, ids: torch.Tensor, new_tokens: int, beams: int, pad: int, **extra: Any) -> float:
     """Wall time of one greedy (or beam) ``generate`` of exactly ``new_tokens`` tokens after ``ids``."""
+    device = device_of(model)
+    ids = ids.to(device)
+    synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
         model.generate(
@@ -45,6 +69,7 @@ def decode_seconds(model: Any, ids: torch.Tensor, new_tokens: int, beams: int, p
             pad_token_id=pad,
             **extra,
         )
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -60,31 +85,36 @@ def step_runner(
     """
     if route:
         route()
+    device = device_of(model)
     with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids.to(device), use_cache=True)
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
     def run() -> float:
         if route:
             route()
+        synchronize(device)
         start = time.perf_counter()
         with torch.no_grad():
             for _ in range(steps):
                 model(input_ids=token, cache=cache, use_cache=True)
                 cache.crop(-1)  # back to the prompt: every step does the same work
+        synchronize(device)
         return time.perf_counter() - start
 
     return run
 
 
 def save_random_adapter(
-    backbone_name: str, setting: Setting, path: Path, seed: int, r: int = 12, std: float = 0.02
+    backbone: str | Backbone, setting: Setting, path: Path, seed: int, r: int = 12, std: float = 0.02
 ) -> Path:
     """A PEFT LoRA adapter of rank ``r`` on the setting's modules with random factors (speed ignores values;
-    equivalence tests raise ``std`` so that the adapter visibly changes the text)."""
+    equivalence tests raise ``std`` so that the adapter visibly changes the text). Given a loaded backbone, the
+    adapter is made on a :func:`sharing` copy of it (nothing is loaded again); given a name, it is loaded."""
     from peft import get_peft_model
 
-    model = get_peft_model(load_backbone(backbone_name).model, setting.lora_config(r, 2 * r))
+    base = sharing(backbone) if isinstance(backbone, Backbone) else load_backbone(backbone)
+    model = get_peft_model(base.model, setting.lora_config(r, 2 * r))
     randomize(model, seed, std)
     model.save_pretrained(path)
     setting.write(path / "setting.json")
@@ -119,6 +149,8 @@ def ratio_interval(ratios: Sequence[float], confidence: float = 0.95) -> dict[st
     """Geometric mean of per-round ratios and its t-interval over rounds (on the log scale, where a ratio's
     noise is symmetric). Rounds are the independent units; with few of them a t quantile, not a bootstrap:
     scipy's bootstrap of four values has only a handful of distinct resamples."""
+    from scipy import stats  # here: serving and `fanlora bench` need no scipy (a lent GPU may not have it)
+
     logs = np.log(np.asarray(ratios, dtype=float))
     mean = float(logs.mean())
     if len(logs) < 2:

@@ -266,11 +266,16 @@ def check_serve_options(host: str, port: int, api_key: str | None, limits: Limit
         )
 
 
-def load_engine(s: Setting, backbone: str | None, max_rank: int, max_loras: int | None = None) -> Engine:
+def load_engine(
+    s: Setting, backbone: str | None, max_rank: int, max_loras: int | None = None, dtype: str = "float32",
+    device: str | None = "auto",
+) -> Engine:  # fmt: skip
     """The backbone the setting was made for (or ``backbone``), loaded with the setting's own module map — so a
-    backbone that needs a map (GPT-2's packed Conv1D, OPT) serves without one on the command line."""
-    model = load_backbone(backbone or s.backbone.get("source", "embedded"), module_map=dict(s.module_paths))
-    return Engine.from_backbone(model, s, max_rank, max_loras)
+    backbone that needs a map (GPT-2's packed Conv1D, OPT) serves without one on the command line. A ``shape:``
+    backbone (random weights, for load tests) takes the setting's pattern mapped by layer fraction."""
+    name = backbone or s.backbone.get("source", "embedded")
+    model = load_backbone(name, dtype, dict(s.module_paths), device, random_ok=True)
+    return Engine.from_backbone(model, s.fitted_to(model), max_rank, max_loras)
 
 
 def serve(
@@ -281,6 +286,8 @@ def serve(
     port: int,
     api_key: str | None,
     limits: Limits,
+    dtype: str = "float32",
+    device: str | None = "auto",
 ) -> None:
     """Load the backbone, wrap the setting's modules, and serve until interrupted (adapters load on first use)."""
     check_serve_options(host, port, api_key, limits)
@@ -295,7 +302,7 @@ def serve(
     # Loaded on a thread that then exits, so that its OpenMP team goes with it: after this, torch runs on the
     # engine's thread only (why: Admission.on_engine).
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fanlora-load") as pool:
-        engine = pool.submit(load_engine, s, backbone, limits.max_lora_rank, limits.max_loras).result()
+        engine = pool.submit(load_engine, s, backbone, limits.max_lora_rank, limits.max_loras, dtype, device).result()
     app = create_app(engine, adapter_dir, api_key, limits)
     if adaptive:  # resized on the engine thread between steps (serving/team.py)
         app.state.scheduler.team = AdaptiveTeam(dist.available_cpus())

@@ -304,17 +304,39 @@ def weights_digest(model: nn.Module, layout: ModuleLayout) -> str:
     return h.hexdigest()[:16]
 
 
-def load_backbone(
-    name: str = EMBEDDED,
-    dtype: str = "float32",
-    module_map: str | dict[str, str] | None = None,
-) -> Backbone:
-    """Load model + tokenizer, discover the module layout and compute the identity a setting must match."""
-    if dtype not in _DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
-    source, display = resolve_source(name)
+def device_for(spec: str | None = "auto") -> torch.device:
+    """``auto`` (or None): the first CUDA device if there is one, else the CPU; otherwise ``cpu``, ``cuda``,
+    ``cuda:N`` — refused with one line when this machine has no such device."""
+    if spec in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"device {spec} is not available on this machine: use --device cpu (or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device {spec!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _load_weights(name: str, dtype: str, device: torch.device, random_ok: bool) -> tuple[nn.Module, Any, dict]:
+    """(model on ``device``, tokenizer, identity fields of its source) of a checkpoint or a ``shape:`` name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fanlora.backbone import shapes
+
+    if shapes.is_shape(name):
+        if not random_ok:
+            raise UserError(
+                f"{name} has random weights: it is for timing and load tests (fanlora bench, profile, serve); "
+                f"training, scoring and evaluating need a real checkpoint: a model directory, an HF id, a .gguf "
+                f"file or '{EMBEDDED}'"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(resolve_source(EMBEDDED)[0])
+        model, extra = shapes.build(name, _DTYPES[dtype], device, tokenizer)
+        return model, tokenizer, {"source": name, "public_name": name, **extra}
+    source, display = resolve_source(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype])
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -322,26 +344,45 @@ def load_backbone(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"cannot load model {name!r} ({first}); give a local directory, a .gguf file, "
-            f"an HF id that is cached or reachable, or '{EMBEDDED}'"
+            f"an HF model id that is cached or reachable, or '{EMBEDDED}'"
         ) from None
+    if device.type != "cpu":
+        model.to(device)
+    return model, tokenizer, {"name": display, "public_name": public_name(name, model), "source": name}
+
+
+def load_backbone(
+    name: str = EMBEDDED,
+    dtype: str = "float32",
+    module_map: str | dict[str, str] | None = None,
+    device: str | torch.device | None = "cpu",
+    random_ok: bool = False,
+) -> Backbone:
+    """Load model + tokenizer on ``device``, discover the module layout and compute the identity a setting must
+    match. ``shape:…`` backbones (random weights, :mod:`fanlora.backbone.shapes`) only with ``random_ok``: the
+    commands that time or serve pass it; everything that trains or scores is refused with one line."""
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    where = device if isinstance(device, torch.device) else device_for(device)
+    model, tokenizer, identity = _load_weights(name, dtype, where, random_ok)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    public = public_name(name, model)
     # written into saved adapters' base_model_name_or_path (fanlora.train) instead of this machine's cache path;
     # name_or_path itself stays local, so PEFT's save-time checks read the local config and never go online
-    model.fanlora_public_name = public
+    model.fanlora_public_name = identity["public_name"]
     model.eval()
     layout = discover_layout(model, parse_module_map(module_map))
     cfg = _text_config(model)
-    identity = {
-        "name": display,
-        "public_name": public,
-        "source": name,
+    digest = weights_digest(model, layout)
+    identity |= {
         "model_type": getattr(cfg, "model_type", type(model).__name__),
         "num_layers": layout.num_layers,
         "hidden_size": getattr(cfg, "hidden_size", None),
         "vocab_size": getattr(cfg, "vocab_size", None),
-        "weights_digest": weights_digest(model, layout),
+        "dtype": dtype,
+        "device": str(where),
+        # a random model's digest can never equal a checkpoint's: no setting made on one validates on the other
+        "weights_digest": f"random-{digest}" if identity.get("weights") == "random" else digest,
     }
     return Backbone(model=model, tokenizer=tokenizer, layout=layout, identity=identity)
 
