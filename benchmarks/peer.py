@@ -101,6 +101,23 @@ def serving(cmd: list[str], env: dict | None = None, log: str | None = None) -> 
         proc.wait(30)
 
 
+def visitor(
+    label: str, url: str, models: list[str], body: dict | None, args: argparse.Namespace, say, errors: list[int]
+) -> Callable[[], float]:
+    """One visit of an arm: ``args.warmup`` untimed seconds of the load, then ``args.seconds`` timed ones with
+    ``args.clients`` clients; says the visit's figures, counts its errors, returns seconds per request."""
+
+    def visit() -> float:
+        load(url, models, args.clients, args.warmup, body)  # untimed: the same load, steady state
+        m = load(url, models, args.clients, args.seconds, body)
+        errors.append(m["errors"])
+        say(f"{label:<50} {m['requests']:4d} req, {m['errors']} errors, {m['rps']:6.2f} req/s, "
+            f"{m['tok_s']:7.1f} tok/s, p50 {m['p50']:.2f} s, p99 {m['p99']:.2f} s")  # fmt: skip
+        return 1 / m["rps"] if m["rps"] else float("inf")
+
+    return visit
+
+
 def summarise(times: dict[str, list[float]], peer: str, cache_tag: str, say, before: list[str] = ()) -> str:
     """Throughput ratios within each round (seconds per request of the denominator ÷ of the numerator) —
     fanlora ÷ transformers, 4 adapters ÷ base in the same server, cache on ÷ off — and the RESULT line."""
@@ -172,15 +189,7 @@ def main() -> None:
         report.append(text)
 
     def arm(label: str, url: str, models: list[str], body: dict | None) -> Callable[[], float]:
-        def visit() -> float:
-            load(url, models, args.clients, args.warmup, body)  # untimed: the same load, steady state
-            m = load(url, models, args.clients, args.seconds, body)
-            errors.append(m["errors"])
-            say(f"{label:<50} {m['requests']:4d} req, {m['errors']} errors, {m['rps']:5.2f} req/s, "
-                f"{m['tok_s']:6.1f} tok/s, p50 {m['p50']:.2f} s, p99 {m['p99']:.2f} s")  # fmt: skip
-            return 1 / m["rps"] if m["rps"] else float("inf")
-
-        return visit
+        return visitor(label, url, models, body, args, say, errors)
 
     peer = "transformers serve --continuous-batching, base"
     fan = [sys.executable, "-m", "fanlora", "serve", "--setting", args.setting, "--adapter-dir", str(work)]

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peer import serving
+from peer import serving, visitor
 
 from fanlora.backbone import load_backbone
 from fanlora.latency.loadgen import closed_loop as load
@@ -108,15 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[int] = []
 
     def arm(label: str, url: str, models: list[str]) -> Callable[[], float]:
-        def visit() -> float:
-            load(url, models, args.clients, args.warmup, body)
-            m = load(url, models, args.clients, args.seconds, body)
-            errors.append(m["errors"])
-            say(f"{label:<28} {m['requests']:5d} req, {m['errors']} errors, {m['rps']:7.2f} req/s, "
-                f"{m['tok_s']:8.1f} tok/s, p50 {m['p50']:.2f} s, p99 {m['p99']:.2f} s")  # fmt: skip
-            return 1 / m["rps"] if m["rps"] else float("inf")
-
-        return visit
+        return visitor(label, url, models, body, args, say, errors)
 
     with serving(cmd, log=args.log) as url:
         load(url, ["base", *names], len(names) + 1, 4, body)  # warm-up: client i starts on model i, so all load

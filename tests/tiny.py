@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
+from fanlora.backbone import TOKENIZER_ENV, embedded_gguf
 from fanlora.backbone import _converted_dir as converted_dir
-from fanlora.backbone import embedded_gguf
 
 VOCAB = 49152
 
@@ -54,5 +55,5 @@ def make_tiny(path: Path, arch: str = "llama", layers: int = 2, seed: int = 0) -
     torch.manual_seed(seed)
     model = getattr(tf, model_cls)(getattr(tf, config_cls)(**kwargs))
     model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(embedded_dir()).save_pretrained(path)
+    AutoTokenizer.from_pretrained(os.environ.get(TOKENIZER_ENV) or embedded_dir()).save_pretrained(path)
     return path

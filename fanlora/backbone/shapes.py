@@ -12,9 +12,11 @@ it lacks is a name for the shape, the dtype/device placement in one step, and an
 are random so that no setting, score or adapter made on it can pass for a real model's
 (:func:`fanlora.backbone.load_backbone` refuses shapes to every command that trains or scores).
 
-The tokenizer is the embedded backbone's (no network). Where its vocabulary is larger than the config's
-(Llama-2: 32000 < 49152), the model's vocabulary is raised to fit it — every token the tokenizer makes must be
-embeddable — and the identity records both sizes (``config_vocab_size``), so a report can say so.
+The tokenizer is the embedded backbone's (no network), or a saved copy of it named by ``$FANLORA_TOKENIZER``
+on a machine without the embedded package (`scripts/gpu-prepare.sh` makes one for a lent GPU). Where its
+vocabulary is larger than the config's (Llama-2: 32000 < 49152), the model's vocabulary is raised to fit it —
+every token the tokenizer makes must be embeddable — and the identity records both sizes
+(``config_vocab_size``), so a report can say so.
 """
 
 from __future__ import annotations

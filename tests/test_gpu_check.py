@@ -1,0 +1,42 @@
+"""`scripts/gpu-check.sh`'s CPU rehearsal: the script a lent GPU runs, run here end to end on a tiny shape, so
+that it works the day a GPU is lent (it has no second chance there: 15 minutes of device time in all)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.e2e
+def test_the_gpu_check_runs_its_cpu_rehearsal_and_writes_every_result(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OUT": str(out),
+        "GPU_CHECK_DEVICE": "cpu",
+        "GPU_CHECK_SHAPE": str(tiny_llama / "config.json"),
+        "GPU_CHECK_ROUNDS": "1",
+        "GPU_CHECK_SECONDS": "1",
+        "GPU_CHECK_PROMPT": "16",
+        "GPU_CHECK_NEW": "4",
+        "GPU_CHECK_ADAPTERS": "3",
+    }
+    done = subprocess.run(["bash", "scripts/gpu-check.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    tests = (out / "cuda-tests.txt").read_text()
+    assert " passed" in tests and "failed" not in tests and "skipped" not in tests, tests[-500:]
+    table = (out / "table3.txt").read_text()
+    assert "mapped by layer fraction" in table and "| adalora (PEFT) | 3 |" in table
+    assert table.strip().splitlines()[-1].startswith("RESULT fanlora_vs_base=")
+    serve = (out / "serve.txt").read_text().strip().splitlines()
+    assert serve[-1].startswith("RESULT mixed_vs_one=") and " errors=0 " in serve[-1], serve[-3:]
+    assert "3 distinct adapters" in "\n".join(serve)
+    steps = (out / "steps.txt").read_text()
+    assert "1/3" in steps and "2/3" in steps and "3/3" in steps and "done" in steps
