@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fanlora.backbone import load_backbone, shapes
+from fanlora.backbone import TOKENIZER_ENV, load_backbone, shapes
 from fanlora.cli import main
 from fanlora.errors import UserError
 from fanlora.setting import Setting
@@ -86,11 +86,12 @@ def test_a_shape_is_refused_unless_the_caller_only_times_it():
     [
         ["search", "--backbone", "shape:smollm2-135m"],
         ["finetune", "--backbone", "shape:smollm2-135m", "--method", "lora", "--task", "copa"],
+        ["evaluate", "--backbone", "shape:smollm2-135m", "--base", "--task", "copa"],
     ],
 )
 def test_training_commands_refuse_a_shape_with_one_line_and_write_nothing(argv, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main([*argv, "--run-dir", str(run)]) == 2
+    assert main([*argv, "--run-dir" if argv[0] != "evaluate" else "--out", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "random weights" in err[0], err
     assert not run.exists()
@@ -132,6 +133,7 @@ def test_profile_of_a_bf16_shape_is_cached_apart_from_the_float32_cpu_one(tiny_l
     from fanlora.latency import profile as latency
 
     monkeypatch.setenv("FANLORA_CACHE", str(tmp_path))
+    monkeypatch.setenv(TOKENIZER_ENV, str(tiny_llama))  # a fresh cache would convert the embedded GGUF again
     probe = load_backbone(f"shape:{tiny_llama / 'config.json'}", "bfloat16", random_ok=True)
     fp32 = load_backbone(str(tiny_llama))
     assert latency.default_path(probe.identity).name.endswith(f"-bfloat16-cpu-t{torch.get_num_threads()}.json")
@@ -163,3 +165,30 @@ def test_bench_runs_table3_on_a_shape_and_says_the_setting_is_mapped(tiny_llama,
     for name in ("base", "fanlora (engine)", "fanlora (PEFT)", "lora all (PEFT)", "adalora (PEFT)", "ia3 (PEFT)"):
         assert f"| {name} | 1 |" in text and f"| {name} | 3 |" in text
     assert "RESULT fanlora_vs_base=" in text and "mixed_vs_single=" in text
+
+
+def test_profile_times_a_shape_in_bf16_and_caches_it_apart(tiny_llama, monkeypatch, tmp_path):
+    """`fanlora profile --backbone shape:… --dtype bfloat16` end to end (2 rounds of 2 steps): every kind costed,
+    the profile under the bf16/CPU path, its backbone the random one."""
+    from fanlora.latency import profile as latency
+
+    monkeypatch.setenv("FANLORA_CACHE", str(tmp_path))
+    monkeypatch.setenv(TOKENIZER_ENV, str(tiny_llama))  # a fresh cache would convert the embedded GGUF again
+    shape = f"shape:{tiny_llama / 'config.json'}"
+    argv = [
+        "profile",
+        "--backbone",
+        shape,
+        "--rounds",
+        "2",
+        "--prompt-tokens",
+        "8",
+        "--steps",
+        "2",
+        "--dtype",
+        "bfloat16",
+    ]
+    assert main(argv) == 0
+    probe = load_backbone(shape, "bfloat16", random_ok=True)
+    prof = json.loads(latency.default_path(probe.identity).read_text())
+    assert prof["backbone"]["weights"] == "random" and set(prof["kinds"]) == set(probe.layout.kinds)
