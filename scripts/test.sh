@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run the whole test suite (what CI runs).
-#   --fast   leave out the tests that train or load the real backbone (markers e2e, slow): under 2 minutes
+#   --fast   leave out the tests that train or load the real backbone (markers e2e, slow): about 2 minutes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -110,10 +110,11 @@ def save_random_adapter(
 ) -> Path:
     """A PEFT LoRA adapter of rank ``r`` on the setting's modules with random factors (speed ignores values;
     equivalence tests raise ``std`` so that the adapter visibly changes the text). Given a loaded backbone, the
-    adapter is made on a :func:`sharing` copy of it (nothing is loaded again); given a name, it is loaded."""
+    adapter is made on a :func:`sharing` copy of it (nothing is loaded again); given a name, it is loaded (a
+    ``shape:`` name too: this is a timing helper)."""
     from peft import get_peft_model
 
-    base = sharing(backbone) if isinstance(backbone, Backbone) else load_backbone(backbone)
+    base = sharing(backbone) if isinstance(backbone, Backbone) else load_backbone(backbone, random_ok=True)
     model = get_peft_model(base.model, setting.lora_config(r, 2 * r))
     randomize(model, seed, std)
     model.save_pretrained(path)
