@@ -2,9 +2,8 @@
 training under bf16 autocast. The schedulers, the paged pool and the prefix cache run in bf16 too: their tests
 (test_continuous.py, test_prefix_cache.py, test_isolation.py) are parametrized over float32 and bfloat16.
 
-Tolerance: bf16 keeps 8 bits of mantissa, so two correct computations of the same logits that round in a
-different order differ by a few units in the last place at the logits' scale; 4e-2 is ~5 ulps at |logit| ≈ 1
-and stays well under the adapters' effect (checked)."""
+Tolerance: :data:`helpers.BF16_LOGITS` (a few bf16 ulps at the logits' scale; checked to stay well under the
+adapters' effect)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import math
 
 import pytest
 import torch
-from helpers import make_adapter, setting_for, tiny_recipe
+from helpers import BF16_LOGITS, make_adapter, setting_for, tiny_recipe
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -21,7 +20,7 @@ from fanlora.backbone import load_backbone
 from fanlora.serving.engine import Engine
 
 PROMPTS = ["hello there", "a b c d e f", "the sea is", "one two"]
-TOLERANCE = 4e-2
+TOLERANCE = BF16_LOGITS
 
 
 @pytest.fixture(scope="module")

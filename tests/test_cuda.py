@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from helpers import alone, assert_same_answer, job, make_adapter, run, setting_for
+from helpers import BF16_LOGITS, alone, assert_same_answer, job, make_adapter, run, setting_for
 from peft import PeftModel
 
 from fanlora.backbone import load_backbone
@@ -22,7 +22,6 @@ from fanlora.serving.continuous import ContinuousScheduler
 from fanlora.serving.engine import Engine
 
 DEVICE = torch.device(os.environ.get("FANLORA_TEST_DEVICE", "cuda"))
-TOLERANCE = 4e-2  # test_bf16.TOLERANCE: a few bf16 ulps at the logits' scale
 
 pytestmark = [
     pytest.mark.cuda,
@@ -55,7 +54,7 @@ def test_the_engine_runs_on_the_device_and_equals_peft_there(gpu, tiny_llama):
         peft = PeftModel.from_pretrained(model, str(adapters[name])).eval()
         with torch.no_grad():
             want = peft(**batch, use_cache=False).logits
-        assert (got[row] - want[row])[mask[row]].abs().max() < TOLERANCE
+        assert (got[row] - want[row])[mask[row]].abs().max() < BF16_LOGITS
 
 
 def test_continuous_batching_with_paged_kv_and_prefix_cache_on_the_device(gpu):

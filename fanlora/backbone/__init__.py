@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fanlora import atomic
+from fanlora import atomic, dist
 from fanlora.errors import UserError
 
 #: The paper's seven module kinds, in the order used everywhere (tables, plots, settings).
@@ -310,7 +310,7 @@ def device_for(spec: str | None = "auto") -> torch.device:
     """``auto`` (or None): the first CUDA device if there is one, else the CPU; otherwise ``cpu``, ``cuda``,
     ``cuda:N`` — refused with one line when this machine has no such device."""
     if spec in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return dist.device()
     try:
         device = torch.device(spec)
     except RuntimeError:

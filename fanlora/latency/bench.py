@@ -39,7 +39,7 @@ from fanlora import methods
 from fanlora.backbone import Backbone, load_backbone
 from fanlora.errors import UserError
 from fanlora.latency import profile as latency
-from fanlora.latency.rss import meter_name, peak_memory
+from fanlora.latency.rss import peak_memory
 from fanlora.latency.timing import (
     balanced_rounds,
     decode_seconds,
@@ -107,17 +107,17 @@ def table3(
     for fn in runs.values():  # warm-up, not timed
         fn()
     times = balanced_rounds(runs, rounds, on_round=lambda r: say(f"round {r + 1}/{rounds} done"))
-    device = device_of(probe.model)
+    meter = peak_memory(device_of(probe.model))
     peak: dict[str, float] = {}
     for key, fn in runs.items():  # memory, untimed: the sampler thread would slow a timed decode on 2 cores
-        with peak_memory(device) as mem:
+        with meter:
             fn()
-        peak[key] = mem.mb
+        peak[key] = meter.mb
     weights_mb = sum(p.numel() * p.element_size() for p in probe.model.parameters()) / 2**20
     say("")
     say(
         f"| configuration | beam | resident adapter params | tokens/s | speed vs base (median [min, max] of rounds) "
-        f"| peak {meter_name(device)} above start (MB) |"
+        f"| peak {meter.name} above start (MB) |"
     )
     say("|---|---:|---:|---:|---:|---:|")
     for key, v in times.items():

@@ -15,6 +15,8 @@ import torch
 
 
 class PeakRSS:
+    name = "RSS"
+
     def __init__(self, interval_s: float = 0.02) -> None:
         self.interval_s = interval_s
 
@@ -43,6 +45,8 @@ class PeakRSS:
 class PeakCUDA:
     """Peak bytes the CUDA caching allocator handed out on ``device`` above the level at entry."""
 
+    name = "CUDA max_memory_allocated"
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
@@ -62,9 +66,5 @@ class PeakCUDA:
 
 
 def peak_memory(device: torch.device) -> PeakRSS | PeakCUDA:
-    """The right meter for where the model runs; what it measures is named by :func:`meter_name`."""
+    """The right meter for where the model runs (its ``name`` says what it measures)."""
     return PeakCUDA(device) if device.type == "cuda" else PeakRSS()
-
-
-def meter_name(device: torch.device) -> str:
-    return "CUDA max_memory_allocated" if device.type == "cuda" else "RSS"
